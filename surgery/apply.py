@@ -1,0 +1,133 @@
+"""Apply a :class:`~surgery.plan.Plan` to a module tree, transactionally.
+
+Every change goes through an :class:`Edit`, which records how to undo it. If any step raises, the
+edit is rolled back in reverse order and the model is exactly as it was: the same module objects in
+the same places, the same parameter objects with the same ``requires_grad``, a bit-identical state
+dict. Original modules are never modified in place — wrappers hold them, replacements keep them.
+
+Each step builds its modules under its own RNG seed (``seed + step.index``), so applying a plan,
+or a plan restricted to one step (as :mod:`surgery.verify` does), initialises identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from surgery.errors import ApplyError, SurgeryError
+from surgery.layers import Parallel, Sequential, SurgeryLinear
+from surgery.plan import Plan, Step, Tree, _prune
+from surgery.transforms.registry import Anchor
+
+_MISSING = object()
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+class Edit:
+    """A journal of changes to one model; :meth:`rollback` undoes them in reverse order."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._undo: list[Callable[[], None]] = []
+
+    def replace(self, path: str, new: nn.Module) -> nn.Module:
+        """Put `new` at `path`; returns the module that was there."""
+        parent_path, _, name = path.rpartition(".")
+        parent = get_module(self.model, parent_path)
+        old = getattr(parent, name)
+        setattr(parent, name, new)
+        self._undo.append(lambda: setattr(parent, name, old))
+        return old
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """``setattr(obj, name, value)``, restoring the old value (or absence) on rollback."""
+        old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
+
+        def undo():
+            if old is _MISSING:
+                if name in getattr(obj, "__dict__", {}):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+        setattr(obj, name, value)
+        self._undo.append(undo)
+
+    def requires_grad(self, param: torch.Tensor, flag: bool) -> None:
+        old = param.requires_grad
+        param.requires_grad_(flag)
+        self._undo.append(lambda: param.requires_grad_(old))
+
+    def hook(self, handle) -> None:
+        """Take ownership of a removable hook handle (``register_forward_*_hook``)."""
+        self._undo.append(handle.remove)
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _assemble(tree: Tree, modules: dict[int, nn.Module]) -> nn.Module | None:
+    tree = _prune(tree, set(modules))  # base replacements (quantize) have no adapter module
+    if tree is None:
+        return None
+    if isinstance(tree, int):
+        return modules[tree]
+    kind, items = tree
+    parts = [_assemble(t, modules) for t in items]
+    return (Sequential if kind == "seq" else Parallel)(parts)
+
+
+def _run_step(step: Step, model: nn.Module, edit: Edit, leaves: dict[str, dict[int, nn.Module]],
+              bases: dict[str, nn.Module], seed: int) -> None:
+    spec = step.spec
+    impl = spec.instance()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + step.index)
+        if spec.anchor is Anchor.LINEAR:
+            for target in step.targets:
+                base = bases.setdefault(target.path, get_module(model, target.path))
+                if hasattr(impl, "replace_base"):
+                    bases[target.path] = impl.replace_base(step.params, base, target)
+                else:
+                    leaves.setdefault(target.path, {})[step.index] = impl.adapter(step.params, base, target)
+        else:
+            impl.apply(step.params, model, list(step.targets), edit)
+
+
+def apply_plan(plan: Plan, model: nn.Module, *, seed: int = 0, edit: Edit | None = None) -> Edit:
+    """Apply every step of `plan` to `model` in place; on any failure roll back and raise ApplyError."""
+    edit = edit or Edit(model)
+    step = None
+    try:
+        if plan.freezes_base:
+            for param in model.parameters():
+                if param.requires_grad:
+                    edit.requires_grad(param, False)
+        leaves: dict[str, dict[int, nn.Module]] = {}
+        bases: dict[str, nn.Module] = {}
+        for step in plan.steps:
+            _run_step(step, model, edit, leaves, bases, seed)
+        step = None
+        for path, tree in plan.linear.items():
+            adapter = _assemble(tree, leaves.get(path, {}))
+            edit.replace(path, SurgeryLinear(bases[path], adapter))
+    except Exception as e:
+        edit.rollback()
+        if step is None:
+            raise ApplyError(f"applying the plan failed: {e}") from e
+        where = f"{step.span.file}:{step.span.line}:{step.span.column}"
+        if isinstance(e, SurgeryError):
+            e.message = f"step {step.index} ({step.transform} at {where}) failed: {e.message}"
+            raise
+        raise ApplyError(f"step {step.index} ({step.transform} at {where}) failed: {type(e).__name__}: {e}",
+                         step.span) from e
+    return edit

@@ -1,0 +1,147 @@
+"""Selectors → regions: the concrete module paths a rule's selector names in one model.
+
+Semantics (docs/language.md has the user-facing version):
+
+* ``attn.q`` — an unqualified layer role means that role in every decoder layer.
+* ``layers[3]``, ``layers[0:8]``, ``layers[-4:]`` restrict the layers; ``layers[0:8].mlp`` narrows further.
+* ``X.*`` selects role ``X`` together with all of its sub-roles (``attn.*`` = attn, attn.q, …).
+  ``*`` as a segment matches any role at that depth; ``*`` alone is the whole model.
+* ``embed``, ``norm``, ``rotary``, ``lm_head``, ``model`` are model-level roles.
+* A quoted selector is an ``fnmatch`` pattern over the model's own module names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from surgery.arch import Architecture, backbone_prefix
+from surgery.errors import SpecError, did_you_mean
+from surgery.syntax import ast
+
+
+@dataclass(frozen=True)
+class Site:
+    """One selected module: its path in the model and the role it plays (None for raw paths)."""
+
+    path: str
+    role: str | None
+    layer: int | None = None
+
+
+@dataclass(frozen=True)
+class Region:
+    """What one selector selected: modules, plus whether it covers every decoder layer."""
+
+    selector: ast.Selector
+    sites: tuple[Site, ...]
+
+
+class RoleIndex:
+    """Every role of one model instance, by module path and back."""
+
+    def __init__(self, model: nn.Module, arch: Architecture):
+        self.model, self.arch = model, arch
+        self.modules = dict(model.named_modules())
+        prefix = backbone_prefix(model)
+        self.layers_path = prefix + arch.layers
+        layers = self.modules.get(self.layers_path)
+        self.num_layers = len(layers) if layers is not None else 0
+        self.model_roles: dict[str, list[str]] = {"model": [""]}
+        for role, rel in arch.model.items():
+            if prefix + rel in self.modules:
+                self.model_roles[role] = [prefix + rel]
+        for role, rel in arch.head.items():
+            if rel in self.modules:
+                self.model_roles[role] = [rel]
+        self.role_of: dict[str, tuple[str, int | None]] = {}
+        for role, paths in self.model_roles.items():
+            for p in paths:
+                self.role_of.setdefault(p, (role, None))
+        for i in range(self.num_layers):
+            self.role_of[f"{self.layers_path}.{i}"] = ("layer", i)
+            for role in arch.layer:
+                for p in self.layer_role_paths(role, i):
+                    self.role_of[p] = (role, i)
+
+    def layer_role_paths(self, role: str, i: int) -> list[str]:
+        return [f"{self.layers_path}.{i}.{rel}" for rel in self.arch.layer_paths(role)
+                if f"{self.layers_path}.{i}.{rel}" in self.modules]
+
+    def all_role_names(self) -> list[str]:
+        return sorted({"layers", *self.arch.layer, *self.model_roles})
+
+    def site(self, path: str) -> Site:
+        role, layer = self.role_of.get(path, (None, None))
+        return Site(path, role, layer)
+
+
+def _layer_ids(index: ast.Index | None, n: int, span) -> list[int]:
+    if index is None:
+        return list(range(n))
+    if not index.is_slice:
+        i = index.start
+        if not -n <= i < n:
+            raise SpecError(f"layer index {i} is out of range: the model has {n} layers (0..{n - 1})", span)
+        return [i % n]
+    ids = list(range(n))[slice(index.start, index.stop)]
+    if not ids:
+        raise SpecError(f"layer slice selects no layer: the model has {n} layers (0..{n - 1})", span)
+    return ids
+
+
+def _match_roles(pattern: list[str], roles: list[str]) -> list[str]:
+    """Roles matching a dotted pattern; a trailing '*' also matches the parent role itself."""
+    out = []
+    for role in roles:
+        parts = role.split(".")
+        if pattern[-1] == "*" and len(pattern) > 1 and parts == pattern[:-1]:
+            out.append(role)
+        elif len(parts) >= len(pattern) and all(p == "*" or p == q for p, q in zip(pattern, parts)):
+            if len(parts) == len(pattern) or pattern[-1] == "*":
+                out.append(role)
+    return out
+
+
+def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
+    """The region `selector` names in the indexed model; a selector matching nothing is an error."""
+    if isinstance(selector, ast.RawSelector):
+        paths = [p for p in index.modules if p and fnmatch.fnmatchcase(p, selector.pattern)]
+        if not paths:
+            near = did_you_mean(selector.pattern, [p for p in index.modules if p])
+            raise SpecError(f"module path {selector.pattern!r} matches no module{near}", selector.span)
+        return Region(selector, tuple(index.site(p) for p in paths))
+
+    segments = list(selector.segments)
+    span = selector.span
+    if segments[0].name == "*" and len(segments) == 1:
+        return Region(selector, (Site("", "model"),))
+    layer_ids = list(range(index.num_layers))
+    if segments[0].name == "layers":
+        layer_ids = _layer_ids(segments[0].index, index.num_layers, span)
+        segments = segments[1:]
+        if not segments:
+            return Region(selector, tuple(index.site(f"{index.layers_path}.{i}") for i in layer_ids))
+    elif segments[0].index is not None:
+        raise SpecError(f"only 'layers' takes an index, not {segments[0].name!r}", span)
+    if any(s.index is not None for s in segments):
+        raise SpecError("only 'layers' takes an index", span)
+    pattern = [s.name for s in segments]
+
+    sites: list[Site] = []
+    if len(layer_ids) == index.num_layers and selector.segments[0].name != "layers":
+        for role in _match_roles(pattern, sorted(index.model_roles)):
+            sites += [index.site(p) for p in index.model_roles[role]]
+    for role in _match_roles(pattern, sorted(index.arch.layer)):
+        for i in layer_ids:
+            sites += [Site(p, role, i) for p in index.layer_role_paths(role, i)]
+    if not sites:
+        text = ".".join(pattern)
+        raise SpecError(
+            f"selector {str(selector)!r} matches nothing in this {index.arch.name} model"
+            f"{did_you_mean(text, index.all_role_names())}",
+            span,
+        )
+    return Region(selector, tuple(dict.fromkeys(sites)))

@@ -1,0 +1,214 @@
+"""Lark → :mod:`surgery.syntax.ast`. Syntax errors carry ``file:line:col``, the line and a caret."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from surgery.errors import Span, SpecError
+from surgery.syntax import ast
+
+# Friendlier names for the terminals lark reports as "expected".
+_TOKEN_NAMES = {
+    "NAME": "a name", "STRING": "a quoted string", "SIGNED_INT": "a number", "SIGNED_FLOAT": "a number",
+    "INT": "a number", "OP": "'+' or '|'", "COLON": "':'", "SEMI": "';'", "COMMA": "','", "DOT": "'.'",
+    "LPAR": "'('", "RPAR": "')'", "ARGS_OPEN": "'('", "LSQB": "'['", "RSQB": "']'", "EQUAL": "'='",
+    "STAR": "'*'", "$END": "the end of the spec", "LET": "'let'", "TRUE": "true", "FALSE": "false",
+}
+
+
+@lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark.open_from_package(
+        "surgery", "surgery.lark", ("grammar",), parser="lalr", propagate_positions=True, maybe_placeholders=True
+    )
+
+
+def _span(meta_or_token, source: str, file: str) -> Span:
+    m = meta_or_token
+    return Span(file, m.line, m.column, m.end_line, m.end_column, source)
+
+
+def _point(line: int, column: int, source: str, file: str, width: int = 1) -> Span:
+    return Span(file, line, column, line, column + width, source)
+
+
+class _Build(Transformer):
+    """Tree → AST. Nodes get spans from lark's propagated positions."""
+
+    def __init__(self, source: str, file: str):
+        super().__init__(visit_tokens=False)
+        self.source, self.file = source, file
+
+    def _s(self, meta) -> Span:
+        return _span(meta, self.source, self.file)
+
+    @v_args(meta=True)
+    def start(self, meta, children):
+        return list(children)
+
+    @v_args(meta=True)
+    def let(self, meta, children):
+        name, value = children
+        return ast.Let(str(name), value, self._s(meta))
+
+    @v_args(meta=True)
+    def rule(self, meta, children):
+        *selectors, expr = children
+        return ast.Rule(tuple(selectors), expr, self._s(meta))
+
+    @v_args(meta=True)
+    def raw_selector(self, meta, children):
+        return ast.RawSelector(str(children[0])[1:-1], self._s(meta))
+
+    @v_args(meta=True)
+    def role_selector(self, meta, children):
+        return ast.RoleSelector(tuple(children), self._s(meta))
+
+    def named_seg(self, children):
+        return ast.Segment(str(children[0]), children[1])
+
+    def star_seg(self, children):
+        return ast.Segment("*")
+
+    def at(self, children):
+        return ast.Index(int(children[0]), None, is_slice=False)
+
+    def slice(self, children):
+        start, stop = (None if c is None else int(c) for c in children)
+        return ast.Index(start, stop, is_slice=True)
+
+    @v_args(meta=True)
+    def chain(self, meta, children):
+        items, ops = children[0::2], {str(o) for o in children[1::2]}
+        if len(items) == 1:
+            return items[0]
+        span = self._s(meta)
+        if len(ops) > 1:
+            raise SpecError("'+' and '|' are mixed here; add parentheses to say which applies first", span)
+        return (ast.Seq if ops == {"+"} else ast.Par)(tuple(items), span)
+
+    @v_args(meta=True)
+    def group(self, meta, children):
+        return children[0]
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        name, paren, *args = children
+        args = tuple(a for a in args if a is not None)
+        return ast.Call(str(name), args, self._s(meta), has_parens=paren is not None)
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        return ast.Arg(str(children[0]), children[1], self._s(meta))
+
+    @v_args(meta=True)
+    def posarg(self, meta, children):
+        return ast.Arg(None, children[0], self._s(meta))
+
+    @v_args(meta=True)
+    def list(self, meta, children):
+        return ast.ListValue(tuple(c for c in children if c is not None), self._s(meta))
+
+    @v_args(meta=True)
+    def float(self, meta, children):
+        return ast.Literal(float(children[0]), self._s(meta))
+
+    @v_args(meta=True)
+    def int(self, meta, children):
+        return ast.Literal(int(children[0]), self._s(meta))
+
+    @v_args(meta=True)
+    def string(self, meta, children):
+        return ast.Literal(str(children[0])[1:-1], self._s(meta))
+
+    @v_args(meta=True)
+    def true(self, meta, children):
+        return ast.Literal(True, self._s(meta))
+
+    @v_args(meta=True)
+    def false(self, meta, children):
+        return ast.Literal(False, self._s(meta))
+
+
+def _syntax_error(e: UnexpectedInput, source: str, file: str) -> SpecError:
+    line, column = getattr(e, "line", 1) or 1, getattr(e, "column", 1) or 1
+    if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+        lines = source.splitlines() or [""]
+        line = max(1, len(lines))
+        column = len(lines[line - 1]) + 1
+        expected = getattr(e, "expected", None) or getattr(e, "accepts", None) or ()
+        got = "the spec ends"
+    elif isinstance(e, UnexpectedCharacters):
+        got = f"unexpected character {source[e.pos_in_stream]!r}"
+        expected = e.allowed or ()
+    else:
+        token = e.token
+        got = f"unexpected {token.value!r}"
+        expected = e.accepts or e.expected or ()
+    names = sorted({_TOKEN_NAMES.get(t, t.lower()) for t in expected if not t.startswith("__")})
+    hint = f"; expected {', '.join(names)}" if names and len(names) <= 8 else ""
+    return SpecError(f"syntax error: {got}{hint}", _point(line, column, source, file))
+
+
+def _check_separators(items, source: str, file: str) -> None:
+    """Two statements on one line need a ';' between them (newlines are white space to lark)."""
+    previous_end = None
+    for item in items:
+        if isinstance(item, Token):  # a ';'
+            previous_end = None
+            continue
+        if previous_end is not None and item.span.line == previous_end:
+            raise SpecError("expected ';' or a newline before this rule", item.span)
+        previous_end = item.span.end_line
+
+
+def _substitute(expr, constants: dict):
+    """Replace bare words naming a ``let`` constant by the constant's value."""
+    if isinstance(expr, ast.Call):
+        if not expr.has_parens and not expr.args and expr.name in constants:
+            return constants[expr.name]
+        args = tuple(ast.Arg(a.key, _substitute(a.value, constants), a.span) for a in expr.args)
+        return ast.Call(expr.name, args, expr.span, expr.has_parens)
+    if isinstance(expr, (ast.Seq, ast.Par, ast.ListValue)):
+        return type(expr)(tuple(_substitute(i, constants) for i in expr.items), expr.span)
+    return expr
+
+
+def parse(text: str, file: str = "<spec>") -> ast.Spec:
+    """Parse spec text into an :class:`ast.Spec`; raise :class:`SpecError` with a position on failure."""
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, text, file) from None
+    try:
+        items = _Build(text, file).transform(tree)
+    except VisitError as e:
+        if isinstance(e.orig_exc, SpecError):
+            raise e.orig_exc from None
+        raise
+    _check_separators(items, text, file)
+    constants: dict = {}
+    rules = []
+    for item in items:
+        if isinstance(item, Token):
+            continue
+        if isinstance(item, ast.Let):
+            if item.name in constants:
+                raise SpecError(f"'{item.name}' is already defined", item.span)
+            constants[item.name] = _substitute(item.value, constants)
+        else:
+            rules.append(ast.Rule(item.selectors, _substitute(item.expr, constants), item.span))
+    return ast.Spec(tuple(rules), text, file)
+
+
+def parse_file(path: str | Path) -> ast.Spec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    return parse(text, str(path))
