@@ -1,0 +1,253 @@
+"""``surgery check | plan | verify | diff | apply | demo``.
+
+Exit codes: 0 success, 1 a failed obligation, 2 a user error (spec, model directory, arguments).
+User errors print a message (with file:line:col and a caret for spec errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from surgery.errors import SpecError, SpecErrors, SurgeryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="A declarative model-surgery compiler for Hugging Face models.")
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_MODEL = "smollm2"
+MODEL_HELP = "a transformers model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct"
+
+
+@contextmanager
+def _status(message: str):
+    with err.status(message, spinner="dots") as status:
+        yield status
+
+
+def _model_dir(model_dir: str) -> Path:
+    if model_dir == DEFAULT_MODEL:
+        from surgery.models import smollm2_dir
+
+        with _status("preparing SmolLM2-135M-Instruct (first run de-quantises the GGUF, ~1 min)"):
+            return smollm2_dir()
+    return Path(model_dir)
+
+
+def _load(model_dir: str, *, meta: bool = False):
+    from surgery.models import load_model
+
+    path = _model_dir(model_dir)
+    with _status(f"loading {path}"):
+        return load_model(path, meta=meta), path
+
+
+def _spec(path: Path):
+    from surgery.syntax import parse_file
+
+    return parse_file(path)
+
+
+def _counts_table(plan) -> Table:
+    table = Table(title="parameters")
+    for col in ("", "total", "trainable", "added"):
+        table.add_column(col, justify="right")
+    b, a = plan.base_counts, plan.counts
+    table.add_row("before", f"{b.total:,}", f"{b.trainable:,}", "")
+    table.add_row("after", f"{a.total:,}", f"{a.trainable:,}", f"{a.added:,}")
+    return table
+
+
+def _steps_table(plan) -> Table:
+    table = Table(title=f"plan ({plan.arch})")
+    for col in ("step", "transform", "targets", "at"):
+        table.add_column(col)
+    for step in plan.steps:
+        paths = [t.path + (f" ({t.option})" if t.option else "") for t in step.targets]
+        shown = "\n".join(paths[:4]) + (f"\n… {len(paths) - 4} more" if len(paths) > 4 else "")
+        table.add_row(str(step.index), step.describe(), shown, f"{step.span.file}:{step.span.line}:{step.span.column}")
+    return table
+
+
+def _report_table(report) -> Table:
+    table = Table(title="obligations")
+    for col in ("step", "transform", "obligation", "error", "tol", "ok"):
+        table.add_column(col, justify="right" if col in ("error", "tol") else "left")
+    for m in report.measurements:
+        table.add_row(str(m.step), m.transform, m.obligation, f"{m.error:.2e}", f"{m.tol:.0e}",
+                      "[green]yes[/]" if m.ok else "[red]NO[/]")
+    return table
+
+
+@app.command()
+def check(spec: Path = typer.Argument(..., help="a .surg file")):
+    """Check a spec without a model: syntax, transform names, arguments."""
+    from surgery.plan import _leaves, validate_params
+    from surgery.transforms.registry import lookup
+
+    parsed = _spec(spec)
+    errors = []
+    for rule in parsed.rules:
+        try:
+            calls = list(_leaves(rule.expr))
+        except SurgeryError as e:
+            errors.append(e)
+            continue
+        for call in calls:
+            try:
+                validate_params(lookup(call.name, call.span), call)
+            except SurgeryError as e:
+                errors.append(e)
+    if errors:
+        raise SpecErrors(errors)
+    out.print(f"[green]ok[/]: {spec} — {len(parsed.rules)} rule(s)")
+
+
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="a .surg file"),
+         model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP)):
+    """Show the concrete steps and parameter counts (meta device: no weights are read)."""
+    from surgery.api import plan as make_plan
+
+    model, _ = _load(model_dir, meta=True)
+    result = make_plan(model, _spec(spec))
+    out.print(_steps_table(result))
+    out.print(_counts_table(result))
+
+
+@app.command()
+def verify(spec: Path = typer.Argument(..., help="a .surg file"),
+           model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+           seed: int = typer.Option(0, help="seed for inputs and initialisation")):
+    """Run every step's equivalence obligations and print each with its error and tolerance."""
+    from surgery.plan import build_plan
+    from surgery.verify import verify as run
+
+    model, _ = _load(model_dir)
+    the_plan = build_plan(_spec(spec), model)
+    with _status("verifying") as status:
+        report = run(the_plan, model, seed=seed, progress=lambda m: status.update(f"verifying: {m}"))
+    out.print(_report_table(report))
+    if not report.ok:
+        err.print(f"[red]{len(report.failures)} obligation(s) failed[/]")
+        raise typer.Exit(1)
+
+
+def _example_ids(model, n: int = 12):
+    import torch
+
+    vocab = getattr(model.config, "vocab_size", 100)
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0))
+
+
+@app.command()
+def diff(spec: Path = typer.Argument(..., help="a .surg file"),
+         model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+         html: Optional[Path] = typer.Option(None, "--html", help="also write the diff as an HTML page"),
+         graph: bool = typer.Option(True, help="include the torch.export computation-graph diff")):
+    """Show the module-tree and computation-graph diff the spec makes (verification is skipped)."""
+    from surgery.api import compile as run
+
+    model, _ = _load(model_dir)
+    with _status("applying and capturing graphs"):
+        result = run(model, _spec(spec), check=False, graph_inputs=_example_ids(model) if graph else None)
+        d = result.diff()
+    out.print(d.text(), markup=False, highlight=False)
+    if html:
+        html.write_text(d.html())
+        out.print(f"HTML diff written to {html}")
+
+
+@app.command()
+def apply(spec: Path = typer.Argument(..., help="a .surg file"),
+          model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+          output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist)"),
+          merge: bool = typer.Option(False, "--merge", help="fold mergeable steps into the weights"),
+          check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run obligations first"),
+          seed: int = typer.Option(0, help="seed for inputs and initialisation")):
+    """Verify, apply and save: OUT appears whole or not at all; MODEL_DIR is never written."""
+    from surgery.api import compile as run
+
+    parsed = _spec(spec)
+    if output.exists():
+        raise SurgeryError(f"{output} already exists; choose a new output directory")
+    model, _ = _load(model_dir)
+    with _status("verifying and applying") as status:
+        result = run(model, parsed, check=check_obligations, seed=seed,
+                     progress=lambda m: status.update(f"verifying: {m}"))
+    if result.report:
+        out.print(_report_table(result.report))
+    out.print(_steps_table(result.plan))
+    out.print(_counts_table(result.plan))
+    with _status(f"saving {output}"):
+        result.save(output, merge=merge)
+    out.print(f"[green]saved[/] {output}")
+
+
+@app.command()
+def demo(spec: list[Path] = typer.Argument(None, help="specs to apply (default: the examples in specs/)"),
+         model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+         tokens: int = typer.Option(12, help="tokens to generate before and after")):
+    """The main job on the built-in model: apply, verify, diff, generate before and after."""
+    import copy
+
+    import torch
+    import transformers
+
+    from surgery.api import compile as run
+
+    specs = spec or sorted(Path("specs").glob("demo*.surg"))
+    if not specs:
+        raise SurgeryError("no specs given and none found in specs/demo*.surg")
+    model, path = _load(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    prompt = "The three primary colours are"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model.generate(ids, max_new_tokens=tokens, do_sample=False)
+    out.rule(f"before: {path.name}")
+    out.print(repr(tokenizer.decode(before[0])))
+    for spec_path in specs:
+        out.rule(str(spec_path))
+        out.print(spec_path.read_text().strip(), markup=False, highlight=False)
+        working = copy.deepcopy(model)
+        with _status("verifying and applying") as status:
+            result = run(working, _spec(spec_path), graph_inputs=ids,
+                         progress=lambda m: status.update(f"verifying: {m}"))
+        out.print(_report_table(result.report))
+        out.print(_counts_table(result.plan))
+        out.print(result.diff().text(), markup=False, highlight=False)
+        with torch.no_grad():
+            after = working.generate(ids, max_new_tokens=tokens, do_sample=False)
+        out.print("after: " + repr(tokenizer.decode(after[0])))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SurgeryError as e:
+        err.print(str(e), markup=False, highlight=False)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:
+        # Usage errors (unknown command, missing argument) are click exceptions; typer vendors click,
+        # so recognise them by their interface rather than by class.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Save and load surgered models; export to plain transformers and to PEFT where representable.
+
+An output directory is written to a temporary sibling and renamed into place, so it appears whole
+or not at all; an existing directory is never overwritten. Layout:
+
+* ``surgery.json`` — format version, the spec text, the plan, the seed, the base config, which steps
+  were merged, and what was (or could not be) exported elsewhere; ``spec.surg``; ``report.json``.
+* Surgery format (when some step is not expressible in plain transformers):
+  ``base_config.json`` + ``surgery.safetensors`` (the whole surgered state dict). ``load`` builds the
+  base model from the config, re-applies the plan, and loads the state dict: bit-exact.
+* Plain format (every step merged into weights or expressed in the config, e.g. rope scaling as
+  ``config.rope_parameters``): ``config.json`` + ``model.safetensors`` from ``save_pretrained``, so
+  ``transformers.AutoModel*.from_pretrained(out)`` gives the same outputs.
+* ``peft/`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (keys ``base_model.model.…``)
+  when the plan is adapters of a single PEFT type (LoRA, IA3, prompt tuning; a quantized base is fine).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import transformers
+from torch import nn
+
+from surgery.apply import apply_plan, get_module
+from surgery.errors import SaveError, SurgeryError
+from surgery.layers import SurgeryLinear
+from surgery.models import model_class
+from surgery.plan import Plan, build_plan
+from surgery.syntax import parse as parse_text
+from surgery.transforms.registry import Anchor
+
+FORMAT = 1
+
+
+def _atomic_dir(out_dir: Path):
+    """A temporary sibling of `out_dir` to fill, and a function that renames it into place."""
+    if out_dir.exists():
+        raise SaveError(f"{out_dir} already exists; choose a new output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    return tmp
+
+
+def _linear_layers(model: nn.Module) -> dict[str, SurgeryLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SurgeryLinear)}
+
+
+def _plain_copy(layer: SurgeryLinear) -> nn.Module:
+    """The base layer's class (Linear or GPT-2 Conv1D) holding the folded weights."""
+    weight, bias = layer.merged_weights()
+    plain = copy.deepcopy(layer.base)
+    if type(plain).__name__ == "Conv1D":
+        weight = weight.t().contiguous()
+    plain.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return plain
+
+
+def merged_steps(plan: Plan, model: nn.Module) -> set[int]:
+    """Indices of linear steps whose every layer is mergeable."""
+    layers = _linear_layers(model)
+    out = set()
+    for step in plan.steps:
+        if step.spec.anchor is Anchor.LINEAR and all(
+            t.path in layers and layers[t.path].mergeable for t in step.targets
+        ):
+            out.add(step.index)
+    return out
+
+
+def _plain_representable(step, merged: set[int]) -> bool:
+    impl = step.spec.instance()
+    return step.index in merged or hasattr(impl, "rope_parameters") or step.spec.anchor is Anchor.PARAMETERS
+
+
+def _merged_model(model: nn.Module, plan: Plan, merged: set[int]) -> nn.Module:
+    """A copy of `model` with every fully-mergeable linear folded back into its base class."""
+    out = copy.deepcopy(model)
+    mergeable_paths = {t.path for s in plan.steps if s.index in merged for t in s.targets}
+    for path, layer in _linear_layers(out).items():
+        if path in mergeable_paths:
+            parent, _, name = path.rpartition(".")
+            setattr(get_module(out, parent), name, _plain_copy(layer))
+    return out
+
+
+def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
+    """Write ``peft/`` if the plan is expressible as one PEFT adapter; returns what happened."""
+    kinds = {}
+    for step in plan.steps:
+        impl = step.spec.instance()
+        if getattr(impl, "peft_base", False):  # e.g. quantize: the PEFT user loads the base quantized
+            continue
+        if not hasattr(impl, "peft"):
+            return f"not written: {step.transform} has no PEFT equivalent"
+        kinds.setdefault(step.transform, []).append(step)
+    if len(kinds) != 1:
+        return "not written: PEFT holds one adapter type per adapter, the plan has " + ", ".join(sorted(kinds)) if kinds \
+            else "not written: no adapter in the plan"
+    (name, steps), = kinds.items()
+    configs = {json.dumps(s.spec.instance().peft(s.params, s.targets), sort_keys=True) for s in steps}
+    if len(configs) != 1:
+        return f"not written: the {name} steps have different parameters, which one PEFT config cannot hold"
+    layers = _linear_layers(model)
+    for path, layer in layers.items():
+        if isinstance(layer.adapter, nn.ModuleList):
+            return f"not written: {path} composes several transforms, which PEFT cannot express"
+    impl = steps[0].spec.instance()
+    config = json.loads(configs.pop())
+    targets = sorted({t.path for s in steps for t in s.targets})
+    tensors: dict[str, torch.Tensor] = {}
+    if steps[0].spec.anchor is Anchor.LINEAR:
+        config["target_modules"] = targets
+        if any(type(layers[t].base).__name__ == "Conv1D" for t in targets):
+            config["fan_in_fan_out"] = True
+        for step in steps:
+            for target in step.targets:
+                adapter = layers[target.path].adapter
+                named = impl.peft_tensors(step.params, target, adapter) if hasattr(impl, "peft_tensors") \
+                    else adapter.state_dict()
+                for key, value in named.items():
+                    tensors[f"base_model.model.{target.path}.{key}"] = value.detach().contiguous().clone()
+        if hasattr(impl, "peft_fields"):
+            config.update(impl.peft_fields(steps[0].params, [t for s in steps for t in s.targets]))
+    else:
+        tensors = {k: v.detach().contiguous().clone() for k, v in impl.peft_tensors(model).items()}
+    config.setdefault("task_type", _task_type(model))
+    config.setdefault("base_model_name_or_path", None)
+    peft_dir = tmp / "peft"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    safetensors.torch.save_file(tensors, str(peft_dir / "adapter_model.safetensors"))
+    return "written"
+
+
+def _task_type(model: nn.Module) -> str:
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith(("CausalLM", "LMHeadModel")) else "FEATURE_EXTRACTION"
+
+
+def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
+    """Write `result` (a :class:`surgery.api.Result`) to `out_dir`, atomically."""
+    out_dir = Path(out_dir)
+    model, plan = result.model, result.plan
+    tmp = _atomic_dir(out_dir)
+    try:
+        merged = merged_steps(plan, model) if merge else set()
+        plain = merge and all(_plain_representable(s, merged) for s in plan.steps)
+        meta = {
+            "format": FORMAT,
+            "spec": plan.spec.source,
+            "seed": result.seed,
+            "plan": plan.to_json(),
+            "model_class": type(model).__name__,
+            "merged_steps": sorted(merged),
+            "plain": plain,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        (tmp / "spec.surg").write_text(plan.spec.source)
+        if result.report is not None:
+            (tmp / "report.json").write_text(json.dumps(result.report.to_json(), indent=2))
+        meta["peft"] = _peft_export(plan, model, tmp) if not merge else "not written: --merge folds the adapters"
+        config = copy.deepcopy(model.config)
+        rope = [s for s in plan.steps if hasattr(s.spec.instance(), "rope_parameters")]
+        if plain:
+            out = _merged_model(model, plan, merged)
+            for step in rope:
+                config.rope_parameters = step.spec.instance().rope_parameters(step.params, config)
+            out.config = config
+            with torch.no_grad():
+                # The rotary module was swapped; the config now says how transformers rebuilds it.
+                out.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            to_save = _merged_model(model, plan, merged) if merged else model
+            (tmp / "base_config.json").write_text(model.config.to_json_string())
+            safetensors.torch.save_model(to_save, str(tmp / "surgery.safetensors"))
+        (tmp / "surgery.json").write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(tmp, out_dir)
+    except SurgeryError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SaveError(f"could not write {out_dir}: {type(e).__name__}: {e}") from e
+    return out_dir
+
+
+def load(out_dir: str | Path) -> nn.Module:
+    """Rebuild the model saved in `out_dir` exactly as it was saved."""
+    out_dir = Path(out_dir)
+    meta_file = out_dir / "surgery.json"
+    if not meta_file.is_file():
+        raise SaveError(f"{out_dir} is not a surgery output directory (no surgery.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise SaveError(f"{out_dir} has format {meta.get('format')!r}; this surgery reads format {FORMAT}")
+    if meta["plain"]:
+        cls = getattr(transformers, meta["model_class"], None) or transformers.AutoModel
+        return cls.from_pretrained(str(out_dir), dtype=torch.float32).eval()
+    config_dict = json.loads((out_dir / "base_config.json").read_text())
+    config = transformers.AutoConfig.for_model(**config_dict)
+    cls = getattr(transformers, meta["model_class"], None) or model_class(config)
+    model = cls(config)
+    spec = parse_text(meta["spec"], str(out_dir / "spec.surg"))
+    plan = build_plan(spec, model)
+    merged = set(meta["merged_steps"])
+    if merged:
+        plan = plan.restricted({s.index for s in plan.steps} - merged)
+    apply_plan(plan, model, seed=meta["seed"])
+    missing, unexpected = safetensors.torch.load_model(model, str(out_dir / "surgery.safetensors"), strict=False)
+    if missing or unexpected:
+        raise SaveError(f"{out_dir} does not match its plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
