@@ -19,8 +19,9 @@ from surgery.errors import SpecError, SpecErrors, SurgeryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A declarative model-surgery compiler for Hugging Face models.")
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: never insert line breaks into paths, carets or diffs.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_MODEL = "smollm2"
 MODEL_HELP = "a transformers model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct"
@@ -233,7 +234,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except SurgeryError as e:
-        err.print(str(e), markup=False, highlight=False)
+        sys.stderr.write(f"{e}\n")
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -1,0 +1,63 @@
+"""The Python API: compile leaves the model untouched on failure; plan counts on the meta device."""
+
+import pytest
+import torch
+import transformers
+
+import surgery
+from surgery.models import tiny
+
+
+def test_compile_accepts_text_and_paths(tmp_path):
+    path = tmp_path / "a.surg"
+    path.write_text("attn.q: lora(r=2)\n")
+    for spec in ("attn.q: lora(r=2)", path, str(path)):
+        result = surgery.compile(tiny("llama"), spec)
+        assert result.report.ok and len(result.plan.steps) == 1
+        assert result.plan.counts.added == 2 * (64 * 2 + 2 * 64)
+        assert result.plan.counts.trainable == result.plan.counts.added
+
+
+def test_failed_obligation_leaves_the_model_untouched(monkeypatch):
+    from surgery.transforms.lora import LoRA
+
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [id(m) for m in model.modules()]
+    monkeypatch.setattr(LoRA, "identity_model", lambda self, p, check: 1.0)
+    with pytest.raises(surgery.ObligationError, match="identity at init: model logits unchanged") as info:
+        surgery.compile(model, "attn.q: lora(r=2)")
+    assert info.value.exit_code == 1 and not info.value.report.ok
+    assert [id(m) for m in model.modules()] == modules
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_spec_errors_leave_the_model_untouched():
+    model = tiny("llama")
+    modules = [id(m) for m in model.modules()]
+    with pytest.raises(surgery.SpecError):
+        surgery.compile(model, "attn.q: lora(r=2); nope: lora")
+    assert [id(m) for m in model.modules()] == modules
+
+
+def test_plan_counts_on_meta_without_weights():
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    plan = surgery.plan(model, "*: lora(r=16)")
+    # Llama-2-7B: 4.19M LoRA parameters per layer at r=16 on q,k,v,o (4096→4096) and gate,up,down.
+    per_layer = 4 * 16 * (4096 + 4096) + 3 * 16 * (4096 + 11008)
+    assert plan.counts.added == 32 * per_layer == 39_976_960
+    assert plan.counts.trainable == plan.counts.added
+    assert plan.base_counts.total == 6_738_415_616
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_diff_reports_the_wrapped_layers():
+    model = tiny("llama")
+    result = surgery.compile(model, "attn.q: lora(r=2)", graph_inputs=torch.randint(0, 128, (1, 8)))
+    diff = result.diff()
+    assert sorted(diff.wrapped) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert "q_proj" in diff.text() and diff.html().startswith("<!DOCTYPE html>")

@@ -1,0 +1,128 @@
+"""Saving: atomic output, bit-exact reload, --merge to plain transformers, PEFT's adapter format."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+import surgery
+from surgery.models import tiny
+
+
+def ids(seed=0, n=12):
+    return torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model):
+    """Move adapters away from their identity init so saving/merging is actually tested."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("arch, spec", [
+    ("llama", "attn.*: lora(r=4); mlp.down: lora(r=8, alpha=16) | ia3"),
+    ("gpt2", "attn.*, mlp.*: lora(r=4)"),
+    ("llama", "mlp.*: quantize(nf4) + lora(r=4)"),
+    ("llama", "attn.*: rope(ntk_dynamic, scale=2) + window(8, sinks=2); embed: prompt_tuning(3)"),
+])
+def test_load_reproduces_the_surgered_model_bit_exactly(tmp_path, arch, spec):
+    model = tiny(arch)
+    result = surgery.compile(model, spec)
+    perturb(model)
+    out = result.save(tmp_path / "out")
+    assert {"surgery.json", "spec.surg", "report.json", "surgery.safetensors", "base_config.json"} <= set(os.listdir(out))
+    loaded = surgery.load(out)
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(logits(loaded, ids()), logits(model, ids()))
+
+
+def test_merge_writes_a_plain_transformers_model(tmp_path):
+    model = tiny("llama")
+    result = surgery.compile(model, "attn.*: lora(r=4) + ia3; mlp.*: lora(r=2); attn.*: rope(linear, scale=2)")
+    perturb(model)
+    out = result.save(tmp_path / "merged", merge=True)
+    meta = json.loads((out / "surgery.json").read_text())
+    assert meta["plain"] and meta["merged_steps"] == [0, 1, 2]
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert plain.config.rope_parameters["rope_type"] == "linear"
+    long = ids(n=100)  # longer than max_position_embeddings=64, where the rope scaling matters
+    assert (logits(plain, long) - logits(model, long)).abs().max() < 1e-4
+
+
+def test_merge_keeps_unmergeable_steps_in_surgery_format(tmp_path):
+    model = tiny("llama")
+    result = surgery.compile(model, "attn.*: lora(r=4); attn: window(8)")
+    perturb(model)
+    out = result.save(tmp_path / "partly", merge=True)
+    meta = json.loads((out / "surgery.json").read_text())
+    assert not meta["plain"] and meta["merged_steps"] == [0]
+    loaded = surgery.load(out)
+    assert type(loaded.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert (logits(loaded, ids(n=30)) - logits(model, ids(n=30))).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch, spec, targets", [
+    ("llama", "attn.*, mlp.*: lora(r=4, alpha=8)", 14),
+    ("gpt2", "attn.*, mlp.*: lora(r=4, alpha=8)", 8),
+])
+def test_lora_is_written_in_peft_format(tmp_path, arch, spec, targets):
+    peft = pytest.importorskip("peft")
+    model = tiny(arch)
+    result = surgery.compile(model, spec)
+    perturb(model)
+    out = result.save(tmp_path / "out")
+    config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and len(config["target_modules"]) == targets
+    reloaded = peft.PeftModel.from_pretrained(tiny(arch), out / "peft").eval()
+    assert (logits(reloaded, ids()) - logits(model, ids())).abs().max() < 1e-5
+
+
+def test_peft_export_is_skipped_with_a_reason_when_not_representable(tmp_path):
+    model = tiny("llama")
+    out = surgery.compile(model, "attn.*: lora(r=4) | ia3").save(tmp_path / "out")
+    meta = json.loads((out / "surgery.json").read_text())
+    assert not (out / "peft").exists()
+    assert meta["peft"].startswith("not written:")
+
+
+def test_existing_output_is_refused_and_untouched(tmp_path):
+    model = tiny("llama")
+    result = surgery.compile(model, "attn.q: lora(r=2)")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(surgery.SaveError, match="already exists"):
+        result.save(tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = tiny("llama")
+    result = surgery.compile(model, "attn.q: lora(r=2); attn: window(8)")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", broken)
+    with pytest.raises(surgery.SaveError, match="disk full"):
+        result.save(tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_refuses_a_directory_that_is_not_a_surgery_output(tmp_path):
+    with pytest.raises(surgery.SaveError, match="not a surgery output"):
+        surgery.load(tmp_path)
