@@ -19,9 +19,11 @@ from surgery.errors import SpecError, SpecErrors, SurgeryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A declarative model-surgery compiler for Hugging Face models.")
-# soft_wrap: never insert line breaks into paths, carets or diffs.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# soft_wrap: never insert line breaks into paths, carets or diffs; when piped (CI logs, tests),
+# give tables room instead of rich's default 80 columns, which would truncate module paths.
+_WIDTH = None if sys.stdout.isatty() else 160
+out = Console(soft_wrap=True, width=_WIDTH)
+err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 DEFAULT_MODEL = "smollm2"
 MODEL_HELP = "a transformers model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct"
@@ -232,7 +234,9 @@ def demo(spec: list[Path] = typer.Argument(None, help="specs to apply (default: 
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's typer.Exit code instead of exiting.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except SurgeryError as e:
         sys.stderr.write(f"{e}\n")
         sys.exit(e.exit_code)

@@ -107,7 +107,8 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
         return "not written: PEFT holds one adapter type per adapter, the plan has " + ", ".join(sorted(kinds)) if kinds \
             else "not written: no adapter in the plan"
     (name, steps), = kinds.items()
-    configs = {json.dumps(s.spec.instance().peft(s.params, s.targets), sort_keys=True) for s in steps}
+    # Steps may differ in where they attach, not in their parameters: one PEFT config holds them all.
+    configs = {json.dumps(s.spec.instance().peft(s.params, ()), sort_keys=True) for s in steps}
     if len(configs) != 1:
         return f"not written: the {name} steps have different parameters, which one PEFT config cannot hold"
     layers = _linear_layers(model)
@@ -115,11 +116,12 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
         if isinstance(layer.adapter, nn.ModuleList):
             return f"not written: {path} composes several transforms, which PEFT cannot express"
     impl = steps[0].spec.instance()
-    config = json.loads(configs.pop())
-    targets = sorted({t.path for s in steps for t in s.targets})
+    all_targets = [t for s in steps for t in s.targets]
+    config = impl.peft(steps[0].params, all_targets)
+    targets = sorted({t.path for t in all_targets})
     tensors: dict[str, torch.Tensor] = {}
     if steps[0].spec.anchor is Anchor.LINEAR:
-        config["target_modules"] = targets
+        config.setdefault("target_modules", targets)
         if any(type(layers[t].base).__name__ == "Conv1D" for t in targets):
             config["fan_in_fan_out"] = True
         for step in steps:
@@ -129,8 +131,6 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
                     else adapter.state_dict()
                 for key, value in named.items():
                     tensors[f"base_model.model.{target.path}.{key}"] = value.detach().contiguous().clone()
-        if hasattr(impl, "peft_fields"):
-            config.update(impl.peft_fields(steps[0].params, [t for s in steps for t in s.targets]))
     else:
         tensors = {k: v.detach().contiguous().clone() for k, v in impl.peft_tensors(model).items()}
     config.setdefault("task_type", _task_type(model))
