@@ -1,8 +1,12 @@
 """Shared fixtures: tiny random models of every architecture, and SmolLM2 (cached per machine)."""
 
 import pytest
+import torch
 
 from surgery.models import tiny
+
+# Tiny models: thread start-up costs more than it saves, and CI has two cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["llama", "qwen2"])
