@@ -77,9 +77,12 @@ def merged_steps(plan: Plan, model: nn.Module) -> set[int]:
     return out
 
 
-def _plain_representable(step, merged: set[int]) -> bool:
+def _plain_representable(step, merged: set[int], config) -> bool:
+    """Whether plain transformers reproduces this step: merged weights, config, or trained biases."""
     impl = step.spec.instance()
-    return step.index in merged or hasattr(impl, "rope_parameters") or step.spec.anchor is Anchor.PARAMETERS
+    if hasattr(impl, "rope_parameters"):
+        return impl.rope_parameters(step.params, config) is not None
+    return step.index in merged or step.spec.anchor is Anchor.PARAMETERS
 
 
 def _merged_model(model: nn.Module, plan: Plan, merged: set[int]) -> nn.Module:
@@ -154,7 +157,7 @@ def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
     tmp = _atomic_dir(out_dir)
     try:
         merged = merged_steps(plan, model) if merge else set()
-        plain = merge and all(_plain_representable(s, merged) for s in plan.steps)
+        plain = merge and all(_plain_representable(s, merged, model.config) for s in plan.steps)
         meta = {
             "format": FORMAT,
             "spec": plan.spec.source,

@@ -1,0 +1,379 @@
+"""RoPE frequency rewrites: stretch a rotary model's context without touching attention.
+
+RoPE rotates query/key pair i at position m by the angle m·θ_i, θ_i = b^(−2i/d) (b the model's
+``rope_theta``, d the rotary dimension). Each kind replaces the frequencies (and, for YaRN, scales
+cos/sin by an attention temperature); s is the scale, L the trained context length:
+
+* ``linear`` — Position Interpolation, θ_i / s, i.e. position m is seen as m/s.
+  Chen et al. 2023, https://arxiv.org/abs/2306.15595 (transformers rope_type "linear").
+* ``ntk`` — static NTK-aware scaling, b' = b·s^(d/(d−2)): θ_0 stays 1 (high frequencies extrapolate)
+  and the lowest frequency becomes θ_{d/2−1}/s (low frequencies interpolate). bloc97,
+  https://www.reddit.com/r/LocalLLaMA/comments/14lz7j5/ (transformers "default" with rope_theta b').
+* ``ntk_dynamic`` — at sequence length n (largest position id + 1 of the call), static NTK with
+  α = s·n/L − (s−1) when n > L, plain RoPE otherwise. emozilla,
+  https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr/ (transformers "dynamic"). Unlike
+  transformers' module, ours keeps no state between calls: the same input always gives the same
+  output (theirs keeps the frequencies of a longer call for a later call of length exactly L).
+* ``yarn`` — per pair, blend interpolation θ_i/s and extrapolation θ_i by a ramp over the number
+  of rotations pair i makes within L (≥ beta_fast rotations: keep θ_i; ≤ beta_slow: θ_i/s), and
+  scale cos/sin by 0.1·ln s + 1. Peng et al. 2023, https://arxiv.org/abs/2309.00071; matches
+  transformers "yarn" exactly (including its floor/ceil of the ramp's ends).
+
+The rotary module is shared by every layer, so the step replaces it once with a
+:class:`RescaledRope` that holds its own frequencies; the model's config is never changed. The
+result is expressible in plain transformers: :meth:`Rope.rope_parameters` gives the
+``config.rope_parameters`` dict that reproduces it (``None`` for ``ntk_dynamic`` with an L other
+than ``max_position_embeddings``, which transformers' "dynamic" always uses as L).
+
+Obligations (float32; L positions per call unless noted):
+
+* scale=1 is the identity: a scale-1 instance (without an explicit yarn ``attention_factor``) gives
+  the original module's cos/sin at positions 0..4L (``ntk_dynamic``: calls of length n ≤ L only,
+  since its α = s·n/L − (s−1) is n/L beyond L even at s=1).
+* equals transformers (cos/sin, positions 0..4L): the transformers rotary class built from a config
+  copy carrying :meth:`Rope.rope_parameters` (``ntk_dynamic``: a fresh transformers module per call
+  length, lengths in an order that would expose state kept between calls).
+* equals transformers (logits): a transformers model built from that config with the original
+  weights gives the same logits on a sequence whose positions run past L (a fresh model per
+  length for ``ntk_dynamic``).
+* the kind's defining property: ``linear`` cos/sin at m equal the original's at m/s (error per
+  unit of position, the resolution float32 angles have); ``ntk`` θ_0 unchanged and the lowest
+  frequency exactly θ_{d/2−1}/s (relative error); ``ntk_dynamic`` logits identical to the unscaled
+  model for N ≤ L (N = L, the boundary, and N = L/2); ``yarn`` pairs making ≥ beta_fast
+  rotations in L keep θ_i, pairs making ≤ beta_slow are θ_i/s, the rest lie between, and
+  cos²+sin² = (0.1·ln s + 1)², all from the paper's definitions in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+from torch import nn
+
+from surgery.errors import SpecError
+from surgery.transforms.registry import Anchor, Params, obligation, transform
+
+_YARN_OPTIONS = ("beta_fast", "beta_slow", "attention_factor")
+
+
+class RopeParams(Params):
+    kind: Literal["linear", "ntk", "ntk_dynamic", "yarn"]
+    scale: float = Field(ge=1, description="context scale factor s")
+    original_max_position: int | None = Field(
+        None, ge=1, description="trained context length L; defaults to config.max_position_embeddings")
+    beta_fast: float = Field(32.0, gt=0, description="yarn: pairs with at least this many rotations in L keep θ_i")
+    beta_slow: float = Field(1.0, gt=0, description="yarn: pairs with at most this many rotations in L use θ_i/s")
+    attention_factor: float | None = Field(None, gt=0, description="yarn: cos/sin scale; default 0.1·ln s + 1")
+
+    @model_validator(mode="after")
+    def _yarn_options(self) -> "RopeParams":
+        given = [k for k in _YARN_OPTIONS if k in self.model_fields_set]
+        if given and self.kind != "yarn":
+            raise PydanticCustomError("rope_options", "the yarn option(s) {names} do not apply to rope({kind}, …)",
+                                      {"names": ", ".join(given), "kind": self.kind})
+        if self.beta_fast <= self.beta_slow:
+            raise PydanticCustomError("rope_betas", "rope(yarn) needs beta_fast > beta_slow, got {fast} <= {slow}",
+                                      {"fast": self.beta_fast, "slow": self.beta_slow})
+        return self
+
+
+# ------------------------------------------------------------------------------- frequencies
+
+
+def rope_settings(config) -> tuple[float, int]:
+    """(base b, rotary dimension d) of a config, the way transformers' scaled rope types read them."""
+    params = config.rope_parameters or {}
+    base = params.get("rope_theta", getattr(config, "rope_theta", None))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    return float(base), dim
+
+
+def inverse_frequencies(base, dim: int) -> torch.Tensor:
+    """θ_i = b^(−2i/d) in float32, with transformers' operation order (so results agree bit for bit).
+
+    `base` is a float, or a 0-dim tensor (dynamic NTK), whose device the result then shares."""
+    device = base.device if isinstance(base, torch.Tensor) else None
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+
+
+def yarn_frequencies(base: float, dim: int, s: float, L: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """YaRN's blended frequencies (transformers' "yarn" with truncate=True, same operation order)."""
+
+    def pair_index(rotations: float) -> float:
+        # The (fractional) pair index whose wavelength fits `rotations` times into L.
+        return dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_index(beta_fast)), 0)
+    high = min(math.ceil(pair_index(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # a one-pair ramp would divide by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # weight of extrapolation (θ_i unchanged)
+    wavelengths = base ** (torch.arange(0, dim, 2).float() / dim)
+    return (1.0 / (s * wavelengths)) * (1 - keep) + (1.0 / wavelengths) * keep
+
+
+def yarn_attention_factor(p: RopeParams) -> float:
+    if p.attention_factor is not None:
+        return float(p.attention_factor)
+    return 0.1 * math.log(p.scale) + 1.0 if p.scale > 1 else 1.0
+
+
+class RescaledRope(nn.Module):
+    """Rotary cos/sin from its own frequencies; ``forward(x, position_ids) -> (cos, sin)`` like transformers'.
+
+    With ``dynamic`` = (b, d, s, L) the frequencies are recomputed per call from that call's length
+    n = max(position_ids) + 1 (dynamic NTK); nothing is remembered between calls.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0,
+                 dynamic: tuple[float, int, float, int] | None = None):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # not in the state dict: weights unchanged
+        self.attention_scaling = attention_scaling
+        self.dynamic = dynamic
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.dynamic is None:
+            return self.inv_freq
+        base, dim, s, L = self.dynamic
+        n = position_ids.max() + 1
+        if n <= L:
+            return self.inv_freq
+        alpha = s * n / L - (s - 1)  # a float32 tensor, as in transformers, so the two agree bit for bit
+        return inverse_frequencies(base * alpha ** (dim / (dim - 2)), dim)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        inv_freq = self.frequencies(position_ids).to(device=x.device, dtype=torch.float)
+        angles = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "dynamic NTK" if self.dynamic else "fixed"
+        return f"pairs={self.inv_freq.numel()}, {kind}, attention_scaling={self.attention_scaling:g}"
+
+
+def trained_length(p: RopeParams, config) -> int:
+    return p.original_max_position or config.max_position_embeddings
+
+
+def build_rope(p: RopeParams, config) -> RescaledRope:
+    """The rotary module of `p` for a model with this config (on the CPU)."""
+    base, dim = rope_settings(config)
+    s, L = p.scale, trained_length(p, config)
+    plain = inverse_frequencies(base, dim)
+    if p.kind == "linear":
+        return RescaledRope(plain / s)
+    if p.kind == "ntk":
+        return RescaledRope(inverse_frequencies(base * s ** (dim / (dim - 2)), dim))
+    if p.kind == "ntk_dynamic":
+        return RescaledRope(plain, dynamic=(base, dim, s, L))
+    return RescaledRope(yarn_frequencies(base, dim, s, L, p.beta_fast, p.beta_slow), yarn_attention_factor(p))
+
+
+# --------------------------------------------------------------------------------- transform
+
+
+@transform("rope", params=RopeParams, anchor=Anchor.ROTARY, positional=("kind", "scale"),
+           reference="https://arxiv.org/abs/2306.15595")
+class Rope:
+    """Rewrite the RoPE frequencies (linear / NTK / dynamic NTK / YaRN) to extend the context."""
+
+    def accepts(self, p: RopeParams, target, module: nn.Module) -> bool:
+        config = getattr(module, "config", None)
+        inv_freq = getattr(module, "inv_freq", None)
+        if config is None or not isinstance(inv_freq, torch.Tensor) or not getattr(config, "rope_parameters", None):
+            raise SpecError(f"rope() cannot read the rotary embedding at {target.path} "
+                            f"({type(module).__name__} has no config.rope_parameters / inv_freq)")
+        rope_type = getattr(module, "rope_type", config.rope_parameters.get("rope_type", "default"))
+        if isinstance(rope_type, dict):
+            raise SpecError(f"the rotary embedding at {target.path} uses a different RoPE per layer type "
+                            f"({', '.join(rope_type)}); rope() rewrites one shared RoPE only")
+        if rope_type != "default":
+            raise SpecError(f"the model's RoPE is already rewritten (rope_type {rope_type!r}); "
+                            "rope() rewrites plain RoPE only")
+        _, dim = rope_settings(config)
+        if 2 * inv_freq.numel() != dim:
+            raise SpecError(f"the rotary embedding at {target.path} rotates {2 * inv_freq.numel()} dimensions but "
+                            f"the config implies {dim}; rope() cannot rewrite it consistently")
+        if p.kind in ("ntk", "ntk_dynamic") and dim <= 2:
+            raise SpecError(f"rope({p.kind}) needs a rotary dimension above 2 (b' = b·s^(d/(d−2))), got {dim}")
+        return True
+
+    def apply(self, p: RopeParams, model: nn.Module, targets, edit) -> None:
+        for target in targets:
+            original = model.get_submodule(target.path)
+            new = build_rope(p, original.config).to(original.inv_freq.device)
+            edit.replace(target.path, new)
+
+    def rope_parameters(self, p: RopeParams, config) -> dict | None:
+        """transformers' ``config.rope_parameters`` reproducing this rope (None if not expressible)."""
+        base, dim = rope_settings(config)
+        params = dict(config.rope_parameters)  # keeps partial_rotary_factor and any model-specific keys
+        if p.kind == "linear":
+            return {**params, "rope_type": "linear", "factor": p.scale}
+        if p.kind == "ntk":
+            return {**params, "rope_type": "default", "rope_theta": base * p.scale ** (dim / (dim - 2))}
+        if p.kind == "ntk_dynamic":
+            # transformers' "dynamic" always takes L = config.max_position_embeddings.
+            if trained_length(p, config) != config.max_position_embeddings:
+                return None
+            return {**params, "rope_type": "dynamic", "factor": p.scale}
+        out = {**params, "rope_type": "yarn", "factor": p.scale,
+               "original_max_position_embeddings": trained_length(p, config),
+               "beta_fast": p.beta_fast, "beta_slow": p.beta_slow}
+        if p.attention_factor is not None:
+            out["attention_factor"] = float(p.attention_factor)
+        return out
+
+    # ---------------------------------------------------------------------------- obligations
+
+    @staticmethod
+    def _modules(check):
+        path = check.targets[0].path
+        return check.module(path), check.module(path, surgered=False)
+
+    def _reference_config(self, p: RopeParams, config):
+        """A copy of `config` with which plain transformers computes this rope."""
+        ref = copy.deepcopy(config)
+        params = self.rope_parameters(p, config)
+        if params is None:  # ntk_dynamic with a custom L: transformers reads L from max_position_embeddings
+            params = self.rope_parameters(p.model_copy(update={"original_max_position": None}), config)
+            ref.max_position_embeddings = trained_length(p, config)
+        ref.rope_parameters = params
+        return ref
+
+    @staticmethod
+    def _cos_sin_error(a: nn.Module, b: nn.Module, positions: torch.Tensor, check) -> float:
+        x = torch.zeros(1, dtype=torch.float32, device=positions.device)
+        with torch.no_grad():
+            (cos_a, sin_a), (cos_b, sin_b) = a(x, positions), b(x, positions)
+        return max(check.max_abs(cos_a, cos_b), check.max_abs(sin_a, sin_b))
+
+    @staticmethod
+    def _positions(n: int, device, offset: int = 0) -> torch.Tensor:
+        return (torch.arange(n, device=device) + offset)[None]
+
+    def _long_input(self, check, end: int, cap: int = 256):
+        """Tokens whose positions end at `end` − 1: a real sequence of that length when it is short,
+        else its last `cap` positions (position ids offset), which exercise the same frequencies."""
+        length = min(end, cap)
+        device = next(check.original.parameters()).device
+        ids = check.tokens(batch=2, length=length).to(device)
+        positions = torch.arange(end - length, end, device=device)[None].expand(2, -1)
+        return ids, positions
+
+    @obligation("scale=1 is the identity (cos/sin)", tol=1e-6)
+    def identity(self, p, check) -> float:
+        _, original = self._modules(check)
+        L = trained_length(p, original.config)
+        # An explicit yarn temperature is a separate choice from the scale, so the unit instance drops it.
+        unit = build_rope(p.model_copy(update={"scale": 1.0, "attention_factor": None}), original.config)
+        unit = unit.to(original.inv_freq.device)
+        device = original.inv_freq.device
+        if p.kind == "ntk_dynamic":  # beyond L, α = n/L even at s=1; within L every call is plain RoPE
+            return max(self._cos_sin_error(unit, original, self._positions(n, device), check)
+                       for n in (1, L // 2, L))
+        return self._cos_sin_error(unit, original, self._positions(4 * L, device), check)
+
+    @obligation("equals transformers' rope (cos/sin to 4L)", tol=1e-6)
+    def equals_transformers(self, p, check) -> float:
+        ours, original = self._modules(check)
+        reference = self._reference_config(p, original.config)
+        L, device = trained_length(p, original.config), original.inv_freq.device
+        make = lambda: type(original)(reference).to(device)  # noqa: E731
+        if p.kind != "ntk_dynamic":
+            return self._cos_sin_error(ours, make(), self._positions(4 * L, device), check)
+        # Theirs is stateful, so a fresh one per length; ours sees the lengths long-short-long, which
+        # would expose frequencies kept from an earlier call.
+        return max(self._cos_sin_error(ours, make(), self._positions(n, device), check)
+                   for n in (4 * L, L + 1, L, L // 2, 2 * L))
+
+    @obligation("equals transformers' rope (logits past L)", tol=1e-4)
+    def equals_transformers_model(self, p, check) -> float:
+        _, original = self._modules(check)
+        L = trained_length(p, original.config)
+        reference = self._reference_config(p, check.config)
+        weights = check.original.state_dict()
+        dtype = next(check.original.parameters()).dtype
+        errors = []
+        for end in ((2 * L, L + L // 2) if p.kind == "ntk_dynamic" else (2 * L,)):
+            with torch.random.fork_rng(devices=[]):  # building a model draws random weights
+                plain = type(check.original)(reference)
+            plain.load_state_dict(weights)
+            plain.to(dtype=dtype, device=original.inv_freq.device).eval()
+            ids, positions = self._long_input(check, end)
+            errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
+                                        check.logits(plain, ids, position_ids=positions)))
+            del plain
+        return max(errors)
+
+    @obligation("defining property of the kind (see docstring)", tol=1e-6)
+    def kind_property(self, p, check) -> float:
+        return getattr(self, f"_property_{p.kind}")(p, check)
+
+    def _property_linear(self, p, check) -> float:
+        # cos/sin at m equal the original's at m/s. Both sides round angles of size ~m/s to float32,
+        # so the error is measured per unit of position (a wrong scale is off by O(1) at m = 1).
+        ours, original = self._modules(check)
+        L, device = trained_length(p, original.config), original.inv_freq.device
+        m = self._positions(4 * L, device)
+        x = torch.zeros(1, device=device)
+        with torch.no_grad():
+            (cos, sin), (cos_ref, sin_ref) = ours(x, m), original(x, m.float() / p.scale)
+        per_position = torch.clamp(m.float() / p.scale, min=1.0)[..., None]
+        return max(((cos - cos_ref).abs() / per_position).max().item(),
+                   ((sin - sin_ref).abs() / per_position).max().item())
+
+    def _property_ntk(self, p, check) -> float:
+        # θ_0 = 1 unchanged; the lowest frequency is θ_{d/2−1}/s exactly (float64 expectation).
+        ours, original = self._modules(check)
+        base, dim = rope_settings(original.config)
+        theta = ours.inv_freq.double()
+        lowest = base ** (-(dim - 2) / dim) / p.scale
+        return max(abs(theta[0].item() - original.inv_freq[0].item()),
+                   abs(theta[-1].item() - lowest) / lowest)
+
+    def _property_ntk_dynamic(self, p, check) -> float:
+        # For N ≤ L the model is exactly the unscaled one: at the boundary N = L and well inside.
+        L = trained_length(p, check.module(check.targets[0].path, surgered=False).config)
+        errors = []
+        for end in (L, max(1, L // 2)):
+            ids, positions = self._long_input(check, end)
+            errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
+                                        check.logits(check.original, ids, position_ids=positions)))
+        return max(errors)
+
+    def _property_yarn(self, p, check) -> float:
+        ours, original = self._modules(check)
+        base, dim = rope_settings(original.config)
+        L = trained_length(p, original.config)
+        theta = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        got = ours.inv_freq.double().cpu()
+        rotations = L * theta / (2 * math.pi)  # turns pair i makes within the trained context
+        errors = [0.0]
+        keep, interp = rotations >= p.beta_fast, rotations <= p.beta_slow
+        if keep.any():
+            errors.append(((got[keep] - theta[keep]).abs() / theta[keep]).max().item())
+        if interp.any():
+            errors.append(((got[interp] - theta[interp] / p.scale).abs() / (theta[interp] / p.scale)).max().item())
+        # Between the two: a blend, so within [θ_i/s, θ_i] (how far outside, relative to θ_i).
+        errors.append(((theta / p.scale - got).clamp(min=0) / theta).max().item())
+        errors.append(((got - theta).clamp(min=0) / theta).max().item())
+        # cos² + sin² = temperature², with the paper's temperature unless one was given.
+        temperature = p.attention_factor if p.attention_factor is not None else (
+            0.1 * math.log(p.scale) + 1 if p.scale > 1 else 1.0)
+        x = torch.zeros(1, device=original.inv_freq.device)
+        with torch.no_grad():
+            cos, sin = ours(x, self._positions(4 * L, x.device))
+        errors.append(((cos.double() ** 2 + sin.double() ** 2) - temperature ** 2).abs().max().item())
+        return max(errors)

@@ -1,0 +1,265 @@
+"""RoPE rewrites: obligations per kind on two architectures, transformers as the oracle for the
+exported rope_parameters, spec errors, rollback, and obligations that fail on wrong rotary modules."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from surgery.apply import Edit, apply_plan
+from surgery.errors import SpecError
+from surgery.models import tiny
+from surgery.plan import build_plan
+from surgery.syntax import parse
+from surgery.transforms import rope as rope_module
+from surgery.transforms.rope import RescaledRope, Rope, build_rope, inverse_frequencies, rope_settings
+from surgery.verify import Check, verify
+
+KINDS = {
+    "linear": "attn.*: rope(linear, scale=4)",
+    "linear_odd": "attn: rope(linear, 3)",  # a scale that is not a power of two: float32 rounding differs
+    "ntk": "attn: rope(ntk, scale=4)",
+    "ntk_dynamic": "attn: rope(ntk_dynamic, scale=4)",
+    "yarn": "attn: rope(yarn, scale=4)",
+    "yarn_options": "attn: rope(yarn, scale=2.5, beta_fast=16, beta_slow=2, attention_factor=1.2)",
+}
+L = 64  # tiny() models' max_position_embeddings
+N = 2 * L  # sequence length past the trained context
+
+
+def plan_for(text, model):
+    return build_plan(parse(text), model)
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids).logits.float()
+
+
+def tokens(n=N, batch=2, seed=1):
+    return torch.randint(0, 128, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def from_saved_config(model, rope_parameters):
+    """Plain transformers, as `from_pretrained` would build it from a config.json carrying `rope_parameters`."""
+    saved = json.loads(model.config.to_json_string())
+    saved["rope_parameters"] = rope_parameters
+    config = type(model.config).from_dict(saved)
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+@pytest.mark.parametrize("arch, kind", [
+    *((arch, kind) for arch in ("llama", "qwen2") for kind in ("linear", "ntk", "ntk_dynamic", "yarn")),
+    ("qwen2", "linear_odd"), ("llama", "yarn_options")])
+def test_obligations_hold(arch, kind):
+    model = tiny(arch)
+    plan = plan_for(KINDS[kind], model)
+    assert [t.path for t in plan.steps[0].targets] == ["model.rotary_emb"]
+    report = verify(plan, model)
+    assert report.ok, report.text()
+    assert len(report.measurements) == 4
+    assert all(math.isfinite(m.error) and m.error <= m.tol for m in report.measurements)
+
+
+def test_obligations_hold_on_gemma():
+    model = tiny("gemma")
+    for text in (KINDS["ntk_dynamic"], KINDS["yarn"]):
+        report = verify(plan_for(text, model), model)
+        assert report.ok, report.text()
+
+
+@pytest.mark.parametrize("kind", ["linear", "ntk", "ntk_dynamic", "yarn_options"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_saved_rope_parameters_reproduce_the_surgered_model(arch, kind):
+    model = tiny(arch)
+    plan = plan_for(KINDS[kind], model)
+    params = Rope().rope_parameters(plan.steps[0].params, model.config)
+    original = copy.deepcopy(model)
+    apply_plan(plan, model)
+    assert isinstance(model.model.rotary_emb, RescaledRope)
+    assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}  # config untouched
+    ids = tokens(N + 16)
+    assert (logits(model, ids) - logits(original, ids)).abs().max() > 1e-3  # the rewrite changes the model
+    plain = from_saved_config(model, params)
+    for n in (N + 16, L // 2, N):
+        if kind == "ntk_dynamic":  # transformers' "dynamic" is stateful: a fresh model per comparison
+            plain = from_saved_config(model, params)
+        assert (logits(model, ids[:, :n]) - logits(plain, ids[:, :n])).abs().max() <= 1e-4
+
+
+def test_rope_parameters_per_kind():
+    config = tiny("llama").config
+    base, dim = rope_settings(config)
+    assert (base, dim) == (10000.0, 16)
+
+    def params(text):
+        return Rope().rope_parameters(plan_for(text, tiny("llama")).steps[0].params, config)
+
+    assert params(KINDS["linear"]) == {"rope_type": "linear", "rope_theta": base, "factor": 4.0}
+    assert params(KINDS["ntk"]) == {"rope_type": "default", "rope_theta": base * 4.0 ** (dim / (dim - 2))}
+    assert params(KINDS["ntk_dynamic"]) == {"rope_type": "dynamic", "rope_theta": base, "factor": 4.0}
+    assert params(KINDS["yarn_options"]) == {
+        "rope_type": "yarn", "rope_theta": base, "factor": 2.5, "original_max_position_embeddings": L,
+        "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.2}
+    # transformers' "dynamic" takes L from max_position_embeddings, so another L is not expressible there…
+    assert params("attn: rope(ntk_dynamic, scale=2, original_max_position=32)") is None
+    # …but yarn carries its own L.
+    assert params("attn: rope(yarn, scale=2, original_max_position=32)")["original_max_position_embeddings"] == 32
+
+
+def test_custom_trained_length_verifies():
+    model = tiny("qwen2")
+    for text in ("attn: rope(ntk_dynamic, scale=2, original_max_position=32)",
+                 "attn: rope(yarn, scale=2, original_max_position=32)"):
+        report = verify(plan_for(text, model), model)
+        assert report.ok, report.text()
+
+
+def test_dynamic_is_identical_up_to_L_and_stateless():
+    model = tiny("llama")
+    original = copy.deepcopy(model)
+    apply_plan(plan_for(KINDS["ntk_dynamic"], model), model)
+    ids = tokens()
+    assert torch.equal(logits(model, ids[:, :L]), logits(original, ids[:, :L]))
+    rotary, x = model.model.rotary_emb, torch.zeros(1)
+    fresh = build_rope(plan_for(KINDS["ntk_dynamic"], original).steps[0].params, original.config)
+    for n in (4 * L, L, L + 1, L // 2):  # a long call first must not change a later shorter one
+        positions = torch.arange(n)[None]
+        assert all(torch.equal(a, b) for a, b in zip(rotary(x, positions), fresh(x, positions)))
+    assert torch.equal(rotary(x, torch.arange(L)[None])[0], original.model.rotary_emb(x, torch.arange(L)[None])[0])
+
+
+def test_frequencies_follow_the_formulas():
+    config = tiny("llama").config
+    base, dim = rope_settings(config)
+    theta = inverse_frequencies(base, dim).double()
+    p = plan_for(KINDS["ntk"], tiny("llama")).steps[0].params
+    ntk = build_rope(p, config).inv_freq.double()
+    assert ntk[0].item() == 1.0
+    ratio = ntk / theta  # θ'_i/θ_i = s^(−2i/(d−2)): 1 at i = 0, 1/s at the lowest frequency
+    expected = 4.0 ** (-torch.arange(dim // 2, dtype=torch.float64) * 2 / (dim - 2))
+    assert ((ratio - expected).abs() / expected).max() < 1e-6
+    linear = build_rope(plan_for(KINDS["linear"], tiny("llama")).steps[0].params, config).inv_freq.double()
+    assert ((linear * 4 - theta).abs() / theta).max() < 1e-6
+    yarn = build_rope(plan_for(KINDS["yarn"], tiny("llama")).steps[0].params, config)
+    assert yarn.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("attn: rope(linear, scale=0.5)", "greater than or equal to 1"),
+    ("attn: rope(cubic, scale=2)", "kind"),
+    ("attn: rope(linear, scale=2, beta_fast=8)", "yarn option(s) beta_fast do not apply to rope(linear"),
+    ("attn: rope(yarn, scale=2, beta_fast=1, beta_slow=4)", "beta_fast > beta_slow"),
+    ("layers[0].attn: rope(linear, scale=2)", "not a subset"),
+])
+def test_spec_errors(text, message):
+    with pytest.raises(SpecError) as e:
+        plan_for(text, tiny("llama"))
+    assert message in str(e.value)
+
+
+def test_no_rotary_anchor_on_gpt2():
+    with pytest.raises(SpecError) as e:
+        plan_for("attn: rope(linear, scale=2)", tiny("gpt2"))
+    assert "finds no anchor" in str(e.value) and "no rotary anchor" in str(e.value)
+
+
+def test_already_scaled_rope_is_refused():
+    model = tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(SpecError) as e:
+        plan_for(KINDS["ntk"], model)
+    assert "rope_type 'linear'" in str(e.value)
+
+
+def test_rollback_restores_the_rotary_module():
+    model = tiny("llama")
+    original = model.model.rotary_emb
+    edit = Edit(model)
+    apply_plan(plan_for(KINDS["yarn"], model), model, edit=edit)
+    assert model.model.rotary_emb is not original
+    edit.rollback()
+    assert model.model.rotary_emb is original
+    assert model.config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+# ------------------------------------------------------------------ obligations can fail
+
+
+def measure(text, wrong_rotary, arch="llama"):
+    """Each obligation's error when the step's rotary module is replaced by `wrong_rotary(p, config)`."""
+    model = tiny(arch)
+    plan = plan_for(text, model)
+    step = plan.steps[0]
+    surgered = copy.deepcopy(model)
+    surgered.model.rotary_emb = wrong_rotary(step.params, model.config)
+    check = Check(model, surgered, step, seed=0)
+    impl = step.spec.instance()
+    return {ob.name: getattr(impl, ob.method)(step.params, check) / ob.tol for ob in step.spec.obligations}
+
+
+def test_obligations_fail_on_a_wrong_linear_scale():
+    ratios = measure(KINDS["linear"], lambda p, c: RescaledRope(inverse_frequencies(*rope_settings(c)) / 4.2))
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+    assert ratios["equals transformers' rope (logits past L)"] > 1
+    assert ratios["defining property of the kind (see docstring)"] > 1
+
+
+def test_obligations_fail_on_ntk_without_the_exponent():
+    # b' = b·s (the exponent d/(d−2) forgotten): the lowest frequency is no longer θ_{d/2−1}/s.
+    ratios = measure(KINDS["ntk"], lambda p, c: RescaledRope(inverse_frequencies(rope_settings(c)[0] * 4, 16)))
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+    assert ratios["defining property of the kind (see docstring)"] > 1
+
+
+def test_obligations_fail_on_dynamic_scaling_within_L():
+    class AlwaysScaled(RescaledRope):  # static NTK with α = s at every length, short ones included
+        def frequencies(self, position_ids):
+            base, dim, s, length = self.dynamic
+            return inverse_frequencies(base * s ** (dim / (dim - 2)), dim)
+
+    def wrong(p, c):
+        base, dim = rope_settings(c)
+        return AlwaysScaled(inverse_frequencies(base, dim), dynamic=(base, dim, p.scale, L))
+
+    ratios = measure(KINDS["ntk_dynamic"], wrong, arch="qwen2")
+    assert ratios["defining property of the kind (see docstring)"] > 1
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+
+
+def test_obligations_fail_on_a_stateful_dynamic_rope():
+    class Stateful(RescaledRope):  # keeps the longest call's frequencies, as transformers' module does
+        longest = 0
+
+        def frequencies(self, position_ids):
+            self.longest = max(self.longest, int(position_ids.max()) + 1)
+            return super().frequencies(torch.tensor([self.longest - 1]))
+
+    def wrong(p, c):
+        base, dim = rope_settings(c)
+        return Stateful(inverse_frequencies(base, dim), dynamic=(base, dim, p.scale, L))
+
+    ratios = measure(KINDS["ntk_dynamic"], wrong)
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+
+
+def test_obligations_fail_on_yarn_without_temperature():
+    def wrong(p, c):
+        base, dim = rope_settings(c)
+        return RescaledRope(rope_module.yarn_frequencies(base, dim, p.scale, L, p.beta_fast, p.beta_slow))
+
+    ratios = measure(KINDS["yarn"], wrong, arch="qwen2")
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+    assert ratios["equals transformers' rope (logits past L)"] > 1
+    assert ratios["defining property of the kind (see docstring)"] > 1
+
+
+def test_identity_obligation_fails_when_scale_one_is_not_plain(monkeypatch):
+    real = rope_module.build_rope
+    monkeypatch.setattr(rope_module, "build_rope",
+                        lambda p, c: RescaledRope(real(p, c).inv_freq / (p.scale + 0.5)))
+    for kind in ("linear", "ntk", "yarn"):
+        assert measure(KINDS[kind], real)["scale=1 is the identity (cos/sin)"] > 1
