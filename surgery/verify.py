@@ -85,6 +85,13 @@ class Check:
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
     @staticmethod
+    def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        """max |a − b| / max(1, max |b|): float32 error grows with the logits' scale on real models."""
+        if a.shape != b.shape:
+            return math.inf
+        return Check.max_abs(a, b) / max(1.0, b.float().abs().max().item()) if a.numel() else 0.0
+
+    @staticmethod
     def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
         if a.shape != b.shape:
             return math.inf

@@ -435,12 +435,12 @@ class Window:
                     each(cache, t + 1)
         return torch.cat(out, dim=1)
 
-    @obligation("window ≥ N equals full attention", tol=1e-5)
+    @obligation("window ≥ N equals full attention (rel.)", tol=1e-5)
     def full_when_wide(self, p: WindowParams, check) -> float:
         ids = check.tokens(length=min(p.size, 24))
-        return check.max_abs(check.logits(check.surgered, ids), check.logits(check.original, ids))
+        return check.max_rel(check.logits(check.surgered, ids), check.logits(check.original, ids))
 
-    @obligation("masked forward equals a reference mask", tol=1e-5)
+    @obligation("masked forward equals a reference mask (rel.)", tol=1e-5)
     def reference_mask(self, p: WindowParams, check) -> float:
         errors = [0.0]
         with self._testable(p, check) as (size, sinks):
@@ -461,22 +461,22 @@ class Window:
                         want = _reference_sink_attention(module, x, size, sinks)
                     else:      # the untouched layer given the window as an explicit additive mask
                         want = original(x, attention_mask=mask.expand(2, 1, n, n), **kwargs)[0]
-                errors.append(check.max_abs(got, want))
+                errors.append(check.max_rel(got, want))
             if not sinks and len(check.targets) == getattr(check.config, "num_hidden_layers", -1):
                 ids = check.tokens(length=n)  # every layer windowed: the whole model against the mask
                 reference = check.logits(check.original, ids, attention_mask=mask.expand(ids.shape[0], 1, n, n))
-                errors.append(check.max_abs(check.logits(check.surgered, ids), reference))
+                errors.append(check.max_rel(check.logits(check.surgered, ids), reference))
         return max(errors)
 
-    @obligation("cached decode equals the masked full forward", tol=1e-5)
+    @obligation("cached decode equals the masked full forward (rel.)", tol=1e-5)
     def cached_decode(self, p: WindowParams, check) -> float:
         with self._testable(p, check) as (size, _):
             ids = check.tokens(length=2 * size + 3, salt=3)
             full = check.logits(check.surgered, ids)
             cached = self._decode(check.surgered, ids, prefill=max(1, size // 2 + 1))
-            return check.max_abs(cached, full)
+            return check.max_rel(cached, full)
 
-    @obligation("capacity ≥ N generation is identical to the original", tol=1e-5)
+    @obligation("capacity ≥ N generation is identical to the original (rel.)", tol=1e-5)
     def generation_within_capacity(self, p: WindowParams, check) -> float:
         n = min(p.size, 16)
         prompt = check.tokens(length=max(1, n // 3), salt=4)
@@ -491,7 +491,7 @@ class Window:
                 ids = torch.cat([ids, nxt], dim=1)
                 logits = check.surgered(input_ids=nxt, cache=cache, use_cache=True).logits
         prefill = prompt.shape[1]
-        return check.max_abs(self._decode(check.surgered, ids, prefill), self._decode(check.original, ids, prefill))
+        return check.max_rel(self._decode(check.surgered, ids, prefill), self._decode(check.original, ids, prefill))
 
     @obligation("cache stays bounded and every key distance ≤ capacity", tol=0.0)
     def bounded(self, p: WindowParams, check) -> float:
