@@ -28,6 +28,11 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path) if path else model
 
 
+def _registered(obj: Any, name: str) -> bool:
+    """Whether `name` is a submodule, parameter or buffer: nn.Module keeps those out of __dict__."""
+    return isinstance(obj, nn.Module) and any(name in d for d in (obj._modules, obj._parameters, obj._buffers))
+
+
 class Edit:
     """A journal of changes to one model; :meth:`rollback` undoes them in reverse order."""
 
@@ -46,11 +51,14 @@ class Edit:
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """``setattr(obj, name, value)``, restoring the old value (or absence) on rollback."""
-        old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
+        if _registered(obj, name):
+            old = getattr(obj, name)
+        else:
+            old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name, _MISSING)
 
         def undo():
             if old is _MISSING:
-                if name in getattr(obj, "__dict__", {}):
+                if name in getattr(obj, "__dict__", {}) or _registered(obj, name):
                     delattr(obj, name)
             else:
                 setattr(obj, name, old)

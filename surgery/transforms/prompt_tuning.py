@@ -1,0 +1,263 @@
+"""Prompt tuning: n trainable virtual-token embeddings prepended at the input layer; base frozen.
+
+For user tokens x₁…x_T with embeddings e(xᵢ) and virtual embeddings P = [p₁…p_n] ∈ ℝ^{n×d},
+
+    h = Backbone([p₁ … p_n, e(x₁) … e(x_T)])[n:]          (the virtual positions are cut off)
+
+so the model sees n extra tokens before the user's, and everything downstream (logits, the loss with
+``labels``, ``generate``) sees exactly T positions, lined up with the user's tokens. P lives in the
+space of the embedding module's *output* (what ``inputs_embeds`` holds), as in PEFT. Lester et al.
+2021, https://arxiv.org/abs/2104.08691; PEFT's ``PromptTuningConfig`` is the reference implementation.
+
+Initialisation mirrors PEFT's ``PromptTuningInit``: ``random`` draws P from N(0, 1) (``RANDOM``, an
+``nn.Embedding``'s default); ``vocab`` copies the embeddings of n uniformly drawn vocabulary tokens
+(``SAMPLE_VOCAB``); ``tokens`` copies the embeddings of the given ``token_ids``, repeated cyclically or
+truncated to n (PEFT's ``TEXT`` init after tokenising; we take ids because no tokenizer is at hand).
+
+How it runs: a forward pre-hook on the backbone embeds the ids itself and passes
+``inputs_embeds = [P; e(x)]`` when the KV cache is empty (no cache, or a fresh one at prefill),
+prepends n ones to a 2-D ``attention_mask`` on every call, and shifts explicit ``position_ids`` by n
+(virtual tokens take positions 0…n-1, as when fed by hand). On decode steps the cache already holds
+the virtual keys/values, so only the mask and positions change. A forward hook strips the first n
+positions of ``last_hidden_state`` (and of ``hidden_states`` when requested; ``attentions`` keep the
+virtual columns). A 2-D ``token_type_ids`` gets n zeros in front at prefill.
+
+Difference from PEFT: PEFT keeps the n virtual logits and scores the first real token from the last
+virtual one (its labels are ``[-100]·n + labels``); here ``model(ids, labels=ids).loss`` scores the
+same T-1 predictions the plain model scores, so losses with and without the prompt compare directly.
+
+Obligations: length 0 is the identity (the prompt sliced to 0 rows; a padded batch); the surgered
+model equals the original fed ``inputs_embeds = [P; e(x)]`` by hand, on the real positions; prefill
++ token-by-token decode with the KV cache equals the full forward.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from surgery.arch import backbone_prefix
+from surgery.errors import ApplyError, ModelError, SpecError
+from surgery.transforms.registry import Anchor, Params, obligation, transform
+
+ATTRIBUTE = "surgery_prompt"  # where the prompt module lives on the backbone
+
+
+class PromptTuningParams(Params):
+    length: int = Field(..., ge=0, description="number of virtual tokens n")
+    init: Literal["random", "vocab", "tokens"] = "random"
+    token_ids: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+        None, description="for init=tokens: ids whose embeddings start the prompt (repeated to fill n)")
+
+    @model_validator(mode="after")
+    def _token_ids_with_tokens(self):
+        if self.init == "tokens" and not self.token_ids:
+            raise ValueError("init=tokens needs token_ids=[…], the ids whose embeddings start the prompt")
+        if self.init != "tokens" and self.token_ids is not None:
+            raise ValueError(f"token_ids is only used with init=tokens, not init={self.init}")
+        return self
+
+
+class PromptEmbedding(nn.Module):
+    """The virtual-token embeddings P ∈ ℝ^{n×d} (float32, like PEFT's; cast to the model's dtype)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(weight)
+
+    @property
+    def length(self) -> int:
+        return self.prompt_embeddings.shape[0]
+
+
+def _initial_prompt(p: PromptTuningParams, embed: nn.Module, hidden: int) -> torch.Tensor:
+    device = embed.weight.device
+    if p.init == "random":
+        return torch.randn(p.length, hidden, device=device)
+    if p.init == "vocab":
+        ids = torch.randint(0, embed.weight.shape[0], (p.length,), device=device)
+    else:
+        reps = math.ceil(p.length / len(p.token_ids))
+        ids = torch.tensor((list(p.token_ids) * reps)[: p.length], dtype=torch.long, device=device)
+    with torch.no_grad():  # through the module, so scaled embeddings (Gemma) are copied as used
+        return embed(ids).detach().float().clone().reshape(p.length, hidden)
+
+
+def _as_kwargs(forward, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments (GPT-2 passes ``input_ids`` positionally) bound to their names."""
+    if not args:
+        return dict(kwargs)
+    signature = inspect.signature(forward)
+    out = {}
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _prepend(x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    return torch.cat([prefix.expand(*x.shape[:-1], prefix.shape[-1]), x], dim=-1)
+
+
+def _hooks():
+    """The (pre, post) forward hooks of the backbone. They find the prompt and the embedding through
+    the hooked module, not a closure, so a deep copy of the model uses its own copies."""
+
+    def before(module, args, kwargs):
+        kwargs = _as_kwargs(module.forward, args, kwargs)
+        prompt = getattr(module, ATTRIBUTE)
+        n = prompt.length
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prefill = cache is None or cache.get_seq_length() == 0
+        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if ids is None and embeds is None:
+            return (), kwargs  # the model itself reports the missing input
+        batch = (ids if ids is not None else embeds).shape[0]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.ndim != 2:
+                raise ModelError("prompt tuning extends a 2-D attention_mask [batch, tokens]; "
+                                 f"got {mask.ndim}-D (pass the 2-D padding mask instead)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            positions = positions + n
+            if prefill:
+                positions = _prepend(positions, torch.arange(n, device=positions.device, dtype=positions.dtype))
+            kwargs["position_ids"] = positions
+        if not prefill:
+            return (), kwargs
+        if embeds is None:
+            embeds = module.get_input_embeddings()(ids)
+        virtual = prompt.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        full = torch.cat([virtual, embeds], dim=1)
+        # Mark this tensor so the forward hook knows this call carried the prompt and how to answer.
+        want_dict = kwargs.get("return_dict")
+        full._surgery_prompt = (n, getattr(module.config, "return_dict", True) if want_dict is None else want_dict)
+        types = kwargs.get("token_type_ids")
+        if types is not None and types.ndim == 2:
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+        kwargs.update(input_ids=None, inputs_embeds=full, return_dict=True)
+        return (), kwargs
+
+    def after(module, args, kwargs, output):
+        mark = getattr(kwargs.get("inputs_embeds"), "_surgery_prompt", None)
+        if mark is None:
+            return output
+        n, want_dict = mark
+        output.last_hidden_state = output.last_hidden_state[:, n:]
+        if output.get("hidden_states") is not None:
+            output.hidden_states = tuple(h[:, n:] for h in output.hidden_states)
+        return output if want_dict else output.to_tuple()
+
+    return before, after
+
+
+def find_prompt(model: nn.Module) -> PromptEmbedding:
+    found = [m for m in model.modules() if isinstance(m, PromptEmbedding)]
+    if len(found) != 1:
+        raise ModelError(f"expected one prompt-tuning prompt in the model, found {len(found)}")
+    return found[0]
+
+
+@transform("prompt_tuning", params=PromptTuningParams, anchor=Anchor.EMBEDDINGS, positional=("length",),
+           reference="https://arxiv.org/abs/2104.08691")
+class PromptTuning:
+    """Prompt tuning: trainable virtual tokens prepended to the input embeddings (base frozen)."""
+
+    freezes_base = True
+
+    def accepts(self, p: PromptTuningParams, target, module) -> bool:
+        vocab = module.weight.shape[0]
+        if p.token_ids and max(p.token_ids) >= vocab:
+            raise SpecError(f"prompt_tuning() token id {max(p.token_ids)} is out of range: "
+                            f"the vocabulary has {vocab} tokens (0..{vocab - 1})")
+        return True
+
+    def apply(self, p: PromptTuningParams, model: nn.Module, targets, edit) -> None:
+        if len(targets) != 1:
+            raise ApplyError(f"prompt tuning attaches to one input embedding, got {len(targets)}")
+        embed = model.get_submodule(targets[0].path)
+        backbone = model.get_submodule(backbone_prefix(model).rstrip("."))
+        if not hasattr(backbone, "get_input_embeddings") or backbone.get_input_embeddings() is not embed:
+            raise ApplyError(f"{targets[0].path} is not the input embedding of the model's backbone")
+        if getattr(backbone, ATTRIBUTE, None) is not None:
+            raise ApplyError("the model already has a prompt-tuning prompt")
+        hidden = embed.weight.shape[1]
+        prompt = PromptEmbedding(_initial_prompt(p, embed, hidden))
+        edit.set_attr(backbone, ATTRIBUTE, prompt)
+        before, after = _hooks()
+        edit.hook(backbone.register_forward_pre_hook(before, with_kwargs=True))
+        edit.hook(backbone.register_forward_hook(after, with_kwargs=True))
+
+    def peft(self, p: PromptTuningParams, targets) -> dict:
+        # token_dim / num_attention_heads / num_layers: PEFT fills them from the base model's config
+        # when it loads (``_prepare_prompt_learning_config``); task_type is the saver's (io) to set.
+        # PEFT has no token-id init; the init only matters before the saved weights are loaded.
+        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "tokens": "RANDOM"}[p.init]
+        return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": p.length, "token_dim": None,
+                "num_transformer_submodules": 1, "num_attention_heads": None, "num_layers": None,
+                "prompt_tuning_init": init, "inference_mode": True}
+
+    def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """PEFT's ``adapter_model.safetensors`` for prompt tuning: the one [n, d] tensor."""
+        return {"prompt_embeddings": find_prompt(model).prompt_embeddings.detach()}
+
+    # ------------------------------------------------------------------------------ obligations
+
+    @staticmethod
+    def _padded_mask(ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(ids)
+        mask[0, : ids.shape[1] // 4] = 0  # left padding in the first row exercises the mask path
+        return mask
+
+    @obligation("length 0 is the identity", tol=1e-5)
+    def length_zero(self, p, check) -> float:
+        ids = check.tokens()
+        mask = self._padded_mask(ids)
+        param = find_prompt(check.surgered).prompt_embeddings
+        kept = param.data
+        param.data = kept[:0]  # the same hooks, with no virtual token to add
+        try:
+            ours = check.logits(check.surgered, ids, attention_mask=mask)
+        finally:
+            param.data = kept
+        return check.max_abs(ours, check.logits(check.original, ids, attention_mask=mask))
+
+    @obligation("equals feeding the virtual embeddings by hand", tol=1e-5)
+    def by_hand(self, p, check) -> float:
+        ids = check.tokens()
+        n = p.length
+        embed = check.module(check.targets[0].path, surgered=False)
+        with torch.no_grad():
+            tokens = embed(ids)
+            virtual = find_prompt(check.surgered).prompt_embeddings.to(tokens.dtype)
+            fed = torch.cat([virtual.unsqueeze(0).expand(ids.shape[0], -1, -1), tokens], dim=1)
+        ones = torch.ones(ids.shape[0], n + ids.shape[1], dtype=torch.long)
+        reference = check.logits(check.original, None, inputs_embeds=fed, attention_mask=ones)[:, n:]
+        ours = check.logits(check.surgered, ids, attention_mask=torch.ones_like(ids))
+        return check.max_abs(ours, reference)
+
+    @obligation("prefill + decode equals the full forward", tol=1e-5)
+    def cache_consistent(self, p, check) -> float:
+        ids = check.tokens(length=12)
+        k = 5
+        model = check.surgered
+        full = check.logits(model, ids, attention_mask=torch.ones_like(ids))
+        steps = []
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :k], attention_mask=torch.ones_like(ids[:, :k]), use_cache=True)
+            steps.append(out.logits.float())
+            for t in range(k, ids.shape[1]):
+                out = model(input_ids=ids[:, t:t + 1], attention_mask=torch.ones_like(ids[:, :t + 1]),
+                            cache=out.cache, use_cache=True)
+                steps.append(out.logits.float())
+        return check.max_abs(torch.cat(steps, dim=1), full)
+

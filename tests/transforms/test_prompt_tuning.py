@@ -1,0 +1,290 @@
+"""Prompt tuning: obligations on three architectures (and that each can fail), padding, generate,
+the loss, training surface, exact rollback, initialisations, and PEFT as the oracle."""
+
+import copy
+import json
+import math
+
+import pytest
+import safetensors.torch
+import torch
+
+import surgery.transforms.prompt_tuning as pt
+from surgery.apply import apply_plan
+from surgery.errors import SpecError
+from surgery.models import tiny
+from surgery.plan import build_plan
+from surgery.syntax import parse
+from surgery.verify import verify
+
+N = 4  # virtual tokens
+
+
+def surgered(arch, text=f"embed: prompt_tuning({N})"):
+    model = tiny(arch)
+    plan = build_plan(parse(text), model)
+    return model, plan, apply_plan(plan, model)
+
+
+def tokens(batch=2, length=9, seed=1):
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def embed_of(model):
+    return model.get_input_embeddings()
+
+
+def prompt_of(model):
+    return pt.find_prompt(model).prompt_embeddings
+
+
+@torch.no_grad()
+def by_hand(original, prompt, ids, **kwargs):
+    """The untouched model fed ``inputs_embeds = [P; e(ids)]``; all logits (virtual positions included)."""
+    fed = torch.cat([prompt.expand(ids.shape[0], -1, -1), embed_of(original)(ids)], dim=1)
+    return original(inputs_embeds=fed, **kwargs)
+
+
+# ------------------------------------------------------------------------------- obligations
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_obligations_hold(arch):
+    model = tiny(arch)
+    report = verify(build_plan(parse(f"embed: prompt_tuning({N})"), model), model)
+    assert report.ok, report.text()
+    assert len(report.measurements) == 3
+    assert all(m.error <= 1e-5 for m in report.measurements)
+
+
+def _sabotaged(monkeypatch, bug):
+    """Wrap the real hooks with one realistic bug."""
+    real = pt._hooks
+
+    def hooks():
+        before, after = real()
+
+        def buggy_before(module, args, kwargs):
+            if bug == "prompt on every call":  # ignores the cache: re-prepends on decode steps
+                cache = kwargs.pop("cache", None)
+                args, kwargs = before(module, args, kwargs)
+                return args, {**kwargs, "cache": cache}
+            args, kwargs = before(module, args, kwargs)
+            if bug == "mask dropped":
+                kwargs.pop("attention_mask", None)
+            return args, kwargs
+
+        def buggy_after(module, args, kwargs, output):
+            mark = getattr(kwargs.get("inputs_embeds"), "_surgery_prompt", None)
+            if bug == "strips one too few" and mark is not None:
+                output.last_hidden_state = output.last_hidden_state[:, mark[0] - 1:]
+                return output
+            return after(module, args, kwargs, output)
+
+        return buggy_before, buggy_after
+
+    monkeypatch.setattr(pt, "_hooks", hooks)
+
+
+@pytest.mark.parametrize("bug, fails", [
+    ("mask dropped", "length 0 is the identity"),
+    ("strips one too few", "equals feeding the virtual embeddings by hand"),
+    ("prompt on every call", "prefill + decode equals the full forward"),
+])
+def test_obligations_catch_bugs(monkeypatch, bug, fails):
+    _sabotaged(monkeypatch, bug)
+    model = tiny("llama")
+    report = verify(build_plan(parse(f"embed: prompt_tuning({N})"), model), model)
+    failed = {m.obligation.split(" [crashed")[0] for m in report.failures}
+    assert fails in failed, report.text()
+
+
+# ------------------------------------------------------------------------------ behaviour
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padding_matches_unpadded_rows(arch):
+    model, _, _ = surgered(arch)
+    ids = tokens(2, 8)
+    lengths = [5, 8]
+    padded = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for row, k in enumerate(lengths):
+        padded[row, 8 - k:] = ids[row, :k]
+        mask[row, 8 - k:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate passes
+    with torch.no_grad():
+        batch = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits
+        for row, k in enumerate(lengths):
+            alone = model(input_ids=ids[row:row + 1, :k]).logits
+            assert (batch[row, 8 - k:] - alone[0]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_equals_greedy_by_hand(arch):
+    model, _, _ = surgered(arch)
+    original = tiny(arch)
+    prompt = prompt_of(model).detach()
+    ids = tokens(2, 6)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                         pad_token_id=0)
+    seq = ids
+    for _ in range(5):
+        nxt = by_hand(original, prompt, seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_generate_left_padded_batch_matches_rows():
+    model, _, _ = surgered("llama")
+    ids = tokens(2, 6)
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[0, :2], mask[0, :2] = 0, 0
+    out = model.generate(padded, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[:1, 2:], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, 2:], alone[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_labels_loss_equals_by_hand(arch):
+    model, _, _ = surgered(arch)
+    original = tiny(arch)
+    ids = tokens()
+    loss = model(input_ids=ids, labels=ids).loss
+    # The same T-1 predictions the plain model scores: virtual positions and the first real token unscored.
+    labels = torch.cat([torch.full((ids.shape[0], N + 1), -100), ids[:, 1:]], dim=1)
+    reference = by_hand(original, prompt_of(model).detach(), ids, labels=labels).loss
+    assert math.isfinite(loss.item())
+    assert abs(loss.item() - reference.item()) <= 1e-5
+    loss.backward()
+    grads = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert grads == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert prompt_of(model).grad.abs().sum() > 0
+
+
+def test_hidden_states_and_tuple_outputs_are_cut_to_the_real_tokens():
+    model, _, _ = surgered("llama")
+    original = tiny("llama")
+    ids = tokens()
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        ref = by_hand(original, prompt_of(model).detach(), ids, output_hidden_states=True)
+        assert len(out.hidden_states) == len(ref.hidden_states)
+        for h, r in zip(out.hidden_states, ref.hidden_states):
+            assert (h - r[:, N:]).abs().max().item() <= 1e-5
+        # The backbone called directly, positionally, asking for a tuple.
+        as_tuple = model.model(ids, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        assert (as_tuple[0] - out.hidden_states[-1]).abs().max().item() <= 1e-5
+
+
+def test_deep_copy_uses_its_own_prompt():
+    model, _, _ = surgered("llama")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        prompt_of(twin).mul_(-1)
+    ids = tokens()
+    original = tiny("llama")
+    with torch.no_grad():
+        for m in (model, twin):
+            reference = by_hand(original, prompt_of(m), ids).logits[:, N:]
+            assert (m(input_ids=ids).logits - reference).abs().max().item() <= 1e-5
+
+
+def test_only_the_prompt_is_trainable():
+    model, _, _ = surgered("qwen2")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["model.surgery_prompt.prompt_embeddings"]
+    assert prompt_of(model).shape == (N, model.config.hidden_size)
+    assert prompt_of(model).dtype == torch.float32
+
+
+def test_model_selector_attaches_to_the_input_embedding():
+    model = tiny("gpt2")
+    plan = build_plan(parse(f"model: prompt_tuning({N})"), model)
+    assert [t.path for t in plan.steps[0].targets] == ["transformer.wte"]
+
+
+def test_rollback_is_exact():
+    model = tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grad = {k: p.requires_grad for k, p in model.named_parameters()}
+    hooks = (len(model.model._forward_pre_hooks), len(model.model._forward_hooks))
+    ids = tokens()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    edit = apply_plan(build_plan(parse(f"embed: prompt_tuning({N})"), model), model)
+    assert hasattr(model.model, pt.ATTRIBUTE)
+    edit.rollback()
+    assert not hasattr(model.model, pt.ATTRIBUTE)
+    assert "surgery_prompt" not in model.model._modules
+    assert (len(model.model._forward_pre_hooks), len(model.model._forward_hooks)) == hooks
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == grad
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+# -------------------------------------------------------------------------- initialisation
+
+
+def test_init_tokens_equals_prepending_those_tokens():
+    model, _, _ = surgered("llama", "embed: prompt_tuning(5, init=tokens, token_ids=[7, 3])")
+    original = tiny("llama")
+    ids = tokens()
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        prefix = torch.tensor([[7, 3, 7, 3, 7]]).expand(ids.shape[0], -1)  # repeated to fill, as PEFT's TEXT
+        reference = original(input_ids=torch.cat([prefix, ids], dim=1)).logits[:, 5:]
+    assert (ours - reference).abs().max().item() <= 1e-5
+
+
+def test_init_vocab_copies_vocabulary_rows():
+    model, _, _ = surgered("qwen2", f"embed: prompt_tuning({N}, init=vocab)")
+    table = embed_of(model).weight.detach()
+    for row in prompt_of(model).detach():
+        assert (table == row).all(dim=1).any()
+
+
+def test_init_random_is_standard_normal_and_seeded():
+    a, _, _ = surgered("llama", "embed: prompt_tuning(64)")
+    b, _, _ = surgered("llama", "embed: prompt_tuning(64)")
+    w = prompt_of(a).detach()
+    assert torch.equal(w, prompt_of(b).detach())
+    assert abs(w.std().item() - 1) < 0.05 and abs(w.mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("text, message", [
+    ("embed: prompt_tuning(4, init=tokens)", "init=tokens needs token_ids"),
+    ("embed: prompt_tuning(4, token_ids=[1])", "token_ids is only used with init=tokens"),
+    ("embed: prompt_tuning(4, init=tokens, token_ids=[1, 200])", "token id 200 is out of range"),
+    ("embed: prompt_tuning(-1)", "'length'"),
+    ("attn: prompt_tuning(2)", "attaches to embeddings anchors"),
+])
+def test_user_errors(text, message):
+    with pytest.raises(SpecError, match=message):
+        build_plan(parse(text), tiny("llama"))
+
+
+# ------------------------------------------------------------------------------------- PEFT
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_loads_our_export(tmp_path, arch):
+    peft = pytest.importorskip("peft")
+    model, plan, _ = surgered(arch)
+    step = plan.steps[0]
+    impl = step.spec.instance()
+    config = {**impl.peft(step.params, step.targets), "task_type": "CAUSAL_LM"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {k: v.contiguous() for k, v in impl.peft_tensors(model).items()}
+    safetensors.torch.save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    loaded = peft.PeftModel.from_pretrained(tiny(arch), str(tmp_path))
+    ids = tokens()
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids).logits
+        ours = model(input_ids=ids).logits
+    assert theirs.shape[1] == N + ids.shape[1]
+    assert (theirs[:, N:] - ours).abs().max().item() <= 1e-5
