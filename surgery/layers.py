@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.errors import SurgeryError
+
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
@@ -141,7 +143,8 @@ class SurgeryLinear(nn.Module):
         if self.merged:
             return
         if not self.mergeable:
-            raise TypeError("this layer's transforms cannot be merged")
+            raise SurgeryError("this layer cannot be merged: its base is replaced (e.g. quantized) "
+                               "or one of its transforms does not fold into a weight")
         w, b = self.merged_weights()
         base = self.base
         self._original = (base.weight, base.bias)

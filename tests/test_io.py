@@ -126,3 +126,36 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_load_refuses_a_directory_that_is_not_a_surgery_output(tmp_path):
     with pytest.raises(surgery.SaveError, match="not a surgery output"):
         surgery.load(tmp_path)
+
+
+@pytest.mark.parametrize("spec, peft_type", [
+    ("attn.*: ia3; mlp.*: ia3", "IA3"),
+    ("embed: prompt_tuning(4)", "PROMPT_TUNING"),
+    ("mlp.*: quantize(nf4) + lora(r=4)", "LORA"),  # QLoRA: the adapter is PEFT's; the base is loaded 4-bit
+])
+def test_other_adapters_are_written_in_peft_format(tmp_path, spec, peft_type):
+    peft = pytest.importorskip("peft")
+    model = tiny("llama")
+    result = surgery.compile(model, spec)
+    perturb(model)
+    out = result.save(tmp_path / "out")
+    config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type
+    if peft_type == "LORA":
+        return  # loading onto a 4-bit base is bitsandbytes' job; the keys are checked below
+    reloaded = peft.PeftModel.from_pretrained(tiny("llama"), out / "peft").eval()
+    theirs = logits(reloaded, ids())
+    ours = logits(model, ids())
+    if peft_type == "PROMPT_TUNING":
+        theirs = theirs[:, 4:]  # PEFT's logits include the virtual positions
+    assert (theirs - ours).abs().max() < 1e-5
+
+
+def test_qlora_peft_keys_match_peft_names(tmp_path):
+    import safetensors.torch
+
+    model = tiny("llama")
+    out = surgery.compile(model, "mlp.down: quantize(nf4) + lora(r=4)").save(tmp_path / "out")
+    keys = sorted(safetensors.torch.load_file(out / "peft" / "adapter_model.safetensors"))
+    assert keys == [f"base_model.model.model.layers.{i}.mlp.down_proj.lora_{ab}.weight"
+                    for i in range(2) for ab in "AB"]
