@@ -25,10 +25,14 @@ class Span:
     source: str = field(default="", repr=False, compare=False)
 
     def render(self) -> str:
-        lines = self.source.splitlines() or [""]
-        text = lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        # Lines as the parser counts them: only "\n" ends a line (str.splitlines also splits at
+        # form feeds and other separators, which would show the wrong line).
+        lines = self.source.split("\n")
+        text = lines[self.line - 1].rstrip("\r") if 0 < self.line <= len(lines) else ""
         width = (self.end_column - self.column) if self.end_line == self.line else len(text) - self.column + 1
-        caret = " " * (self.column - 1) + "^" * max(1, width)
+        # Keep tabs in the indent so the caret lines up under the same character in a terminal.
+        indent = "".join("\t" if c == "\t" else " " for c in text[: self.column - 1])
+        caret = indent + " " * (self.column - 1 - len(text[: self.column - 1])) + "^" * max(1, width)
         return f"{self.file}:{self.line}:{self.column}\n  {text}\n  {caret}"
 
 

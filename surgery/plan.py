@@ -14,7 +14,7 @@ Resolution rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Union, get_args
 
 from pydantic import ValidationError
 from torch import nn
@@ -107,7 +107,7 @@ def _value(expr: ast.Expr) -> Any:
     if isinstance(expr, ast.Literal):
         return expr.value
     if isinstance(expr, ast.ListValue):
-        return [_value(e) for e in expr.items]
+        return tuple(_value(e) for e in expr.items)  # a tuple: strict validation takes no list for it
     if isinstance(expr, ast.Call) and not expr.has_parens and not expr.args:
         return expr.name  # a bare word: an enum choice
     raise SpecError("expected a value (a number, string, word or list), not an expression", expr.span)
@@ -125,7 +125,7 @@ def validate_params(spec: TransformSpec, call: ast.Call) -> Params:
                 allowed = ", ".join(spec.positional) or "none"
                 raise SpecError(
                     f"{spec.name}() takes {len(spec.positional)} positional argument(s) ({allowed}); "
-                    f"name this one, e.g. {fields[0] if fields else 'key'}=…",
+                    f"name this one, e.g. {next((f for f in fields if f not in values), 'key')}=…",
                     arg.span,
                 )
             key = spec.positional[positional_seen]
@@ -139,15 +139,20 @@ def validate_params(spec: TransformSpec, call: ast.Call) -> Params:
         values[key] = _value(arg.value)
         spans[key] = arg.span
     try:
-        return spec.params.model_validate(values)
+        # Strict: a spec's values are typed, so "16" is not an int and true is not a float.
+        return spec.params.model_validate(values, strict=True)
     except ValidationError as e:
         err = e.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else None
-        message = err["msg"]
+        message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             message = f"{spec.name}() needs argument {key!r}"
         elif key is not None:
             message = f"{spec.name}() argument {key!r}: {message}"
+            if err["type"] == "literal_error" and isinstance(err.get("input"), str):  # a misspelt choice
+                choices = [str(c) for c in get_args(spec.params.model_fields[key].annotation)]
+                near = did_you_mean(err["input"], choices)
+                message += near if near.startswith(" (did you mean") else ""
         raise SpecError(message, spans.get(key, call.span)) from None
 
 
@@ -288,6 +293,8 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                     where = ", ".join(str(r.selector) for r in regions)
                     raise SpecError(f"{call.name} finds no anchor in {where}{_candidates(tspec, index)}", call.span)
             except SurgeryError as e:
+                if e.span is None:  # e.g. raised by a transform's accepts(): point at the call
+                    e.span = call.span
                 errors.append(e)
                 continue
             step = Step(len(steps), r, call.name, params, tuple(targets), call.span)
@@ -325,8 +332,11 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 linear[path] = ("seq", [*prev_items, tree])
             else:
                 linear[path] = tree
+    misplaced: set[int] = set()  # report each misplaced step once, not once per layer
     for path, tree in linear.items():
         for i in _leaves_of(tree):
+            if i in misplaced:
+                break
             if hasattr(steps[i].spec.cls, "replace_base") and i != _first_leaf(tree) or (
                 hasattr(steps[i].spec.cls, "replace_base") and isinstance(tree, tuple) and tree[0] == "par"
             ):
@@ -335,6 +345,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                     f"(e.g. {steps[i].transform}(…) + lora(…)); at {path}",
                     steps[i].span,
                 ))
+                misplaced.add(i)
                 break
     if errors:
         raise SpecErrors(list({str(e): e for e in errors}.values()))

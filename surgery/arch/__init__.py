@@ -15,7 +15,7 @@ from importlib import resources
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from surgery.errors import ModelError, did_you_mean
+from surgery.errors import ModelError
 
 
 class Architecture(BaseModel):
@@ -51,8 +51,9 @@ def detect(model: nn.Module) -> Architecture:
     model_type = getattr(config, "model_type", None)
     known = architectures()
     if model_type not in known:
+        # A model's type is a fact, not a typo: list what is supported rather than guess.
         raise ModelError(
-            f"no role map for model type {model_type!r}{did_you_mean(str(model_type), known)}; "
+            f"no role map for model type {model_type!r} (role maps exist for {', '.join(sorted(known))}); "
             "add a JSON file to surgery/arch/data/ or use quoted module paths"
         )
     return known[model_type]

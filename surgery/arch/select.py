@@ -12,6 +12,7 @@ Semantics (docs/language.md has the user-facing version):
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class Site:
 
 @dataclass(frozen=True)
 class Region:
-    """What one selector selected: modules, plus whether it covers every decoder layer."""
+    """What one selector selected: its modules, in the model's own order, each once."""
 
     selector: ast.Selector
     sites: tuple[Site, ...]
@@ -45,6 +46,7 @@ class RoleIndex:
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model, self.arch = model, arch
         self.modules = dict(model.named_modules())
+        self.order = {path: i for i, path in enumerate(self.modules)}
         prefix = backbone_prefix(model)
         self.layers_path = prefix + arch.layers
         layers = self.modules.get(self.layers_path)
@@ -72,6 +74,34 @@ class RoleIndex:
 
     def all_role_names(self) -> list[str]:
         return sorted({"layers", *self.arch.layer, *self.model_roles})
+
+    def suggest(self, text: str) -> str:
+        """A did-you-mean for a role selector `text` that matched nothing in this model.
+
+        Within a parent role (``attn.…``), a sibling whose last name contains the missing one, or
+        is contained in it, comes first: GPT-2 fuses q, k and v in ``attn.qkv``, so ``attn.q``
+        there suggests ``attn.qkv``, and ``attn.qkv`` on Llama suggests ``attn.q``, ``attn.k``,
+        ``attn.v``; then close spellings of the last name; then the parent's sub-roles. A name
+        without a known parent is compared with roles of the same depth, then all roles; failing
+        that, the top-level roles this model has are listed.
+        """
+        roles = list(dict.fromkeys([*self.arch.layer, *self.model_roles, "layers"]))
+        parent, _, last = text.rpartition(".")
+        siblings = {r.rpartition(".")[2]: r for r in roles if parent and r.rpartition(".")[0] == parent}
+        if siblings and last != "*":
+            fused = [r for name, r in siblings.items() if last in name]
+            parts = sorted((r for name, r in siblings.items() if name in last),
+                           key=lambda r: last.index(r.rpartition(".")[2]))
+            close = [siblings[n] for n in difflib.get_close_matches(last, siblings, n=3, cutoff=0.5)]
+            if fused or parts or close:
+                return " (did you mean " + " or ".join(repr(r) for r in fused or parts or close) + "?)"
+            return f" ({parent!r} has " + ", ".join(repr(r) for r in siblings.values()) + ")"
+        depth = text.count(".")
+        for choices in ([r for r in roles if r.count(".") == depth], roles):  # same depth first
+            near = did_you_mean(text, choices)
+            if near.startswith(" (did you mean"):
+                return near
+        return " (its roles are " + ", ".join(sorted({r.split(".")[0] for r in roles})) + ")"
 
     def site(self, path: str) -> Site:
         role, layer = self.role_of.get(path, (None, None))
@@ -112,7 +142,7 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
         if not paths:
             near = did_you_mean(selector.pattern, [p for p in index.modules if p])
             raise SpecError(f"module path {selector.pattern!r} matches no module{near}", selector.span)
-        return Region(selector, tuple(index.site(p) for p in paths))
+        return Region(selector, tuple(index.site(p) for p in paths))  # model order already
 
     segments = list(selector.segments)
     span = selector.span
@@ -138,10 +168,11 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
         for i in layer_ids:
             sites += [Site(p, role, i) for p in index.layer_role_paths(role, i)]
     if not sites:
-        text = ".".join(pattern)
         raise SpecError(
             f"selector {str(selector)!r} matches nothing in this {index.arch.name} model"
-            f"{did_you_mean(text, index.all_role_names())}",
+            f"{index.suggest('.'.join(pattern))}",
             span,
         )
-    return Region(selector, tuple(dict.fromkeys(sites)))
+    # In the model's own order (layer by layer), each module once.
+    ordered = sorted(dict.fromkeys(sites), key=lambda site: index.order.get(site.path, -1))
+    return Region(selector, tuple(ordered))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -115,7 +117,10 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def float(self, meta, children):
-        return ast.Literal(float(children[0]), self._s(meta))
+        value = float(children[0])
+        if math.isinf(value):  # "1e999": a float literal must be a finite number
+            raise SpecError("number too large for a float", self._s(meta))
+        return ast.Literal(value, self._s(meta))
 
     @v_args(meta=True)
     def int(self, meta, children):
@@ -134,24 +139,64 @@ class _Build(Transformer):
         return ast.Literal(False, self._s(meta))
 
 
+# Tokens that can start a value or a transform; when all are acceptable, say so in a few words.
+_VALUE_START = {"NAME", "SIGNED_INT", "SIGNED_FLOAT", "STRING", "LSQB", "ARGS_OPEN"}
+_VALUE_SIDE = _VALUE_START | {"TRUE", "FALSE"}
+
+# Parentheses, calls and lists nest at most this deep: the tree builder recurses, and a spec nested
+# deeper than this is a mistake, not a model.
+MAX_NESTING = 32
+
+
+def _expected_names(expected) -> list[str]:
+    expected = {t for t in expected if not t.startswith("__")}
+    names = set()
+    if _VALUE_START <= expected:
+        expected -= _VALUE_SIDE
+        names.add("a transform or value")
+    return sorted(names | {_TOKEN_NAMES.get(t, t.lower()) for t in expected})
+
+
 def _syntax_error(e: UnexpectedInput, source: str, file: str) -> SpecError:
     line, column = getattr(e, "line", 1) or 1, getattr(e, "column", 1) or 1
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
-        lines = source.splitlines() or [""]
-        line = max(1, len(lines))
-        column = len(lines[line - 1]) + 1
+        # lark's end token borrows the position of the last real token: point just after it.
+        token = getattr(e, "token", None)
+        if token is not None and token.end_line is not None and token.type == "$END":
+            line, column = token.end_line, token.end_column
+        else:
+            line, column = 1, 1
         expected = getattr(e, "expected", None) or getattr(e, "accepts", None) or ()
         got = "the spec ends"
     elif isinstance(e, UnexpectedCharacters):
-        got = f"unexpected character {source[e.pos_in_stream]!r}"
+        char = source[e.pos_in_stream]
+        rest = source[e.pos_in_stream + 1:].split("\n", 1)[0]
+        if char in "\"'" and char not in rest:
+            message = f"syntax error: unterminated string; add the closing {char} on this line"
+            return SpecError(message, _point(line, column, source, file))
+        got = f"unexpected character {char!r}"
         expected = e.allowed or ()
     else:
         token = e.token
         got = f"unexpected {token.value!r}"
         expected = e.accepts or e.expected or ()
-    names = sorted({_TOKEN_NAMES.get(t, t.lower()) for t in expected if not t.startswith("__")})
+    names = _expected_names(expected)
     hint = f"; expected {', '.join(names)}" if names and len(names) <= 8 else ""
     return SpecError(f"syntax error: {got}{hint}", _point(line, column, source, file))
+
+
+def _check_nesting(tree: Tree, source: str, file: str) -> None:
+    """Refuse nesting deeper than :data:`MAX_NESTING` before the (recursive) tree builder sees it."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data in ("group", "call", "list") and (node.data != "call" or node.children[1] is not None):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise SpecError(
+                    f"expressions nest more than {MAX_NESTING} levels deep", _span(node.meta, source, file)
+                )
+        stack += [(c, depth) for c in node.children if isinstance(c, Tree)]
 
 
 def _check_separators(items, source: str, file: str) -> None:
@@ -184,11 +229,15 @@ def parse(text: str, file: str = "<spec>") -> ast.Spec:
         tree = _lark().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, text, file) from None
+    _check_nesting(tree, text, file)
     try:
         items = _Build(text, file).transform(tree)
     except VisitError as e:
         if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None
+        if isinstance(e.orig_exc, ValueError) and isinstance(e.obj, Tree):  # int() refuses 4300+ digits
+            limit = sys.get_int_max_str_digits()
+            raise SpecError(f"number too long: at most {limit} digits", _span(e.obj.meta, text, file)) from None
         raise
     _check_separators(items, text, file)
     constants: dict = {}

@@ -8,7 +8,7 @@ import transformers
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from surgery.apply import apply_plan
-from surgery.errors import SpecError
+from surgery.errors import SpecError, SurgeryError
 from surgery.layers import SurgeryLinear, linear_weight
 from surgery.models import tiny
 from surgery.plan import build_plan
@@ -123,7 +123,7 @@ def test_qlora(arch):
     qlora(input_ids=ids).logits.sum().backward()
     grad = layer.adapter.lora_B.weight.grad
     assert grad is not None and grad.abs().sum() > 0
-    with pytest.raises(TypeError, match="cannot be merged"):
+    with pytest.raises(SurgeryError, match="cannot be merged"):
         layer.merge()
 
 
@@ -139,7 +139,7 @@ def test_merge_quantized_layer_is_an_error():
     layer = model.model.layers[0].mlp.down_proj
     assert layer.mergeable is False
     before = layer.base.weight.data.clone()
-    with pytest.raises(TypeError, match="cannot be merged"):
+    with pytest.raises(SurgeryError, match="cannot be merged"):
         layer.merge()
     assert not layer.merged and torch.equal(layer.base.weight.data, before)
 

@@ -1,0 +1,309 @@
+"""Planning: argument validation, anchors, error collection, conflicts, composition trees, meta models."""
+
+import time
+
+import pytest
+import torch
+import transformers
+
+from surgery.errors import SpecError, SpecErrors
+from surgery.models import tiny
+from surgery.plan import build_plan
+from surgery.syntax import parse
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")
+
+
+def plan(text, model):
+    return build_plan(parse(text), model)
+
+
+def errors(text, model) -> list[SpecError]:
+    with pytest.raises(SpecError) as info:
+        plan(text, model)
+    e = info.value
+    return e.errors if isinstance(e, SpecErrors) else [e]
+
+
+def only_error(text, model) -> str:
+    (e,) = errors(text, model)
+    return str(e)
+
+
+def targets(p, transform):
+    return [t.path for s in p.steps if s.transform == transform for t in s.targets]
+
+
+DOWN = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def test_out_of_range_argument_points_at_it(llama):
+    assert only_error("attn: lora(r=0)", llama) == (
+        "<spec>:1:12\n"
+        "  attn: lora(r=0)\n"
+        "             ^^^\n"
+        "error: lora() argument 'r': Input should be greater than or equal to 1"
+    )
+    assert only_error("attn: lora(8, alpha=-2)", llama).startswith("<spec>:1:15\n  attn: lora(8, alpha=-2)\n"
+                                                                   "                ^^^^^^^^\n")
+
+
+def test_unknown_argument_suggests(llama):
+    assert only_error("attn.q: lora(rr=4)", llama) == (
+        "<spec>:1:14\n"
+        "  attn.q: lora(rr=4)\n"
+        "               ^^^^\n"
+        "error: lora() has no argument 'rr' (did you mean 'r' or 'rslora'?)"
+    )
+    assert "lora() has no argument 'alhpa' (did you mean 'alpha'?)" in only_error("attn: lora(alhpa=2)", llama)
+
+
+def test_misspelt_choice_suggests(llama):
+    message = only_error("attn: lora(init=gausian)", llama)
+    assert message.endswith("error: lora() argument 'init': Input should be 'kaiming' or 'gaussian' "
+                            "(did you mean 'gaussian'?)")
+    assert message.startswith("<spec>:1:12\n")
+
+
+def test_unknown_transform_suggests(llama):
+    assert only_error("mlp: lorra(r=4)", llama) == (
+        "<spec>:1:6\n"
+        "  mlp: lorra(r=4)\n"
+        "       ^^^^^^^^^^\n"
+        "error: unknown transform 'lorra' (did you mean 'lora'?)"
+    )
+
+
+def test_too_many_positional_arguments(llama):
+    assert only_error("attn: lora(16, 8)", llama) == (
+        "<spec>:1:16\n"
+        "  attn: lora(16, 8)\n"
+        "                 ^\n"
+        "error: lora() takes 1 positional argument(s) (r); name this one, e.g. alpha=…"
+    )
+
+
+def test_argument_given_twice(llama):
+    assert only_error("attn: lora(4, r=8)", llama).endswith("error: argument 'r' is given twice")
+
+
+def test_value_where_a_transform_is_needed(llama):
+    assert only_error("attn: 4", llama) == (
+        "<spec>:1:7\n  attn: 4\n        ^\nerror: expected a transform, e.g. lora(r=16), not a value"
+    )
+    assert only_error("attn: lora(r=4) | [1, 2]", llama).startswith("<spec>:1:19\n")
+
+
+def test_transform_where_a_value_is_needed(llama):
+    message = only_error("attn: lora(r=lora(r=2))", llama)
+    assert message == (
+        "<spec>:1:14\n"
+        "  attn: lora(r=lora(r=2))\n"
+        "               ^^^^^^^^^\n"
+        "error: expected a value (a number, string, word or list), not an expression"
+    )
+    assert only_error("attn: lora(r=(a | b))", llama).startswith("<spec>:1:15\n")
+
+
+def test_gate_and_fuse_are_reserved(llama):
+    assert only_error("attn: gate(lora | lora(r=2))", llama).endswith(
+        "error: 'gate' (UniPELT's learned gates) is part of the language but not yet supported")
+    assert only_error("mlp: fuse(a, b, c)", llama).endswith(
+        "error: 'fuse' (AdapterFusion) is part of the language but not yet supported")
+
+
+# -------------------------------------------------------------------------------------- anchors
+
+
+def test_selector_matching_nothing_is_an_error(llama):
+    assert only_error("attn.qq: lora", llama) == (
+        "<spec>:1:1\n  attn.qq: lora\n  ^^^^^^^\n"
+        "error: selector 'attn.qq' matches nothing in this llama model (did you mean 'attn.q'?)"
+    )
+    assert "matches no module" in only_error('"model.layers.9.mlp": lora', llama)
+
+
+def test_region_without_an_anchor_names_candidates(llama):
+    assert only_error("norm: lora", llama).endswith(
+        "error: lora finds no anchor in norm; it attaches to linear anchors, "
+        "e.g. attn.k, attn.o, attn.q, attn.v, lm_head, mlp.down")
+
+
+def test_lora_attaches_to_every_linear_in_the_region(llama):
+    assert targets(plan("mlp: lora", llama), "lora") == [
+        f"model.layers.{i}.mlp.{n}_proj" for i in range(2) for n in ("gate", "up", "down")]
+    assert targets(plan("layers[1].attn: lora", llama), "lora") == [
+        f"model.layers.1.self_attn.{n}_proj" for n in "qkvo"]
+    # "*" means every linear layer of the backbone; the output head only when named.
+    everything = targets(plan("*: lora", llama), "lora")
+    assert len(everything) == 14 and "lm_head" not in everything
+    assert targets(plan("*, lm_head: lora", llama), "lora") == everything + ["lm_head"]
+    assert targets(plan("lm_head: lora", llama), "lora") == ["lm_head"]
+
+
+def test_lora_on_gpt2_conv1d():
+    gpt2 = tiny("gpt2")
+    assert targets(plan("attn.qkv: lora(r=2)", gpt2), "lora") == [
+        "transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+
+
+def test_parameters_are_validated_once_per_call(llama):
+    (step,) = plan("attn.q: lora(16, alpha=32, rslora=true)", llama).steps
+    assert (step.params.r, step.params.alpha, step.params.rslora) == (16, 32.0, True)
+    assert step.span.line == 1 and step.span.column == 9
+
+
+# ------------------------------------------------------------------------------ error collection
+
+
+def test_all_semantic_errors_are_reported_at_once(llama):
+    text = "attn: lora(r=0)\n" "mlp.down: lora(rr=4)\n" "attn.x: lora\n" "mlp.up: lora(r=2)\n"
+    found = errors(text, llama)
+    assert [(e.span.line, e.span.column) for e in found] == [(1, 12), (2, 16), (3, 1)]
+    assert "argument 'r'" in found[0].message
+    assert "no argument 'rr'" in found[1].message
+    assert "selector 'attn.x' matches nothing" in found[2].message
+    with pytest.raises(SpecErrors) as info:
+        plan(text, llama)
+    rendered = str(info.value)
+    assert rendered.count("error: ") == 3 and "<spec>:2:16\n" in rendered and "<spec>:3:1\n" in rendered
+
+
+def test_same_slot_twice_shows_both_spans(llama):
+    text = "attn.q: lora(r=4)\nlayers[0].attn: lora(r=8)"
+    (e,) = errors(text, llama)
+    assert str(e) == (
+        "<spec>:2:17\n"
+        "  layers[0].attn: lora(r=8)\n"
+        "                  ^^^^^^^^^\n"
+        "error: lora is applied twice to model.layers.0.self_attn.q_proj; the other is at <spec>:1:9\n"
+        "<spec>:1:9\n"
+        "  attn.q: lora(r=4)\n"
+        "          ^^^^^^^^^"
+    )
+
+
+def test_empty_spec_is_an_error(llama):
+    assert only_error("# nothing yet\n", llama).endswith("error: the spec has no rules")
+
+
+def test_quantize_must_be_innermost(llama):
+    pytest.importorskip("surgery.transforms.quantize")
+    (e,) = errors("mlp.down: lora(r=4) + quantize", llama)
+    assert (e.span.line, e.span.column, e.span.end_column) == (1, 23, 31)
+    assert e.message.startswith("quantize replaces the layer itself, so it must come first in a sequence")
+    assert len(errors("mlp.down: lora(r=4) | quantize", llama)) == 1
+    assert len(errors("mlp.down: lora(r=4)\nmlp.down: quantize(nf4)", llama)) == 1
+    ok = plan("mlp.down: quantize(nf4) + lora(r=4)", llama)
+    assert ok.linear == {path: ("seq", [0, 1]) for path in DOWN}
+    assert "(did you mean 'nf4'?)" in only_error("mlp: quantize(nf5)", llama)
+
+
+# --------------------------------------------------------------------------------- composition
+
+
+def test_parallel_tree_at_each_down_proj(llama):
+    pytest.importorskip("surgery.transforms.ia3")
+    p = plan("mlp.down: lora(r=16) | ia3", llama)
+    assert [s.transform for s in p.steps] == ["lora", "ia3"]
+    assert p.linear == {path: ("par", [0, 1]) for path in DOWN}
+
+
+def test_sequence_tree_keeps_only_the_transforms_that_attach(llama):
+    pytest.importorskip("surgery.transforms.ia3")
+    p = plan("attn.*: lora(r=4) + ia3", llama)
+    assert p.linear == {
+        f"model.layers.{i}.self_attn.{n}_proj": ("seq", [0, 1]) if n in "kv" else 0
+        for i in range(2) for n in "qkvo"
+    }
+    assert [(t.path, t.option) for t in p.steps[1].targets] == [
+        (f"model.layers.{i}.self_attn.{n}_proj", "out") for i in range(2) for n in "kv"]
+
+
+def test_rules_on_the_same_layer_compose_in_rule_order(llama):
+    pytest.importorskip("surgery.transforms.ia3")
+    p = plan("layers[0].mlp.down: lora(r=2)\nmlp.down: ia3", llama)
+    assert [s.transform for s in p.steps] == ["lora", "ia3"]
+    assert p.linear == {DOWN[0]: ("seq", [0, 1]), DOWN[1]: 1}
+    p = plan("mlp.down: ia3\nlayers[0].mlp.down: lora(r=2)", llama)
+    assert [s.transform for s in p.steps] == ["ia3", "lora"]
+    assert p.linear == {DOWN[0]: ("seq", [0, 1]), DOWN[1]: 0}
+
+
+def test_a_later_rule_wraps_an_earlier_group(llama):
+    pytest.importorskip("surgery.transforms.ia3")
+    pytest.importorskip("surgery.transforms.quantize")
+    p = plan("mlp.down: quantize(nf4)\nlayers[1].mlp.down: lora(r=2) | ia3", llama)
+    assert p.linear == {DOWN[0]: 0, DOWN[1]: ("seq", [0, ("par", [1, 2])])}
+    p = plan("layers[1].mlp.down: quantize(nf4) + ia3\nmlp.down: lora(r=2)", llama)
+    assert p.linear == {DOWN[0]: 2, DOWN[1]: ("seq", [0, 1, 2])}
+
+
+def test_nested_composition_tree(llama):
+    pytest.importorskip("surgery.transforms.ia3")
+    pytest.importorskip("surgery.transforms.quantize")
+    p = plan("mlp.down: quantize + (lora(r=2) | ia3)", llama)
+    assert p.linear == {path: ("seq", [0, ("par", [1, 2])]) for path in DOWN}
+
+
+def test_design_card_plans(llama):
+    for name in ("rope", "window", "ia3"):
+        pytest.importorskip(f"surgery.transforms.{name}")
+    p = plan("attn.*: rope(ntk_dynamic, scale=4) + window(4096, sinks=4); mlp.down: lora(r=16) | ia3", llama)
+    assert [s.transform for s in p.steps] == ["rope", "window", "lora", "ia3"]
+    assert targets(p, "rope") == ["model.rotary_emb"]
+    assert targets(p, "window") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert p.linear == {path: ("par", [2, 3]) for path in DOWN}
+    assert (p.steps[0].params.kind, p.steps[0].params.scale) == ("ntk_dynamic", 4.0)
+    assert (p.steps[1].params.size, p.steps[1].params.sinks) == (4096, 4)
+
+
+def test_errors_from_a_transform_point_at_its_call():
+    pytest.importorskip("surgery.transforms.window")
+    message = only_error("mlp: lora(r=2)\nattn: window(16, sinks=4)", tiny("gpt2"))
+    assert message.startswith("<spec>:2:7\n  attn: window(16, sinks=4)\n        ^^^^^^^^^^^^^^^^^^^\n")
+    assert "needs rotary position embeddings" in message
+
+
+def test_rope_needs_every_layer(llama):
+    pytest.importorskip("surgery.transforms.rope")
+    assert "rotary embedding that all 2 layers share" in only_error("layers[0].attn: rope(linear, scale=2)", llama)
+    assert "(did you mean 'linear'?)" in only_error("attn: rope(linaer, scale=2)", llama)
+
+
+# ------------------------------------------------------------------------------------ meta models
+
+
+def test_planning_on_meta_matches_planning_on_cpu(llama):
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(llama.config)
+    text = "attn.q, mlp.down: lora(r=4); lm_head: lora(r=2)"
+    on_meta, on_cpu = plan(text, meta), plan(text, llama)
+    assert [[t.path for t in s.targets] for s in on_meta.steps] == [[t.path for t in s.targets] for s in on_cpu.steps]
+    assert on_meta.linear == on_cpu.linear
+    assert all(p.is_meta for p in meta.parameters())
+
+
+def test_llama_7b_shape_plans_fast_on_meta():
+    config = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                      intermediate_size=11008, vocab_size=32000)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    start = time.perf_counter()
+    p = plan("*: lora(r=16)", model)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, f"planning took {elapsed:.1f} s"
+    (step,) = p.steps
+    paths = [t.path for t in step.targets]
+    assert len(paths) == len(set(paths)) == 32 * 7
+    assert "lm_head" not in paths
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert set(paths) == {f"model.layers.{i}.{n}" for i in range(32) for n in names}
+    assert {t.layer for t in step.targets} == set(range(32))
