@@ -18,7 +18,7 @@ from torch import nn
 
 from surgery.errors import ApplyError, SurgeryError
 from surgery.layers import Parallel, Sequential, SurgeryLinear
-from surgery.plan import Plan, Step, Tree, _prune
+from surgery.plan import Plan, Step, Tree, prune_tree
 from surgery.transforms.registry import Anchor
 
 _MISSING = object()
@@ -84,7 +84,7 @@ class Edit:
 
 
 def _assemble(tree: Tree, modules: dict[int, nn.Module]) -> nn.Module | None:
-    tree = _prune(tree, set(modules))  # base replacements (quantize) have no adapter module
+    tree = prune_tree(tree, set(modules))  # base replacements (quantize) have no adapter module
     if tree is None:
         return None
     if isinstance(tree, int):

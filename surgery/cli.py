@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgery.errors import SpecError, SpecErrors, SurgeryError
+from surgery.errors import SpecErrors, SurgeryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A declarative model-surgery compiler for Hugging Face models.")

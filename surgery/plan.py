@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from surgery.arch import Architecture, detect
-from surgery.arch.select import Region, RoleIndex, resolve
+from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.errors import SpecError, SpecErrors, Span, SurgeryError, did_you_mean
 from surgery.layers import is_linear
 from surgery.syntax import ast
@@ -67,7 +67,7 @@ class Plan:
         """The same plan with only the steps in `keep` (indices unchanged, so seeds match)."""
         linear = {}
         for path, tree in self.linear.items():
-            pruned = _prune(tree, keep)
+            pruned = prune_tree(tree, keep)
             if pruned is not None:
                 linear[path] = pruned
         return Plan(self.spec, self.arch, [s for s in self.steps if s.index in keep], linear)
@@ -90,11 +90,11 @@ class Plan:
         }
 
 
-def _prune(tree: Tree, keep: set[int]) -> Tree | None:
+def prune_tree(tree: Tree, keep: set[int]) -> Tree | None:
     if isinstance(tree, int):
         return tree if tree in keep else None
     kind, items = tree
-    items = [p for p in (_prune(t, keep) for t in items) if p is not None]
+    items = [p for p in (prune_tree(t, keep) for t in items) if p is not None]
     if not items:
         return None
     return items[0] if len(items) == 1 else (kind, items)
@@ -212,20 +212,16 @@ def find_targets(spec: TransformSpec, params: Params, regions: list[Region], ind
     return targets
 
 
-def _candidates(spec: TransformSpec, index: RoleIndex) -> str:
-    """Where in this model a transform of this anchor kind *could* attach, for error messages."""
-    kind_roles = {
-        Anchor.LINEAR: [r for r in index.arch.layer if "." in r] + [r for r in index.arch.head],
-        Anchor.ATTENTION: ["attn"],
-        Anchor.ROTARY: ["attn"] if "rotary" in index.model_roles else [],
-        Anchor.EMBEDDINGS: ["embed"],
-        Anchor.PARAMETERS: ["model"],
-    }[spec.anchor]
-    if hasattr(spec.cls, "roles"):
-        kind_roles = [r for r in spec.cls.roles if r in index.arch.layer]
-    if not kind_roles:
-        return f"; this {index.arch.name} model has no {spec.anchor.value} anchor for it"
-    return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(sorted(kind_roles)[:6])
+def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
+    """Where in this model the transform *would* attach (its anchors over the whole model)."""
+    try:
+        anywhere = find_targets(spec, params, [Region(None, (Site("", "model"),))], index)
+    except SurgeryError:
+        anywhere = []
+    roles = sorted({t.role for t in anywhere if t.role})
+    if not roles:
+        return f"; this {index.arch.name} model has no {spec.anchor.value} anchor for {spec.name} anywhere"
+    return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(roles[:6])
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -291,7 +287,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 targets = find_targets(tspec, params, regions, index)
                 if not targets:
                     where = ", ".join(str(r.selector) for r in regions)
-                    raise SpecError(f"{call.name} finds no anchor in {where}{_candidates(tspec, index)}", call.span)
+                    raise SpecError(f"{call.name} finds no anchor in {where}{_candidates(tspec, params, index)}", call.span)
             except SurgeryError as e:
                 if e.span is None:  # e.g. raised by a transform's accepts(): point at the call
                     e.span = call.span

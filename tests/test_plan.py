@@ -132,7 +132,7 @@ def test_selector_matching_nothing_is_an_error(llama):
 def test_region_without_an_anchor_names_candidates(llama):
     assert only_error("norm: lora", llama).endswith(
         "error: lora finds no anchor in norm; it attaches to linear anchors, "
-        "e.g. attn.k, attn.o, attn.q, attn.v, lm_head, mlp.down")
+        "e.g. attn.k, attn.o, attn.q, attn.v, mlp.down, mlp.gate")
 
 
 def test_lora_attaches_to_every_linear_in_the_region(llama):

@@ -60,7 +60,6 @@ class IA3:
     """(IA)³: learned vectors scale keys, values and the FFN activation (base frozen, vectors trainable)."""
 
     freezes_base = True
-    roles = ["attn.k", "attn.v", "mlp.down"]
     # Which side of the layer the vector scales: keys/values are outputs, the FFN activation is an input.
     _side = {"attn.k": "out", "attn.v": "out", "mlp.down": "in"}
 

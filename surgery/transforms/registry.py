@@ -12,8 +12,7 @@ the plan there (``a + b`` in sequence, ``a | b`` in parallel). The class impleme
 
 * ``accepts(self, p, target, module) -> str | bool | None`` (optional, any anchor kind): keep or
   drop a candidate anchor (default: keep all); a string keeps it and is stored as the target's
-  ``option`` (e.g. IA3's ``"in"``/``"out"``). A class attribute ``roles`` (a list of role names)
-  tells error messages where the transform can attach.
+  ``option`` (e.g. IA3's ``"in"``/``"out"``).
 * ``adapter(self, p, base, target) -> nn.Module`` whose ``forward(x, inner)`` computes the
   transformed layer given ``inner`` (a callable computing the wrapped layer) and whose
   ``merge(weight, bias) -> (weight, bias)`` (``weight`` in ``nn.Linear`` layout ``[out, in]``)

@@ -363,8 +363,6 @@ def _configs(model: nn.Module, modules: list[nn.Module]) -> list:
 class Window:
     """Sliding-window attention with a bounded KV cache; sinks=S gives StreamingLLM."""
 
-    roles = ["attn"]
-
     def accepts(self, p: WindowParams, target, module: nn.Module) -> bool:
         if not getattr(module, "is_causal", False):
             raise SpecError(f"window(...) limits how far back a causal decoder looks, but {target.path} "
