@@ -144,10 +144,11 @@ class RescaledRope(nn.Module):
             return self.inv_freq
         base, dim, s, L = self.dynamic
         n = position_ids.max() + 1
-        if n <= L:
-            return self.inv_freq
         alpha = s * n / L - (s - 1)  # a float32 tensor, as in transformers, so the two agree bit for bit
-        return inverse_frequencies(base * alpha ** (dim / (dim - 2)), dim)
+        scaled = inverse_frequencies(base * alpha ** (dim / (dim - 2)), dim)
+        # A tensor select, not a Python branch on n: torch.export can then capture the graph
+        # (a branch on data is a data-dependent guard it refuses).
+        return torch.where(n <= L, self.inv_freq.to(scaled.device), scaled)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
         inv_freq = self.frequencies(position_ids).to(device=x.device, dtype=torch.float)

@@ -233,14 +233,16 @@ def _visible(q_idx: torch.Tensor, k_idx: torch.Tensor, size: int, sinks: int) ->
     return (d >= 0) & ((d < size - sinks) | (k_idx[None, :] < sinks))
 
 
-def _with_given_mask(visible: torch.Tensor, given, k_idx: torch.Tensor, dtype) -> torch.Tensor:
+def _with_given_mask(visible: torch.Tensor, given, k_idx: torch.Tensor, k_end: int, dtype) -> torch.Tensor:
     """The window as an additive float mask, keeping the model's own mask (padding) where it lines up.
 
     The model's mask has one column per sequence index (see WindowLayer.get_mask_sizes), so the
-    columns of the keys at hand are gathered; a mask of another shape is not ours to interpret."""
+    columns of the keys at hand are gathered; a mask of another shape is not ours to interpret.
+    `k_end` bounds the key indices as a Python int, so no tensor value decides control flow (which
+    would stop torch.export)."""
     low = torch.finfo(dtype).min
     window = visible[None, None]
-    if isinstance(given, torch.Tensor) and given.ndim == 4 and given.shape[-1] > int(k_idx.max()):
+    if isinstance(given, torch.Tensor) and given.ndim == 4 and given.shape[-1] >= k_end:
         cols = given[..., k_idx.to(given.device)]
         if cols.dtype == torch.bool:
             return torch.where(window & cols, torch.zeros((), dtype=dtype), low)
@@ -248,12 +250,14 @@ def _with_given_mask(visible: torch.Tensor, given, k_idx: torch.Tensor, dtype) -
     return torch.where(window, torch.zeros((), dtype=dtype, device=visible.device), low)
 
 
-def _indices(call: _Call | None, q_len: int, kv_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _indices(call: _Call | None, q_len: int, kv_len: int, device):
+    """(query indices, key indices, first query index, key index bound): the last two as Python ints."""
     if call is not None and call.layer is not None:
         layer = call.layer
         end = layer.cumulative_length
-        return torch.arange(end - q_len, end, device=device), layer.index.to(device)
-    return torch.arange(kv_len - q_len, kv_len, device=device), torch.arange(kv_len, device=device)
+        return torch.arange(end - q_len, end, device=device), layer.index.to(device), end - q_len, end
+    return (torch.arange(kv_len - q_len, kv_len, device=device), torch.arange(kv_len, device=device),
+            kv_len - q_len, kv_len)
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -261,7 +265,7 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _sink_attention(module, settings: WindowSettings, call: _Call, query, key, value, visible_mask,
-                    q_idx, k_idx, scaling, dropout):
+                    q_idx, k_idx, q_start, scaling, dropout):
     """StreamingLLM attention: recent keys at their true distance, sinks at their cache positions."""
     size, sinks = settings.size, settings.sinks
     if call is None or call.position_embeddings is None:
@@ -271,7 +275,7 @@ def _sink_attention(module, settings: WindowSettings, call: _Call, query, key, v
     k = key.float() if call.layer is not None else _unrotate(key, cos, sin)  # the cache holds pre-RoPE keys
     # Frame: shift every position by the first query's shift, so the rotary sees positions < W in
     # decoding (a dynamic rope then never rescales for the stream's length).
-    shift = max(0, int(q_idx[0]) - size + 1)
+    shift = max(0, q_start - size + 1)
     q_sink_pos = q_idx.clamp(max=size - 1)               # the query's position in its own cache
     positions = torch.cat([q_idx - shift, q_sink_pos, k_idx - shift, k_idx])
     rc, rs = settings.rotary()(q, positions[None])
@@ -308,13 +312,13 @@ def _attention_function(base: str):
         if settings is None:
             return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
         call = _CALLS.get(module)
-        q_idx, k_idx = _indices(call, query.shape[2], key.shape[2], query.device)
+        q_idx, k_idx, q_start, k_end = _indices(call, query.shape[2], key.shape[2], query.device)
         visible = _visible(q_idx, k_idx, settings.size, settings.sinks)
         dtype = torch.float32 if settings.sinks else query.dtype
-        mask = _with_given_mask(visible, attention_mask, k_idx, dtype)
+        mask = _with_given_mask(visible, attention_mask, k_idx, k_end, dtype)
         if settings.sinks:
             scaling = kwargs.get("scaling") or module.scaling
-            return _sink_attention(module, settings, call, query, key, value, mask, q_idx, k_idx,
+            return _sink_attention(module, settings, call, query, key, value, mask, q_idx, k_idx, q_start,
                                    scaling, kwargs.get("dropout", 0.0))
         if call is not None and call.layer is not None:
             distance = (q_idx[:, None] - k_idx[None, :])[visible]
