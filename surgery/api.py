@@ -33,8 +33,10 @@ def count(model: nn.Module) -> Counts:
         if id(param) in seen:
             continue
         seen.add(id(param))
-        counts.total += param.numel()
-        counts.trainable += param.numel() if param.requires_grad else 0
+        # A 4-bit weight packs two values per byte: count the weights it holds, not its bytes.
+        n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
+        counts.total += n
+        counts.trainable += n if param.requires_grad else 0
     return counts
 
 

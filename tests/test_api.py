@@ -61,3 +61,18 @@ def test_diff_reports_the_wrapped_layers():
     diff = result.diff()
     assert sorted(diff.wrapped) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert "q_proj" in diff.text() and diff.html().startswith("<!DOCTYPE html>")
+
+
+def test_plan_qlora_for_a_70b_llama_on_meta(tmp_path):
+    """Planning never touches weights: a Llama-3-70B-shaped QLoRA plan from its config alone."""
+    from surgery.models import load_model
+
+    transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                             num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                             architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    plan = surgery.plan(load_model(tmp_path, meta=True), "attn.*, mlp.*: quantize(nf4) + lora(r=16)")
+    # Per layer at r=16: q,o 8192→8192; k,v 8192→1024; gate,up,down 8192↔28672.
+    lora = 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
+    assert plan.counts.added == plan.counts.trainable == lora == 207_093_760
+    assert plan.base_counts.total == 70_553_706_496  # 4-bit weights count as the weights they hold
+    assert plan.counts.total == plan.base_counts.total + lora
