@@ -229,7 +229,8 @@ def demo(spec: list[Path] = typer.Argument(None, help="specs to apply (default: 
         out.print(result.diff().text(), markup=False, highlight=False)
         with torch.no_grad():
             after = working.generate(ids, max_new_tokens=tokens, do_sample=False)
-        out.print("after: " + repr(tokenizer.decode(after[0])))
+        same = "the same tokens as before" if torch.equal(after, before) else "tokens differ from before"
+        out.print(f"after ({same}): " + repr(tokenizer.decode(after[0])))
 
 
 def main() -> None:
