@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from surgery.apply import Edit, apply_plan
-from surgery.errors import ObligationError, SpecError
+from surgery.errors import ObligationError
 from surgery.models import model_class
 from surgery.plan import Counts, Plan, build_plan
 from surgery.syntax import ast, parse as parse_text, parse_file
@@ -28,11 +28,8 @@ def _as_spec(spec) -> ast.Spec:
 
 
 def count(model: nn.Module) -> Counts:
-    seen, counts = set(), Counts()
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    counts = Counts()
+    for param in model.parameters():  # tied parameters come once
         # A 4-bit weight packs two values per byte: count the weights it holds, not its bytes.
         n = param.numel() * (2 if type(param).__name__ == "Params4bit" else 1)
         counts.total += n
@@ -128,4 +125,4 @@ def load(out_dir: str | Path) -> nn.Module:
     return load_dir(out_dir)
 
 
-__all__ = ["parse", "plan", "compile", "load", "Result", "SpecError"]
+__all__ = ["parse", "plan", "compile", "load", "Result"]

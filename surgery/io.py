@@ -221,5 +221,6 @@ def load(out_dir: str | Path) -> nn.Module:
     apply_plan(plan, model, seed=meta["seed"])
     missing, unexpected = safetensors.torch.load_model(model, str(out_dir / "surgery.safetensors"), strict=False)
     if missing or unexpected:
-        raise SaveError(f"{out_dir} does not match its plan: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise SaveError(f"{out_dir} does not match its plan: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
     return model.eval()

@@ -84,6 +84,30 @@ class Check:
         out = model(input_ids=input_ids, **kwargs)
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
+    def linear_layers(self):
+        """(target, surgered SurgeryLinear, original layer) for every linear target of this step."""
+        from surgery.layers import SurgeryLinear
+
+        for target in self.targets:
+            layer = self.module(target.path)
+            if not isinstance(layer, SurgeryLinear):
+                raise TypeError(f"{target.path} is not wrapped by the pipeline")
+            yield target, layer, self.module(target.path, surgered=False)
+
+    def layer_identity_error(self) -> float:
+        """max |layer(x) − original(x)| over the step's linear targets, on seeded random x."""
+        errors = [0.0]
+        for i, (_, layer, original) in enumerate(self.linear_layers()):
+            x = self.randn(3, layer.in_features, salt=i)
+            with torch.no_grad():
+                errors.append(self.max_abs(layer(x), original(x)))
+        return max(errors)
+
+    def logits_identity_error(self) -> float:
+        """max |logits(surgered) − logits(original)| on seeded tokens."""
+        ids = self.tokens()
+        return self.max_abs(self.logits(self.surgered, ids), self.logits(self.original, ids))
+
     @staticmethod
     def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
         """max |a − b| / max(1, max |b|): float32 error grows with the logits' scale on real models."""

@@ -159,3 +159,13 @@ def test_qlora_peft_keys_match_peft_names(tmp_path):
     keys = sorted(safetensors.torch.load_file(out / "peft" / "adapter_model.safetensors"))
     assert keys == [f"base_model.model.model.layers.{i}.mlp.down_proj.lora_{ab}.weight"
                     for i in range(2) for ab in "AB"]
+
+
+def test_load_refuses_weights_that_do_not_match_the_plan(tmp_path):
+    model = tiny("llama")
+    out = surgery.compile(model, "attn.q: lora(r=2)").save(tmp_path / "out")
+    meta = json.loads((out / "surgery.json").read_text())
+    meta["spec"] = "attn.k: lora(r=2)"  # a plan the saved tensors were not made for
+    (out / "surgery.json").write_text(json.dumps(meta))
+    with pytest.raises(surgery.SaveError, match="does not match its plan: missing .*k_proj"):
+        surgery.load(out)

@@ -85,12 +85,6 @@ class IA3:
         shape = (-1, 1) if adapter.side == "out" else (1, -1)
         return {"ia3_l": adapter.ia3_l.detach().reshape(shape)}
 
-    def _layers(self, check):
-        for t in check.targets:
-            layer = check.module(t.path)
-            assert isinstance(layer, SurgeryLinear)  # the pipeline wraps every linear target
-            yield t, layer, check.module(t.path, surgered=False)
-
     @staticmethod
     @contextlib.contextmanager
     def _perturbed(layer: SurgeryLinear, generator: torch.Generator):
@@ -109,22 +103,16 @@ class IA3:
 
     @obligation("identity at init: layer output unchanged", tol=1e-6)
     def identity_layer(self, p, check) -> float:
-        errors = [0.0]
-        for i, (t, layer, original) in enumerate(self._layers(check)):
-            x = check.randn(3, layer.in_features, salt=i)
-            with torch.no_grad():
-                errors.append(check.max_abs(layer(x), original(x)))
-        return max(errors)
+        return check.layer_identity_error()
 
     @obligation("identity at init: model logits unchanged", tol=1e-6)
     def identity_model(self, p, check) -> float:
-        ids = check.tokens()
-        return check.max_abs(check.logits(check.surgered, ids), check.logits(check.original, ids))
+        return check.logits_identity_error()
 
     @obligation("merged == unmerged (vectors perturbed), relative", tol=1e-5)
     def merge_equal(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, original) in enumerate(self._layers(check)):
+        for i, (t, layer, original) in enumerate(check.linear_layers()):
             x = check.randn(3, layer.in_features, salt=i)
             with self._perturbed(layer, check.generator(i)), torch.no_grad():
                 unmerged = layer(x)
@@ -140,7 +128,7 @@ class IA3:
     @obligation("unmerge restores the weights bit-exactly", tol=0.0)
     def unmerge_exact(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, original) in enumerate(self._layers(check)):
+        for i, (t, layer, original) in enumerate(check.linear_layers()):
             x = check.randn(3, layer.in_features, salt=i)
             with self._perturbed(layer, check.generator(i)), torch.no_grad():
                 layer.merge()

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from surgery.layers import SurgeryLinear, features, linear_forward, linear_weight
+from surgery.layers import features, linear_forward, linear_weight
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 
@@ -80,30 +80,18 @@ class LoRA:
                 "lora_dropout": p.dropout, "use_rslora": p.rslora, "bias": "none",
                 "fan_in_fan_out": False, "init_lora_weights": True}
 
-    def _layers(self, check):
-        for t in check.targets:
-            layer = check.module(t.path)
-            assert isinstance(layer, SurgeryLinear)
-            yield t, layer, check.module(t.path, surgered=False)
-
     @obligation("identity at init: layer output unchanged", tol=1e-6)
     def identity_layer(self, p, check) -> float:
-        errors = [0.0]
-        for i, (t, layer, original) in enumerate(self._layers(check)):
-            x = check.randn(3, layer.in_features, salt=i)
-            with torch.no_grad():
-                errors.append(check.max_abs(layer(x), original(x)))
-        return max(errors)
+        return check.layer_identity_error()
 
     @obligation("identity at init: model logits unchanged", tol=1e-5)
     def identity_model(self, p, check) -> float:
-        ids = check.tokens()
-        return check.max_abs(check.logits(check.surgered, ids), check.logits(check.original, ids))
+        return check.logits_identity_error()
 
     @obligation("merged == unmerged (B perturbed)", tol=1e-4)
     def merge_equal(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, _) in enumerate(self._layers(check)):
+        for i, (t, layer, _) in enumerate(check.linear_layers()):
             with torch.no_grad():
                 for m in layer.adapter.modules():
                     if isinstance(m, LoraAdapter):
@@ -119,7 +107,7 @@ class LoRA:
     @obligation("unmerge restores the weights bit-exactly", tol=0.0)
     def unmerge_exact(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, original) in enumerate(self._layers(check)):
+        for i, (t, layer, original) in enumerate(check.linear_layers()):
             with torch.no_grad():
                 for m in layer.adapter.modules():
                     if isinstance(m, LoraAdapter):
