@@ -79,7 +79,7 @@ def test_merge_keeps_unmergeable_steps_in_surgery_format(tmp_path):
     ("gpt2", "attn.*, mlp.*: lora(r=4, alpha=8)", 8),
 ])
 def test_lora_is_written_in_peft_format(tmp_path, arch, spec, targets):
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny(arch)
     result = surgery.compile(model, spec)
     perturb(model)
@@ -134,7 +134,7 @@ def test_load_refuses_a_directory_that_is_not_a_surgery_output(tmp_path):
     ("mlp.*: quantize(nf4) + lora(r=4)", "LORA"),  # QLoRA: the adapter is PEFT's; the base is loaded 4-bit
 ])
 def test_other_adapters_are_written_in_peft_format(tmp_path, spec, peft_type):
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny("llama")
     result = surgery.compile(model, spec)
     perturb(model)

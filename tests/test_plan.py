@@ -194,7 +194,6 @@ def test_empty_spec_is_an_error(llama):
 
 
 def test_quantize_must_be_innermost(llama):
-    pytest.importorskip("surgery.transforms.quantize")
     (e,) = errors("mlp.down: lora(r=4) + quantize", llama)
     assert (e.span.line, e.span.column, e.span.end_column) == (1, 23, 31)
     assert e.message.startswith("quantize replaces the layer itself, so it must come first in a sequence")
@@ -209,14 +208,12 @@ def test_quantize_must_be_innermost(llama):
 
 
 def test_parallel_tree_at_each_down_proj(llama):
-    pytest.importorskip("surgery.transforms.ia3")
     p = plan("mlp.down: lora(r=16) | ia3", llama)
     assert [s.transform for s in p.steps] == ["lora", "ia3"]
     assert p.linear == {path: ("par", [0, 1]) for path in DOWN}
 
 
 def test_sequence_tree_keeps_only_the_transforms_that_attach(llama):
-    pytest.importorskip("surgery.transforms.ia3")
     p = plan("attn.*: lora(r=4) + ia3", llama)
     assert p.linear == {
         f"model.layers.{i}.self_attn.{n}_proj": ("seq", [0, 1]) if n in "kv" else 0
@@ -227,7 +224,6 @@ def test_sequence_tree_keeps_only_the_transforms_that_attach(llama):
 
 
 def test_rules_on_the_same_layer_compose_in_rule_order(llama):
-    pytest.importorskip("surgery.transforms.ia3")
     p = plan("layers[0].mlp.down: lora(r=2)\nmlp.down: ia3", llama)
     assert [s.transform for s in p.steps] == ["lora", "ia3"]
     assert p.linear == {DOWN[0]: ("seq", [0, 1]), DOWN[1]: 1}
@@ -237,8 +233,6 @@ def test_rules_on_the_same_layer_compose_in_rule_order(llama):
 
 
 def test_a_later_rule_wraps_an_earlier_group(llama):
-    pytest.importorskip("surgery.transforms.ia3")
-    pytest.importorskip("surgery.transforms.quantize")
     p = plan("mlp.down: quantize(nf4)\nlayers[1].mlp.down: lora(r=2) | ia3", llama)
     assert p.linear == {DOWN[0]: 0, DOWN[1]: ("seq", [0, ("par", [1, 2])])}
     p = plan("layers[1].mlp.down: quantize(nf4) + ia3\nmlp.down: lora(r=2)", llama)
@@ -246,15 +240,11 @@ def test_a_later_rule_wraps_an_earlier_group(llama):
 
 
 def test_nested_composition_tree(llama):
-    pytest.importorskip("surgery.transforms.ia3")
-    pytest.importorskip("surgery.transforms.quantize")
     p = plan("mlp.down: quantize + (lora(r=2) | ia3)", llama)
     assert p.linear == {path: ("seq", [0, ("par", [1, 2])]) for path in DOWN}
 
 
 def test_design_card_plans(llama):
-    for name in ("rope", "window", "ia3"):
-        pytest.importorskip(f"surgery.transforms.{name}")
     p = plan("attn.*: rope(ntk_dynamic, scale=4) + window(4096, sinks=4); mlp.down: lora(r=16) | ia3", llama)
     assert [s.transform for s in p.steps] == ["rope", "window", "lora", "ia3"]
     assert targets(p, "rope") == ["model.rotary_emb"]
@@ -265,14 +255,12 @@ def test_design_card_plans(llama):
 
 
 def test_errors_from_a_transform_point_at_its_call():
-    pytest.importorskip("surgery.transforms.window")
     message = only_error("mlp: lora(r=2)\nattn: window(16, sinks=4)", tiny("gpt2"))
     assert message.startswith("<spec>:2:7\n  attn: window(16, sinks=4)\n        ^^^^^^^^^^^^^^^^^^^\n")
     assert "needs rotary position embeddings" in message
 
 
 def test_rope_needs_every_layer(llama):
-    pytest.importorskip("surgery.transforms.rope")
     assert "rotary embedding that all 2 layers share" in only_error("layers[0].attn: rope(linear, scale=2)", llama)
     assert "(did you mean 'linear'?)" in only_error("attn: rope(linaer, scale=2)", llama)
 

@@ -136,7 +136,7 @@ def test_design_card_composition_verifies_and_sums_the_deltas(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: k/v biases, which PEFT scales too
 def test_matches_peft_ia3_with_the_same_vectors(arch):
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny(arch)
     ours = copy.deepcopy(model)
     plan = plan_for(EVERYWHERE, ours)
@@ -161,7 +161,7 @@ def test_matches_peft_ia3_with_the_same_vectors(arch):
 
 
 def test_peft_config_builds_the_same_adapter_in_peft():
-    peft = pytest.importorskip("peft")
+    import peft
     model = tiny("llama")
     plan = plan_for(EVERYWHERE, model)
     fields = {}

@@ -114,7 +114,6 @@ def test_rollback_restores_implementation_and_removes_hooks():
 
 
 def test_design_card_composes_with_rope():
-    pytest.importorskip("surgery.transforms.rope")
     model = tiny("llama")
     plan = _plan("attn.*: rope(ntk_dynamic, scale=4) + window(4096, sinks=4)", model)
     assert [s.transform for s in plan.steps] == ["rope", "window"]
