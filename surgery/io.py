@@ -8,9 +8,10 @@ or not at all; an existing directory is never overwritten. Layout:
 * Surgery format (when some step is not expressible in plain transformers):
   ``base_config.json`` + ``surgery.safetensors`` (the whole surgered state dict). ``load`` builds the
   base model from the config, re-applies the plan, and loads the state dict: bit-exact.
-* Plain format (every step merged into weights or expressed in the config, e.g. rope scaling as
-  ``config.rope_parameters``): ``config.json`` + ``model.safetensors`` from ``save_pretrained``, so
-  ``transformers.AutoModel*.from_pretrained(out)`` gives the same outputs.
+* Plain format (every step merged into weights — with ``merge`` — or expressed in the config, e.g.
+  rope scaling as ``config.rope_parameters``, or trained biases): ``config.json`` +
+  ``model.safetensors`` from ``save_pretrained``, so ``transformers.AutoModel*.from_pretrained(out)``
+  gives the same outputs.
 * ``peft/`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (keys ``base_model.model.…``)
   when the plan is adapters of a single PEFT type (LoRA, IA3, prompt tuning; a quantized base is fine).
 """
@@ -157,7 +158,9 @@ def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
     tmp = _atomic_dir(out_dir)
     try:
         merged = merged_steps(plan, model) if merge else set()
-        plain = merge and all(_plain_representable(s, merged, model.config) for s in plan.steps)
+        # Plain transformers whenever it reproduces every step (rope scaling, trained biases, merged
+        # adapters): then `from_pretrained` alone loads the result.
+        plain = all(_plain_representable(s, merged, model.config) for s in plan.steps)
         meta = {
             "format": FORMAT,
             "spec": plan.spec.source,

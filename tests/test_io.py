@@ -169,3 +169,20 @@ def test_load_refuses_weights_that_do_not_match_the_plan(tmp_path):
     (out / "surgery.json").write_text(json.dumps(meta))
     with pytest.raises(surgery.SaveError, match="does not match its plan: missing .*k_proj"):
         surgery.load(out)
+
+
+@pytest.mark.parametrize("arch, spec", [
+    ("llama", "attn.*: rope(yarn, scale=4)"),
+    ("qwen2", "attn.*: rope(ntk, scale=2); model: bitfit"),
+])
+def test_steps_transformers_can_express_are_saved_as_a_plain_model(tmp_path, arch, spec):
+    model = tiny(arch)
+    result = surgery.compile(model, spec)
+    perturb(model)  # bitfit's biases move
+    out = result.save(tmp_path / "out")
+    assert json.loads((out / "surgery.json").read_text())["plain"]
+    assert not (out / "surgery.safetensors").exists()
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    long = ids(n=100)
+    assert (logits(plain, long) - logits(model, long)).abs().max() < 1e-4
+    assert torch.equal(logits(surgery.load(out), long), logits(plain, long))
