@@ -23,9 +23,17 @@ the plan there (``a + b`` in sequence, ``a | b`` in parallel). The class impleme
 Every other anchor kind implements ``apply(self, p, model, targets, edit)`` and makes *all* its
 changes through ``edit`` (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
 
-Optional hooks for every kind: ``rope_parameters(self, p, config) -> dict | None`` (the result is
-expressible as transformers' ``config.rope_parameters``) and ``peft(self, p, targets) -> dict | None``
-(the adapter's PEFT ``adapter_config.json`` fields; see :mod:`surgery.io`).
+Optional class attributes and hooks, read by :mod:`surgery.apply` and :mod:`surgery.io`:
+
+* ``freezes_base = True``: a fine-tuning method; the pipeline freezes every original parameter
+  before any step runs (new parameters stay trainable; BitFit then unfreezes biases).
+* ``rope_parameters(self, p, config) -> dict | None``: the step as transformers'
+  ``config.rope_parameters`` (None where transformers cannot express it).
+* ``peft(self, p, targets) -> dict``: the PEFT ``adapter_config.json`` fields of the step; with
+  ``peft_tensors(self, p, target, adapter)`` (linear; default: the adapter's state dict) or
+  ``peft_tensors(self, model)`` (other kinds) giving the tensors of ``adapter_model.safetensors``.
+* ``peft_base = True``: the step changes the base, not the adapter (quantize), so a PEFT export of
+  the other steps is still valid.
 
 Obligations are methods ``(self, p, check) -> float`` returning the measured error, marked with
 :func:`obligation` (name and tolerance); :mod:`surgery.verify` runs them on a copy of the model with
