@@ -50,6 +50,14 @@ def _atomic_dir(out_dir: Path):
     return tmp
 
 
+def _default_permissions(root: Path) -> None:
+    """What a plain ``mkdir``/``open`` would have given (mkdtemp makes 0700; some writers 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _linear_layers(model: nn.Module) -> dict[str, SurgeryLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SurgeryLinear)}
 
@@ -190,6 +198,7 @@ def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
             (tmp / "base_config.json").write_text(model.config.to_json_string())
             safetensors.torch.save_model(to_save, str(tmp / "surgery.safetensors"))
         (tmp / "surgery.json").write_text(json.dumps(meta, indent=2, default=str))
+        _default_permissions(tmp)
         os.replace(tmp, out_dir)
     except SurgeryError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -186,3 +186,13 @@ def test_steps_transformers_can_express_are_saved_as_a_plain_model(tmp_path, arc
     long = ids(n=100)
     assert (logits(plain, long) - logits(model, long)).abs().max() < 1e-4
     assert torch.equal(logits(surgery.load(out), long), logits(plain, long))
+
+
+def test_output_gets_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = surgery.compile(tiny("llama"), "attn.q: lora(r=2)").save(tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()} == {"0o644"}
