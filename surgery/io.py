@@ -119,17 +119,25 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
         return "not written: PEFT holds one adapter type per adapter, the plan has " + ", ".join(sorted(kinds)) if kinds \
             else "not written: no adapter in the plan"
     (name, steps), = kinds.items()
-    # Steps may differ in where they attach, not in their parameters: one PEFT config holds them all.
-    configs = {json.dumps(s.spec.instance().peft(s.params, ()), sort_keys=True) for s in steps}
-    if len(configs) != 1:
-        return f"not written: the {name} steps have different parameters, which one PEFT config cannot hold"
+    # One PEFT config holds every step: they may differ in where they attach, and in the fields PEFT
+    # allows per module (the transform's ``peft_patterns``, e.g. LoRA's rank_pattern).
+    impl = steps[0].spec.instance()
+    first = impl.peft(steps[0].params, ())
+    patterns: dict[str, dict] = {}
+    for step in steps[1:]:
+        fields = impl.peft(step.params, ())
+        for key in sorted(set(fields) | set(first)):
+            if fields.get(key) == first.get(key):
+                continue
+            if key not in getattr(impl, "peft_patterns", {}):
+                return f"not written: the {name} steps differ in {key!r}, which one PEFT config cannot hold"
+            patterns.setdefault(impl.peft_patterns[key], {}).update({t.path: fields[key] for t in step.targets})
     layers = _linear_layers(model)
     for path, layer in layers.items():
         if isinstance(layer.adapter, nn.ModuleList):
             return f"not written: {path} composes several transforms, which PEFT cannot express"
-    impl = steps[0].spec.instance()
     all_targets = [t for s in steps for t in s.targets]
-    config = impl.peft(steps[0].params, all_targets)
+    config = {**impl.peft(steps[0].params, all_targets), **patterns}
     targets = sorted({t.path for t in all_targets})
     tensors: dict[str, torch.Tensor] = {}
     if steps[0].spec.anchor is Anchor.LINEAR:

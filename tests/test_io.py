@@ -77,6 +77,7 @@ def test_merge_keeps_unmergeable_steps_in_surgery_format(tmp_path):
 @pytest.mark.parametrize("arch, spec, targets", [
     ("llama", "attn.*, mlp.*: lora(r=4, alpha=8)", 14),
     ("gpt2", "attn.*, mlp.*: lora(r=4, alpha=8)", 8),
+    ("llama", "attn.*: lora(r=4); mlp.down: lora(r=8, alpha=32)", 10),  # per-module rank and alpha
 ])
 def test_lora_is_written_in_peft_format(tmp_path, arch, spec, targets):
     import peft
@@ -90,12 +91,16 @@ def test_lora_is_written_in_peft_format(tmp_path, arch, spec, targets):
     assert (logits(reloaded, ids()) - logits(model, ids())).abs().max() < 1e-5
 
 
-def test_peft_export_is_skipped_with_a_reason_when_not_representable(tmp_path):
+@pytest.mark.parametrize("spec, reason", [
+    ("attn.*: lora(r=4) | ia3", "PEFT holds one adapter type per adapter"),
+    ("attn.q: lora(r=4); attn.v: lora(r=4, dropout=0.1)", "differ in 'lora_dropout'"),
+])
+def test_peft_export_is_skipped_with_a_reason_when_not_representable(tmp_path, spec, reason):
     model = tiny("llama")
-    out = surgery.compile(model, "attn.*: lora(r=4) | ia3").save(tmp_path / "out")
+    out = surgery.compile(model, spec).save(tmp_path / "out")
     meta = json.loads((out / "surgery.json").read_text())
     assert not (out / "peft").exists()
-    assert meta["peft"].startswith("not written:")
+    assert meta["peft"].startswith("not written:") and reason in meta["peft"]
 
 
 def test_existing_output_is_refused_and_untouched(tmp_path):

@@ -67,6 +67,8 @@ class LoRA:
     """Low-rank adaptation of linear layers (base frozen, A/B trainable)."""
 
     freezes_base = True
+    # Fields PEFT's LoraConfig also takes per module: steps differing only in these export as one adapter.
+    peft_patterns = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
 
     def adapter(self, p: LoraParams, base: nn.Module, target) -> nn.Module:
         in_f, out_f = features(base)

@@ -32,6 +32,8 @@ Optional class attributes and hooks, read by :mod:`surgery.apply` and :mod:`surg
 * ``peft(self, p, targets) -> dict``: the PEFT ``adapter_config.json`` fields of the step; with
   ``peft_tensors(self, p, target, adapter)`` (linear; default: the adapter's state dict) or
   ``peft_tensors(self, model)`` (other kinds) giving the tensors of ``adapter_model.safetensors``.
+* ``peft_patterns``: PEFT config fields that may differ per module, mapped to the config field
+  holding the per-module values (LoRA: ``{"r": "rank_pattern", "lora_alpha": "alpha_pattern"}``).
 * ``peft_base = True``: the step changes the base, not the adapter (quantize), so a PEFT export of
   the other steps is still valid.
 
