@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from surgery.errors import SpecError, SpecErrors, SurgeryError
 from surgery.models import tiny
 from surgery.plan import build_plan
-from surgery.syntax import ast, parse
+from surgery.syntax import parse
+from test_parser import shape  # the span-free view of the AST, shared with the parser tests
 
 # About 100 examples per property keeps the whole file near 20 s on a shared CPU.
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -32,25 +33,6 @@ names = st.builds(str.__add__, st.sampled_from(_FIRST), st.text(st.sampled_from(
 ints = st.integers(-10**6, 10**6)
 floats = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 strings = st.text(st.characters(codec="utf-8", exclude_characters="\"'\n\r"), max_size=8)
-
-
-def shape(node):
-    """The AST without spans (a literal keeps its type, so True is not 1)."""
-    if isinstance(node, ast.Spec):
-        return tuple(shape(r) for r in node.rules)
-    if isinstance(node, ast.Rule):
-        return (tuple(shape(s) for s in node.selectors), shape(node.expr))
-    if isinstance(node, ast.RoleSelector):
-        return ("role", tuple((s.name, None if s.index is None else (s.index.start, s.index.stop, s.index.is_slice))
-                              for s in node.segments))
-    if isinstance(node, ast.RawSelector):
-        return ("raw", node.pattern)
-    if isinstance(node, ast.Call):
-        return ("call", node.name, node.has_parens, tuple((a.key, shape(a.value)) for a in node.args))
-    if isinstance(node, (ast.Seq, ast.Par, ast.ListValue)):
-        kind = {ast.Seq: "seq", ast.Par: "par", ast.ListValue: "list"}[type(node)]
-        return (kind, tuple(shape(i) for i in node.items))
-    return ("lit", type(node.value).__name__, node.value)
 
 
 # ------------------------------------------------------------------------------- valid specs
