@@ -74,6 +74,8 @@ class ModuleInfo:
     params: tuple[ParamInfo, ...]   # the module's own parameters (not its children's)
     total: int                      # parameters in the subtree (shared tensors once)
     trainable: int                  # trainable parameters in the subtree
+    hooks: tuple[str, ...] = ()     # forward (pre-)hooks, as "pre-hook NAME" / "hook NAME"
+    settings: tuple[str, ...] = ()  # surgery_* attributes a transform attached (e.g. surgery_window)
 
     @property
     def frozen(self) -> int:
@@ -98,6 +100,7 @@ class TreeSnapshot:
     modules: Mapping[str, ModuleInfo]   # in ``named_modules`` (pre-)order; the root is ""
     total: int
     trainable: int
+    attention: str | None = None        # config._attn_implementation
 
     @property
     def frozen(self) -> int:
@@ -118,9 +121,17 @@ def snapshot_tree(model: nn.Module) -> TreeSnapshot:
             for name, p in module._parameters.items() if p is not None
         )
         total, trainable = _count(module.parameters())
-        modules[path] = ModuleInfo(path, type(module).__name__, id(module), own, total, trainable)
+        hooks = tuple([f"pre-hook {_hook_name(h)}" for h in module._forward_pre_hooks.values()]
+                      + [f"hook {_hook_name(h)}" for h in module._forward_hooks.values()])
+        settings = tuple(sorted(k for k in vars(module) if k.startswith("surgery_")))
+        modules[path] = ModuleInfo(path, type(module).__name__, id(module), own, total, trainable, hooks, settings)
     total, trainable = _count(model.parameters())
-    return TreeSnapshot(type(model).__name__, modules, total, trainable)
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return TreeSnapshot(type(model).__name__, modules, total, trainable, attention)
+
+
+def _hook_name(hook) -> str:
+    return getattr(hook, "__name__", type(hook).__name__).lstrip("_")
 
 
 @dataclass(frozen=True)
@@ -258,6 +269,7 @@ class Diff:
         self._classify()
         self._order, self._children = self._union_tree()
         self._statuses = {p: st for p in self._order if (st := self._status(p))}
+        self.runtime = self._runtime()
         self.graph: list[OpDelta] | None = None
         self.graph_error: str | None = None   # why there is no graph diff
         self.graph_failed = False             # True when an export failed (not merely not requested)
@@ -432,6 +444,24 @@ class Diff:
             return "~", "moved", f"{b.cls} moved to {self.moved_to[path]}"
         return None
 
+    def _runtime(self) -> list[tuple[str, str]]:
+        """(where, what) for behaviour that lives outside the module tree: hooks, transform settings
+        on modules, and the attention implementation (how window-style transforms take effect)."""
+        out = []
+        b, a = self.before_tree, self.after_tree
+        if b.attention != a.attention:
+            out.append(("config", f"_attn_implementation: {b.attention} → {a.attention}"))
+        for path, after in a.modules.items():
+            before = b.modules.get(path)
+            was_hooks, was_settings = (before.hooks, before.settings) if before else ((), ())
+            parts = [f"+{h}" for h in after.hooks if h not in was_hooks]
+            parts += [f"-{h}" for h in was_hooks if h not in after.hooks]
+            parts += [f"+{k}" for k in after.settings if k not in was_settings]
+            parts += [f"-{k}" for k in was_settings if k not in after.settings]
+            if parts:
+                out.append((path or "(model)", ", ".join(parts)))
+        return out
+
     def summary(self) -> dict:
         b, a = self.before_tree, self.after_tree
         return {
@@ -470,6 +500,7 @@ class Diff:
                          "after": [x.describe() for x in after[p].params]} for p in self._changed],
             "frozen": list(self.frozen),
             "unfrozen": list(self.unfrozen),
+            "runtime": [{"where": w, "change": c} for w, c in self.runtime],
             "graph": graph,
         }
 
@@ -491,6 +522,9 @@ class Diff:
         for word, paths in (("frozen", self.frozen), ("unfrozen", self.unfrozen)):
             if paths:
                 out.append(f"~ {word}: {self._trainability(paths, word)}")
+        if self.runtime:
+            out += ["", "runtime (hooks, transform settings, attention implementation)"]
+            out += [f"~ {label}  {desc}" for _, label, desc in _grouped([("~", w, c) for w, c in self.runtime], group)]
         if self.graph is None:
             out += ["", "computation graph (torch.export)"]
             out.append(f"  {self._graph_message()}")
@@ -557,9 +591,12 @@ class Diff:
             return f"<li{css}><details{is_open}><summary{title}>{label}</summary><ul>{inner}</ul></details></li>"
 
         graph = self._graph_html()
+        runtime = "".join(f"<li><span class='name'>{e(w)}</span> <span class='note'>{e(c)}</span></li>"
+                          for w, c in self.runtime)
+        runtime = f"<h2>Runtime</h2><ul class='tree'>{runtime}</ul>" if runtime else ""
         return _PAGE.format(
             title=e(f"surgery diff: {s['model']}"), model=e(s["model"]), summary=summary_rows, badges=badges,
-            tree=node(""), graph=graph)
+            tree=node(""), runtime=runtime, graph=graph)
 
     def _graph_html(self) -> str:
         e = html.escape
@@ -679,6 +716,7 @@ td.add {{ color: #1a7f37; }} td.rem {{ color: #d1242f; }}
 <span class="badge replaced">replaced</span><span class="badge removed">removed</span>
 <span class="badge moved">moved / changed</span></p>
 <ul class="tree">{tree}</ul>
+{runtime}
 <h2>Computation graph</h2>
 {graph}
 </body>

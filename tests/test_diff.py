@@ -240,3 +240,17 @@ def test_graph_rolls_up_replaced_modules():
     model.model.layers[0].mlp.act_fn = nn.GELU()
     diff = Diff(before[0], snapshot_tree(model), before[1], capture_graph(model, ids))
     assert diff.graph_changes() == {"model.layers.0.mlp.act_fn": {"silu": -1, "gelu": 1}}
+
+
+def test_runtime_changes_outside_the_tree_are_shown():
+    """window() changes behaviour through a hook, a module setting and the attention implementation."""
+    model = tiny("llama")
+    before = snapshot_tree(model)
+    apply_plan(build_plan(parse("layers[1].attn: window(8)"), model), model)
+    diff = Diff(before, snapshot_tree(model))
+    assert diff.runtime == [
+        ("config", "_attn_implementation: sdpa → surgery_sdpa"),
+        ("model.layers.1.self_attn", "+pre-hook before_attention, +surgery_window"),
+    ]
+    assert "~ model.layers.1.self_attn  +pre-hook before_attention, +surgery_window" in diff.text()
+    assert "<h2>Runtime</h2>" in diff.html() and diff.to_json()["runtime"][0]["where"] == "config"
