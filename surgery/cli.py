@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgery.errors import SpecErrors, SurgeryError
+from surgery.errors import ModelError, SpecErrors, SurgeryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A declarative model-surgery compiler for Hugging Face models.")
@@ -210,7 +210,10 @@ def demo(spec: list[Path] = typer.Argument(None, help="specs to apply (default: 
     if not specs:
         raise SurgeryError("no specs given and none found in specs/demo*.surg")
     model, path = _load(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"the demo generates text, so {path} needs a tokenizer: {e}") from None
     prompt = "The three primary colours are"
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -45,9 +45,11 @@ def _atomic_dir(out_dir: Path):
     """A temporary sibling of `out_dir` to fill, and a function that renames it into place."""
     if out_dir.exists():
         raise SaveError(f"{out_dir} already exists; choose a new output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    return tmp
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    except OSError as e:
+        raise SaveError(f"cannot write {out_dir}: {e.strerror or e}") from None
 
 
 def _default_permissions(root: Path) -> None:

@@ -96,6 +96,8 @@ def test_failed_obligation_exits_1_and_writes_nothing(tmp_path, model_dir, capsy
     (["plan", "{missing}.surg", "{model}"], "cannot read spec"),
     (["plan", "{nomatch}", "{model}"], "matches nothing"),
     (["bogus"], "No such command"),
+    (["apply", "{spec}", "{model}", "-o", "/proc/no/such/dir"], "cannot write /proc/no/such/dir"),
+    (["demo", "{spec}", "{model}"], "needs a tokenizer"),  # tiny test models ship no tokenizer
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, model_dir, capsys, monkeypatch, args, message):
     names = {"spec": spec(tmp_path, "attn.q: lora(r=2)\n"), "missing": tmp_path / "missing",
