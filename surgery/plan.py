@@ -21,7 +21,7 @@ from torch import nn
 
 from surgery.arch import Architecture, detect
 from surgery.arch.select import Region, RoleIndex, Site, resolve
-from surgery.errors import SpecError, SpecErrors, Span, SurgeryError, did_you_mean
+from surgery.errors import ModelError, SpecError, SpecErrors, Span, SurgeryError, did_you_mean
 from surgery.layers import is_linear
 from surgery.syntax import ast
 from surgery.transforms.registry import Anchor, Params, Target, TransformSpec, lookup
@@ -255,9 +255,21 @@ def _leaves_of(tree: Tree) -> list[int]:
     return [tree] if isinstance(tree, int) else [i for t in tree[1] for i in _leaves_of(t)]
 
 
+def _refuse_surgered(model: nn.Module) -> None:
+    """A spec applies to a base model: planning over a surgered one would adapt the adapters."""
+    for path, module in model.named_modules():
+        # Our own module classes (wrappers, rotary, prompts) or settings a transform attached.
+        if type(module).__module__.startswith("surgery.") or any(k.startswith("surgery_") for k in vars(module)):
+            raise ModelError(
+                f"this model has already been surgered ({path or 'the model'} is changed); apply one "
+                "spec to the base model (rules compose), or load the base again"
+            )
+
+
 def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = None) -> Plan:
     """Resolve `spec` against `model` (meta-device is fine). Raises :class:`SpecErrors`."""
     arch = arch or detect(model)
+    _refuse_surgered(model)
     index = RoleIndex(model, arch)
     errors: list[SurgeryError] = []
     steps: list[Step] = []

@@ -76,3 +76,12 @@ def test_plan_qlora_for_a_70b_llama_on_meta(tmp_path):
     assert plan.counts.added == plan.counts.trainable == lora == 207_093_760
     assert plan.base_counts.total == 70_553_706_496  # 4-bit weights count as the weights they hold
     assert plan.counts.total == plan.base_counts.total + lora
+
+
+@pytest.mark.parametrize("first", ["attn.q: lora(r=2)", "attn: window(8)", "embed: prompt_tuning(2)",
+                                   "attn: rope(linear, scale=2)"])
+def test_a_surgered_model_is_not_planned_again(first):
+    model = tiny("llama")
+    surgery.compile(model, first)
+    with pytest.raises(surgery.ModelError, match="already been surgered"):
+        surgery.compile(model, "mlp.down: lora(r=2)")
