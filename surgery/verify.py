@@ -3,7 +3,7 @@
 Each step is checked in isolation: a copy of the untouched model gets only that step (with the
 same seed the real application uses), and the step's obligations compare that copy
 (``check.surgered``) with the untouched model (``check.original``) on seeded random inputs.
-The model being verified is never modified.
+The model being verified is never modified; a bf16/fp16 model is checked as a float32 copy.
 """
 
 from __future__ import annotations
@@ -122,17 +122,29 @@ class Check:
         return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
+def _in_float32(model: nn.Module) -> nn.Module:
+    """`model`, or a float32 copy of it when it holds bf16/fp16 weights.
+
+    Obligations prove a transform's math, which does not depend on the precision it later runs in;
+    in bf16 every tolerance would drown in rounding (its epsilon is 2^-7). So a low-precision model
+    is checked as a float32 copy, and the same code is then applied to the model as it is."""
+    if all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()):
+        return model
+    return copy.deepcopy(model).float()
+
+
 def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Report:
     """Check every step's obligations; `model` is left untouched."""
     report = Report()
     was_training = model.training
     model.eval()
+    reference = _in_float32(model)
     try:
         for step in plan.steps:
-            surgered = copy.deepcopy(model)
+            surgered = copy.deepcopy(reference)
             apply_plan(plan.restricted({step.index}), surgered, seed=seed)
             surgered.eval()
-            check = Check(model, surgered, step, seed)
+            check = Check(reference, surgered, step, seed)
             impl = step.spec.instance()
             for ob in step.spec.obligations:
                 if progress:

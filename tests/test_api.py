@@ -85,3 +85,16 @@ def test_a_surgered_model_is_not_planned_again(first):
     surgery.compile(model, first)
     with pytest.raises(surgery.ModelError, match="already been surgered"):
         surgery.compile(model, "mlp.down: lora(r=2)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_are_verified_in_float32_and_stay_low_precision(dtype):
+    model = tiny("llama").to(dtype)
+    spec = ("attn.*: rope(ntk_dynamic, scale=2) + window(8, sinks=2); mlp.down: lora(r=4) | ia3; "
+            "embed: prompt_tuning(2); mlp.up: quantize(nf4) + lora(r=2)")
+    result = surgery.compile(model, spec)
+    assert result.report.ok, result.report.text()
+    assert model.model.layers[0].mlp.down_proj.base.weight.dtype == dtype
+    assert model.model.layers[0].mlp.down_proj.adapter[0].lora_A.weight.dtype == dtype
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 128, (1, 20))).logits).all()

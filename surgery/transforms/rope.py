@@ -240,8 +240,12 @@ class Rope:
 
     @staticmethod
     def _modules(check):
+        """(ours, transformers' own rotary for this config). The reference is built afresh: a model
+        cast to bf16 and back keeps bf16-rounded frequencies in its buffer, which is not RoPE."""
         path = check.targets[0].path
-        return check.module(path), check.module(path, surgered=False)
+        original = check.module(path, surgered=False)
+        fresh = type(original)(original.config).to(original.inv_freq.device)
+        return check.module(path), fresh
 
     def _reference_config(self, p: RopeParams, config):
         """A copy of `config` with which plain transformers computes this rope."""
@@ -304,19 +308,24 @@ class Rope:
         _, original = self._modules(check)
         L = trained_length(p, original.config)
         reference = self._reference_config(p, check.config)
-        weights = check.original.state_dict()
-        dtype = next(check.original.parameters()).dtype
         errors = []
         for end in ((2 * L, L + L // 2) if p.kind == "ntk_dynamic" else (2 * L,)):
-            with torch.random.fork_rng(devices=[]):  # building a model draws random weights
-                plain = type(check.original)(reference)
-            plain.load_state_dict(weights)
-            plain.to(dtype=dtype, device=original.inv_freq.device).eval()
+            plain = self._plain_model(check, reference)  # fresh per length: transformers' dynamic keeps state
             ids, positions = self._long_input(check, end)
             errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
                                         check.logits(plain, ids, position_ids=positions)))
             del plain
         return max(errors)
+
+    @staticmethod
+    def _plain_model(check, config) -> nn.Module:
+        """A transformers model built from `config` holding the original weights; its rotary buffers
+        are computed afresh (a model cast to bf16 and back keeps rounded frequencies)."""
+        with torch.random.fork_rng(devices=[]):  # building a model draws random weights
+            plain = type(check.original)(config)
+        plain.load_state_dict(check.original.state_dict())
+        first = next(check.original.parameters())
+        return plain.to(dtype=first.dtype, device=first.device).eval()
 
     @obligation("defining property of the kind (see docstring)", tol=1e-6)
     def kind_property(self, p, check) -> float:
@@ -347,11 +356,12 @@ class Rope:
     def _property_ntk_dynamic(self, p, check) -> float:
         # For N ≤ L the model is exactly the unscaled one: at the boundary N = L and well inside.
         L = trained_length(p, check.module(check.targets[0].path, surgered=False).config)
+        unscaled = self._plain_model(check, check.config)
         errors = []
         for end in (L, max(1, L // 2)):
             ids, positions = self._long_input(check, end)
             errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
-                                        check.logits(check.original, ids, position_ids=positions)))
+                                        check.logits(unscaled, ids, position_ids=positions)))
         return max(errors)
 
     def _property_yarn(self, p, check) -> float:
