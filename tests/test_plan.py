@@ -1,6 +1,5 @@
 """Planning: argument validation, anchors, error collection, conflicts, composition trees, meta models."""
 
-import time
 
 import pytest
 import torch
@@ -278,15 +277,13 @@ def test_planning_on_meta_matches_planning_on_cpu(llama):
     assert all(p.is_meta for p in meta.parameters())
 
 
-def test_llama_7b_shape_plans_fast_on_meta():
+def test_llama_7b_shape_plans_on_meta():
+    # How fast is measured in benchmarks/bench_plan_meta.py, not here.
     config = transformers.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                       intermediate_size=11008, vocab_size=32000)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
-    start = time.perf_counter()
     p = plan("*: lora(r=16)", model)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10, f"planning took {elapsed:.1f} s"
     (step,) = p.steps
     paths = [t.path for t in step.targets]
     assert len(paths) == len(set(paths)) == 32 * 7
