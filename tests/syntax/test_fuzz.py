@@ -7,6 +7,8 @@ or raise :class:`SpecError` with a position inside the text; planning them again
 must raise nothing but :class:`SurgeryError` subclasses, each error with a position.
 """
 
+import os
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,7 +20,10 @@ from surgery.syntax import parse
 from test_parser import shape  # the span-free view of the AST, shared with the parser tests
 
 # About 100 examples per property keeps the whole file near 20 s on a shared CPU.
-FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI replays a fixed sequence of examples (a landing must not depend on luck); local runs explore.
+DERANDOMIZE = bool(os.environ.get("CI"))
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=DERANDOMIZE)
 RESERVED = {"let", "true", "false"}
 
 # Names that occur in real specs (so planning gets past the selectors sometimes) plus random ones.
@@ -239,7 +244,7 @@ def test_random_text_fails_cleanly(text):
     check_parse(text)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=DERANDOMIZE)
 @given(st.one_of(specs(), specs().map(lambda c: (c[0][: len(c[0]) // 2], None))))
 def test_planning_generated_specs_raises_only_surgery_errors(llama, case):
     spec = check_parse(case[0])
@@ -247,7 +252,7 @@ def test_planning_generated_specs_raises_only_surgery_errors(llama, case):
         check_plan(spec, llama)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=DERANDOMIZE)
 @given(
     st.lists(st.tuples(st.sampled_from(ROLES + ["layers[0]", "layers[-1:]", "layers[5]", "attn.x", '"model.*"']),
                        st.sampled_from(TRANSFORMS + ["lorra"]),
