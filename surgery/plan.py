@@ -247,8 +247,14 @@ def _tree(expr: ast.Expr, step_of: dict[int, int], path: str, targets_of: dict[i
     return items[0] if len(items) == 1 else ("seq" if isinstance(expr, ast.Seq) else "par", items)
 
 
-def _first_leaf(tree: Tree) -> int:
-    return tree if isinstance(tree, int) else _first_leaf(tree[1][0])
+def _is_innermost(tree: Tree, i: int) -> bool:
+    """Whether step `i` is applied first and alone: the head of (nested) sequences, never a branch."""
+    while isinstance(tree, tuple):
+        kind, items = tree
+        if kind != "seq":
+            return False
+        tree = items[0]
+    return tree == i
 
 
 def _leaves_of(tree: Tree) -> list[int]:
@@ -345,9 +351,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
         for i in _leaves_of(tree):
             if i in misplaced:
                 break
-            if hasattr(steps[i].spec.cls, "replace_base") and i != _first_leaf(tree) or (
-                hasattr(steps[i].spec.cls, "replace_base") and isinstance(tree, tuple) and tree[0] == "par"
-            ):
+            if hasattr(steps[i].spec.cls, "replace_base") and not _is_innermost(tree, i):
                 errors.append(SpecError(
                     f"{steps[i].transform} replaces the layer itself, so it must come first in a sequence "
                     f"(e.g. {steps[i].transform}(…) + lora(…)); at {path}",

@@ -198,6 +198,7 @@ def test_quantize_must_be_innermost(llama):
     assert e.message.startswith("quantize replaces the layer itself, so it must come first in a sequence")
     assert len(errors("mlp.down: lora(r=4) | quantize", llama)) == 1
     assert len(errors("mlp.down: lora(r=4)\nmlp.down: quantize(nf4)", llama)) == 1
+    assert len(errors("mlp.down: (quantize(nf4) | lora(r=4)) + ia3", llama)) == 1  # first, but a branch
     ok = plan("mlp.down: quantize(nf4) + lora(r=4)", llama)
     assert ok.linear == {path: ("seq", [0, 1]) for path in DOWN}
     assert "(did you mean 'nf4'?)" in only_error("mlp: quantize(nf5)", llama)
