@@ -34,3 +34,13 @@ def test_every_spec_compiles_and_verifies(path):
     with torch.no_grad():
         out = model(torch.randint(0, 128, (1, 20))).logits
     assert torch.isfinite(out).all()
+
+
+def test_readme_tour_is_a_spec_that_verifies():
+    readme = (ROOT / "README.md").read_text()
+    tour = readme.split("```surg\n", 1)[1].split("```", 1)[0]
+    model = tiny("llama")
+    result = surgery.compile(model, tour)
+    assert result.report.ok, result.report.text()
+    assert [s.transform for s in result.plan.steps] == [
+        "rope", "window", "lora", "lora", "ia3", "quantize", "lora", "prompt_tuning", "lora"]
