@@ -92,14 +92,14 @@ def _report_table(report) -> Table:
 @app.command()
 def check(spec: Path = typer.Argument(..., help="a .surg file")):
     """Check a spec without a model: syntax, transform names, arguments."""
-    from surgery.plan import _leaves, validate_params
+    from surgery.plan import leaves, validate_params
     from surgery.transforms.registry import lookup
 
     parsed = _spec(spec)
     errors = []
     for rule in parsed.rules:
         try:
-            calls = list(_leaves(rule.expr))
+            calls = list(leaves(rule.expr))
         except SurgeryError as e:
             errors.append(e)
             continue

@@ -227,12 +227,12 @@ def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
 # ---------------------------------------------------------------------------------------- plan
 
 
-def _leaves(expr: ast.Expr):
+def leaves(expr: ast.Expr):
     if isinstance(expr, ast.Call):
         yield expr
     elif isinstance(expr, (ast.Seq, ast.Par)):
         for item in expr.items:
-            yield from _leaves(item)
+            yield from leaves(item)
     else:
         raise SpecError("expected a transform, e.g. lora(r=16), not a value", expr.span)
 
@@ -291,7 +291,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
             except SurgeryError as e:
                 errors.append(e)
         try:
-            calls = list(_leaves(rule.expr))
+            calls = list(leaves(rule.expr))
         except SurgeryError as e:
             errors.append(e)
             continue

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from surgery.apply import apply_plan, get_module
+from surgery.layers import SurgeryLinear
 from surgery.plan import Plan, Step
 
 
@@ -86,8 +87,6 @@ class Check:
 
     def linear_layers(self):
         """(target, surgered SurgeryLinear, original layer) for every linear target of this step."""
-        from surgery.layers import SurgeryLinear
-
         for target in self.targets:
             layer = self.module(target.path)
             if not isinstance(layer, SurgeryLinear):

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from surgery.layers import features, linear_forward, linear_weight
+from surgery.layers import SurgeryLinear, features, linear_forward, linear_weight
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 
@@ -95,9 +95,7 @@ class LoRA:
         errors = [0.0]
         for i, (t, layer, _) in enumerate(check.linear_layers()):
             with torch.no_grad():
-                for m in layer.adapter.modules():
-                    if isinstance(m, LoraAdapter):
-                        m.lora_B.weight.normal_(generator=check.generator(i))
+                _perturb_b(layer, check.generator(i))
                 x = check.randn(3, layer.in_features, salt=i)
                 unmerged = layer(x)
                 layer.merge()
@@ -111,12 +109,17 @@ class LoRA:
         errors = [0.0]
         for i, (t, layer, original) in enumerate(check.linear_layers()):
             with torch.no_grad():
-                for m in layer.adapter.modules():
-                    if isinstance(m, LoraAdapter):
-                        m.lora_B.weight.normal_(generator=check.generator(i))
+                _perturb_b(layer, check.generator(i))
                 layer.merge()
                 layer.unmerge()
                 x = check.randn(3, layer.in_features, salt=i)
                 same = torch.equal(linear_weight(layer.base)[0], linear_weight(original)[0])
                 errors.append(0.0 if same and torch.equal(layer.base(x), linear_forward(x, original)) else 1.0)
         return max(errors)
+
+
+def _perturb_b(layer: SurgeryLinear, generator: torch.Generator) -> None:
+    """Draw B at random so the update is not zero (a merge of B = 0 would prove nothing)."""
+    for module in layer.adapter.modules():
+        if isinstance(module, LoraAdapter):
+            module.lora_B.weight.normal_(generator=generator)
