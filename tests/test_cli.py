@@ -80,6 +80,30 @@ def test_plan_verify_diff_apply(tmp_path, model_dir, capsys, monkeypatch):
     assert tree_hash(model_dir) == before
 
 
+def test_apply_keeps_the_head_of_a_model_dir_without_architectures(tmp_path, capsys, monkeypatch):
+    """The bug: without ``architectures`` the model was loaded as LlamaModel and OUT had no lm_head."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    import surgery
+
+    original = tiny("llama")
+    original.save_pretrained(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    code, _, err = run(["apply", spec(tmp_path, "attn.q: lora(r=2)\n"), tmp_path / "model", "-o", tmp_path / "out"],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    with safe_open(str(tmp_path / "out" / "surgery.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), original.lm_head.weight)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # LoRA is the identity at init: the saved model computes the original logits
+        assert torch.allclose(surgery.load(tmp_path / "out")(ids).logits, original(ids).logits, atol=1e-6)
+
+
 def test_failed_obligation_exits_1_and_writes_nothing(tmp_path, model_dir, capsys, monkeypatch):
     from surgery.transforms.lora import LoRA
 
