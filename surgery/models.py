@@ -256,7 +256,7 @@ def fit_class(model_dir: Path, config) -> type:
 
 
 def load_model(model_dir: str | Path, *, meta: bool = False) -> nn.Module:
-    """Load a transformers model directory (config only, on the meta device, when `meta`).
+    """Load a transformers model directory in its own dtype (config only, on the meta device, when `meta`).
 
     The class is chosen by :func:`fit_class` (the same for both paths), and a real load is checked
     once more with transformers' own loading report: a tensor missing, unused or of the wrong shape
@@ -272,10 +272,10 @@ def load_model(model_dir: str | Path, *, meta: bool = False) -> nn.Module:
     cls = fit_class(model_dir, config)
     if meta:
         with torch.device("meta"):
-            return cls._from_config(config).eval()
+            return cls._from_config(config, dtype=config.dtype).eval()
     try:
         with _quiet():
-            model, info = cls.from_pretrained(str(model_dir), config=config, dtype=torch.float32,
+            model, info = cls.from_pretrained(str(model_dir), config=config, dtype="auto",
                                               ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as e:
         raise ModelError(f"cannot load the model in {model_dir}: {e}") from None

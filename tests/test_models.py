@@ -118,3 +118,15 @@ def test_a_config_without_weights_plans_with_the_class_it_names(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="no weights"):
         load_model(tmp_path, meta=True)
+
+
+@pytest.mark.parametrize("meta", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_checkpoint_loads_in_its_own_dtype(tmp_path, dtype, meta):
+    """The bug: every model was loaded as float32, so a bf16 MODEL_DIR was neither bit-exact nor its size."""
+    original = tiny("llama").to(dtype)
+    loaded = load_model(saved(tmp_path, original), meta=meta)
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    if not meta:
+        for (name, p), q in zip(loaded.state_dict().items(), original.state_dict().values()):
+            assert torch.equal(p, q), name
