@@ -119,8 +119,9 @@ def plan(spec: Path = typer.Argument(..., help="a .surg file"),
     """Show the concrete steps and parameter counts (meta device: no weights are read)."""
     from surgery.api import plan as make_plan
 
+    parsed = _spec(spec)
     model, _ = _load(model_dir, meta=True)
-    result = make_plan(model, _spec(spec))
+    result = make_plan(model, parsed)
     out.print(_steps_table(result))
     out.print(_counts_table(result))
 
@@ -133,8 +134,9 @@ def verify(spec: Path = typer.Argument(..., help="a .surg file"),
     from surgery.plan import build_plan
     from surgery.verify import verify as run
 
+    parsed = _spec(spec)
     model, _ = _load(model_dir)
-    the_plan = build_plan(_spec(spec), model)
+    the_plan = build_plan(parsed, model)
     with _status("verifying") as status:
         report = run(the_plan, model, seed=seed, progress=lambda m: status.update(f"verifying: {m}"))
     out.print(_report_table(report))
@@ -158,9 +160,10 @@ def diff(spec: Path = typer.Argument(..., help="a .surg file"),
     """Show the module-tree and computation-graph diff the spec makes (verification is skipped)."""
     from surgery.api import compile as run
 
+    parsed = _spec(spec)
     model, _ = _load(model_dir)
     with _status("applying and capturing graphs"):
-        result = run(model, _spec(spec), check=False, graph_inputs=_example_ids(model) if graph else None)
+        result = run(model, parsed, check=False, graph_inputs=_example_ids(model) if graph else None)
         d = result.diff()
     out.print(d.text(), markup=False, highlight=False)
     if html:
@@ -209,6 +212,7 @@ def demo(spec: list[Path] = typer.Argument(None, help="specs to apply (default: 
     specs = spec or sorted(Path("specs").glob("demo*.surg"))
     if not specs:
         raise SurgeryError("no specs given and none found in specs/demo*.surg")
+    parsed = [(s, _spec(s)) for s in specs]
     model, path = _load(model_dir)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
@@ -220,12 +224,12 @@ def demo(spec: list[Path] = typer.Argument(None, help="specs to apply (default: 
         before = model.generate(ids, max_new_tokens=tokens, do_sample=False)
     out.rule(f"before: {path.name}")
     out.print(repr(tokenizer.decode(before[0])))
-    for spec_path in specs:
+    for spec_path, spec_ast in parsed:
         out.rule(str(spec_path))
-        out.print(spec_path.read_text().strip(), markup=False, highlight=False)
+        out.print(spec_ast.source.strip(), markup=False, highlight=False)
         working = copy.deepcopy(model)
         with _status("verifying and applying") as status:
-            result = run(working, _spec(spec_path), graph_inputs=ids,
+            result = run(working, spec_ast, graph_inputs=ids,
                          progress=lambda m: status.update(f"verifying: {m}"))
         out.print(_report_table(result.report))
         out.print(_counts_table(result.plan))

@@ -134,3 +134,32 @@ def test_console_script_shows_no_traceback(tmp_path):
     bad = spec(tmp_path, "attn: lora(r=\n")
     proc = subprocess.run([sys.executable, "-m", "surgery.cli", "check", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"{bad}:" in proc.stderr
+
+
+def test_a_spec_that_is_not_utf8_is_a_spec_error(tmp_path, model_dir, capsys, monkeypatch):
+    path = tmp_path / "latin1.surg"
+    path.write_bytes("attn.q: lora(r=2)\nmlp.down: ia3  # café\n".encode("latin-1"))
+    for command in (["check", path], ["plan", path, model_dir], ["demo", path, model_dir]):
+        code, out, err = run(command, capsys, monkeypatch)
+        assert code == 2 and "Traceback" not in out + err
+        assert f"{path}:2:21" in err and "not UTF-8" in err
+
+
+@pytest.mark.parametrize("literal, column", [("lora(r=9223372036854775808)", 16), ("lora(r=-9223372036854775809)", 16),
+                                             ("lora(r=99999999999999999999999999)", 16)])
+def test_integers_beyond_64_bits_are_spec_errors(tmp_path, model_dir, capsys, monkeypatch, literal, column):
+    """The bug: such an integer reached torch, and the message was a C++ backtrace."""
+    path = spec(tmp_path, f"attn.q: {literal}\n")
+    code, out, err = run(["plan", path, model_dir], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out + err and "frame #" not in err
+    assert f"{path}:1:{column}" in err and "integer out of range" in err
+
+
+def test_integers_in_selectors_are_bounded_alike(tmp_path, model_dir, capsys, monkeypatch):
+    path = spec(tmp_path, "layers[0:99999999999999999999].attn.q: lora(r=2)\n")
+    code, _, err = run(["plan", path, model_dir], capsys, monkeypatch)
+    assert code == 2 and f"{path}:1:10" in err and "integer out of range" in err
+    path = spec(tmp_path, "layers[0:9223372036854775807].attn.q: lora(r=2)\n", "edge.surg")
+    code, out, _ = run(["plan", path, model_dir], capsys, monkeypatch)  # the largest 64-bit integer is fine
+    assert code == 0 and "model.layers.1.self_attn.q_proj" in out
+

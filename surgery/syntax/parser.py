@@ -48,6 +48,15 @@ class _Build(Transformer):
     def _s(self, meta) -> Span:
         return _span(meta, self.source, self.file)
 
+    def _int(self, token: Token) -> int:
+        # Every integer ends up in torch or C code as a 64-bit int, where a larger one fails with a
+        # C++ backtrace far from the spec.
+        value = int(token)
+        if not -(2**63) <= value < 2**63:
+            raise SpecError("integer out of range: integers lie between -2**63 and 2**63 - 1",
+                            _span(token, self.source, self.file))
+        return value
+
     @v_args(meta=True)
     def start(self, meta, children):
         return list(children)
@@ -77,10 +86,10 @@ class _Build(Transformer):
         return ast.Segment("*")
 
     def at(self, children):
-        return ast.Index(int(children[0]), None, is_slice=False)
+        return ast.Index(self._int(children[0]), None, is_slice=False)
 
     def slice(self, children):
-        start, stop = (None if c is None else int(c) for c in children)
+        start, stop = (None if c is None else self._int(c) for c in children)
         return ast.Index(start, stop, is_slice=True)
 
     @v_args(meta=True)
@@ -124,7 +133,7 @@ class _Build(Transformer):
 
     @v_args(meta=True)
     def int(self, meta, children):
-        return ast.Literal(int(children[0]), self._s(meta))
+        return ast.Literal(self._int(children[0]), self._s(meta))
 
     @v_args(meta=True)
     def string(self, meta, children):
@@ -257,7 +266,12 @@ def parse(text: str, file: str = "<spec>") -> ast.Spec:
 def parse_file(path: str | Path) -> ast.Spec:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # point at the first byte that is not UTF-8
+        before = e.object[: e.start].decode("utf-8").split("\n")
+        source = e.object.decode("utf-8", errors="replace")
+        raise SpecError(f"spec is not UTF-8 text (byte 0x{e.object[e.start]:02x} here); save it as UTF-8",
+                        _point(len(before), len(before[-1]) + 1, source, str(path))) from None
     return parse(text, str(path))
