@@ -6,6 +6,7 @@ User errors print a message (with file:line:col and a caret for spec errors), ne
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,9 @@ err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 DEFAULT_MODEL = "smollm2"
 MODEL_HELP = "a transformers model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct"
+# Seeds reach torch.manual_seed and generators after arithmetic (seed * 1000 + …), which must stay
+# inside 64 bits; 32 bits is plenty of seeds and leaves that room.
+SEED = dict(min=0, max=2**32 - 1, help="seed for inputs and initialisation (0 to 2**32 - 1)")
 
 
 @contextmanager
@@ -56,6 +60,27 @@ def _spec(path: Path):
     from surgery.syntax import parse_file
 
     return parse_file(path)
+
+
+def _check_writable(path: Path, *, make_parents: bool = False) -> None:
+    """Refuse now a path that could not be written at the end, after minutes of loading and verifying.
+
+    The write itself is still guarded: this is the early answer, not the only one.
+    """
+    existing = path if path.exists() else path.parent
+    while make_parents and not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.exists():
+        problem = f"no directory {existing}"
+    elif existing == path and path.is_dir():
+        problem = "it is a directory"
+    elif existing != path and not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise SurgeryError(f"cannot write {path}: {problem}")
 
 
 def _counts_table(plan) -> Table:
@@ -129,7 +154,7 @@ def plan(spec: Path = typer.Argument(..., help="a .surg file"),
 @app.command()
 def verify(spec: Path = typer.Argument(..., help="a .surg file"),
            model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
-           seed: int = typer.Option(0, help="seed for inputs and initialisation")):
+           seed: int = typer.Option(0, **SEED)):
     """Run every step's equivalence obligations and print each with its error and tolerance."""
     from surgery.plan import build_plan
     from surgery.verify import verify as run
@@ -161,13 +186,18 @@ def diff(spec: Path = typer.Argument(..., help="a .surg file"),
     from surgery.api import compile as run
 
     parsed = _spec(spec)
+    if html:
+        _check_writable(html)
     model, _ = _load(model_dir)
     with _status("applying and capturing graphs"):
         result = run(model, parsed, check=False, graph_inputs=_example_ids(model) if graph else None)
         d = result.diff()
     out.print(d.text(), markup=False, highlight=False)
     if html:
-        html.write_text(d.html())
+        try:
+            html.write_text(d.html(), encoding="utf-8")
+        except OSError as e:
+            raise SurgeryError(f"cannot write {html}: {e.strerror or e}") from None
         out.print(f"HTML diff written to {html}")
 
 
@@ -177,13 +207,14 @@ def apply(spec: Path = typer.Argument(..., help="a .surg file"),
           output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist)"),
           merge: bool = typer.Option(False, "--merge", help="fold mergeable steps into the weights"),
           check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run obligations first"),
-          seed: int = typer.Option(0, help="seed for inputs and initialisation")):
+          seed: int = typer.Option(0, **SEED)):
     """Verify, apply and save: OUT appears whole or not at all; MODEL_DIR is never written."""
     from surgery.api import compile as run
 
     parsed = _spec(spec)
     if output.exists():
         raise SurgeryError(f"{output} already exists; choose a new output directory")
+    _check_writable(output, make_parents=True)
     model, _ = _load(model_dir)
     with _status("verifying and applying") as status:
         result = run(model, parsed, check=check_obligations, seed=seed,

@@ -81,15 +81,22 @@ def smollm2_dir() -> Path:
     gguf = next(package.glob("*.gguf"), None)
     if gguf is None:
         raise ModelError(f"no .gguf file in {package}")
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(config))
-    plain.load_state_dict(loaded.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
+    # Make the directory we will fill before the ~30 s of de-quantising, so an unwritable cache is
+    # reported at once rather than after the work.
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
+    except OSError as e:
+        raise ModelError(f"cannot write the model cache {out.parent}: {e.strerror or e}; "
+                         "set SURGERY_CACHE to a writable directory") from None
+    try:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf.name,
+                                                                   dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(config))
+        plain.load_state_dict(loaded.state_dict())
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)

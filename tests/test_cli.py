@@ -163,3 +163,52 @@ def test_integers_in_selectors_are_bounded_alike(tmp_path, model_dir, capsys, mo
     code, out, _ = run(["plan", path, model_dir], capsys, monkeypatch)  # the largest 64-bit integer is fine
     assert code == 0 and "model.layers.1.self_attn.q_proj" in out
 
+
+def refuse_loading(monkeypatch):
+    """Make loading a model fail loudly: a check that should come first did not."""
+    import surgery.models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(surgery.models, "load_model", load_model)
+
+
+@pytest.mark.parametrize("command", ["verify", "apply"])
+@pytest.mark.parametrize("seed", [2**32, 2**64, -1])
+def test_seeds_out_of_range_are_refused_before_loading(tmp_path, model_dir, capsys, monkeypatch, command, seed):
+    refuse_loading(monkeypatch)
+    args = [command, spec(tmp_path, "attn.q: lora(r=2)\n"), model_dir, "--seed", seed]
+    code, out, err = run(args + (["-o", tmp_path / "out"] if command == "apply" else []), capsys, monkeypatch)
+    assert code == 2 and "--seed" in out + err and "Traceback" not in out + err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target, message", [("{tmp}/no/such/dir/diff.html", "no directory"),
+                                             ("{tmp}", "it is a directory"),
+                                             ("{tmp}/file/diff.html", "is not a directory")])
+def test_diff_html_to_an_unwritable_path_is_refused_before_the_work(tmp_path, model_dir, capsys, monkeypatch,
+                                                                     target, message):
+    """The bug: the HTML page was opened only after applying and capturing graphs, then a traceback."""
+    (tmp_path / "file").write_text("")
+    refuse_loading(monkeypatch)
+    html = target.format(tmp=tmp_path)
+    code, out, err = run(["diff", spec(tmp_path, "attn.q: lora(r=2)\n"), model_dir, "--html", html], capsys, monkeypatch)
+    assert code == 2 and f"cannot write {html}: " in err and message in err and "Traceback" not in out + err
+
+
+def test_an_unwritable_cache_is_refused_before_dequantising(tmp_path, capsys, monkeypatch):
+    """The bug: SmolLM2 was de-quantised (~30 s) before the cache directory was found unwritable."""
+    import transformers
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "file" / "cache"))
+
+    def dequantise(*args, **kwargs):
+        raise AssertionError("de-quantising started before the cache was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", dequantise)
+    code, out, err = run(["plan", spec(tmp_path, "attn.q: lora(r=2)\n"), "smollm2"], capsys, monkeypatch)
+    assert code == 2 and f"cannot write the model cache {tmp_path / 'file' / 'cache'}" in err
+    assert "SURGERY_CACHE" in err and "Traceback" not in out + err
+
