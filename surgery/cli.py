@@ -27,7 +27,8 @@ out = Console(soft_wrap=True, width=_WIDTH)
 err = Console(stderr=True, soft_wrap=True, width=_WIDTH)
 
 DEFAULT_MODEL = "smollm2"
-MODEL_HELP = "a transformers model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct"
+MODEL_HELP = ("a transformers model directory, or 'smollm2' for the built-in SmolLM2-135M-Instruct "
+              "(a path named smollm2 that exists wins)")
 # Seeds reach torch.manual_seed and generators after arithmetic (seed * 1000 + …), which must stay
 # inside 64 bits; 32 bits is plenty of seeds and leaves that room.
 SEED = dict(min=0, max=2**32 - 1, help="seed for inputs and initialisation (0 to 2**32 - 1)")
@@ -40,7 +41,8 @@ def _status(message: str):
 
 
 def _model_dir(model_dir: str) -> Path:
-    if model_dir == DEFAULT_MODEL:
+    # A directory the user has that happens to be called "smollm2" is theirs, not the built-in model.
+    if model_dir == DEFAULT_MODEL and not Path(model_dir).exists():
         from surgery.models import smollm2_dir
 
         with _status("preparing SmolLM2-135M-Instruct (first run de-quantises the GGUF, ~1 min)"):
@@ -81,6 +83,14 @@ def _check_writable(path: Path, *, make_parents: bool = False) -> None:
     else:
         return
     raise SurgeryError(f"cannot write {path}: {problem}")
+
+
+def _check_outside(output: Path, model_dir: Path) -> None:
+    """MODEL_DIR is never written: refuse an output that is it or lies inside it (through symlinks too)."""
+    out, model = output.resolve(), model_dir.resolve()
+    if out == model or model in out.parents:
+        raise SurgeryError(f"{output} is inside the model directory {model_dir}, which is never written; "
+                           "choose an output elsewhere")
 
 
 def _counts_table(plan) -> Table:
@@ -215,6 +225,7 @@ def apply(spec: Path = typer.Argument(..., help="a .surg file"),
     if output.exists():
         raise SurgeryError(f"{output} already exists; choose a new output directory")
     _check_writable(output, make_parents=True)
+    _check_outside(output, _model_dir(model_dir))
     model, _ = _load(model_dir)
     with _status("verifying and applying") as status:
         result = run(model, parsed, check=check_obligations, seed=seed,

@@ -212,3 +212,33 @@ def test_an_unwritable_cache_is_refused_before_dequantising(tmp_path, capsys, mo
     assert code == 2 and f"cannot write the model cache {tmp_path / 'file' / 'cache'}" in err
     assert "SURGERY_CACHE" in err and "Traceback" not in out + err
 
+
+def test_a_local_directory_named_smollm2_wins_over_the_built_in_model(tmp_path, model_dir, capsys, monkeypatch):
+    import shutil
+
+    import surgery.models
+
+    def built_in():
+        raise AssertionError("the built-in model shadowed ./smollm2")
+
+    monkeypatch.setattr(surgery.models, "smollm2_dir", built_in)
+    shutil.copytree(model_dir, tmp_path / "smollm2")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["plan", spec(tmp_path, "attn.q: lora(r=2)\n"), "smollm2"], capsys, monkeypatch)
+    # The tiny model: 2 layers of 64 wide (SmolLM2 has 30 of 576).
+    assert code == 0 and "model.layers.1.self_attn.q_proj" in out and "model.layers.2." not in out
+    code, out, _ = run(["plan", "--help"], capsys, monkeypatch)
+    assert "exists wins" in out
+
+
+@pytest.mark.parametrize("output", ["{model}", "{model}/sub", "{model}/a/b", "{link}/sub", "{model}/../{name}/x"])
+def test_an_output_inside_the_model_directory_is_refused(tmp_path, model_dir, capsys, monkeypatch, output):
+    """The bug: `-o MODEL_DIR/sub` was accepted, so the model directory was written."""
+    refuse_loading(monkeypatch)
+    before = tree_hash(model_dir)
+    (tmp_path / "link").symlink_to(model_dir)
+    target = output.format(model=model_dir, link=tmp_path / "link", name=model_dir.name)
+    code, out, err = run(["apply", spec(tmp_path, "attn.q: lora(r=2)\n"), model_dir, "-o", target], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in out + err
+    assert "inside the model directory" in err or "already exists" in err
+    assert tree_hash(model_dir) == before
