@@ -130,3 +130,13 @@ def test_a_low_precision_checkpoint_loads_in_its_own_dtype(tmp_path, dtype, meta
     if not meta:
         for (name, p), q in zip(loaded.state_dict().items(), original.state_dict().values()):
             assert torch.equal(p, q), name
+
+
+def test_a_pytorch_bin_checkpoint_is_fitted_alike(tmp_path):
+    original = tiny("llama")
+    saved(tmp_path, original, no_architectures)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(original.state_dict(), tmp_path / "pytorch_model.bin")
+    for meta in (True, False):
+        assert type(load_model(tmp_path, meta=meta)) is transformers.LlamaForCausalLM
+    assert torch.equal(logits(load_model(tmp_path)), logits(original))
