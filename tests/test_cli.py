@@ -143,6 +143,9 @@ def test_a_spec_that_is_not_utf8_is_a_spec_error(tmp_path, model_dir, capsys, mo
         code, out, err = run(command, capsys, monkeypatch)
         assert code == 2 and "Traceback" not in out + err
         assert f"{path}:2:21" in err and "not UTF-8" in err
+    path.write_bytes("\ufeffattn.q: lora(r=2)\n".encode("utf-8"))  # UTF-8 with a byte-order mark is UTF-8
+    code, out, _ = run(["check", path], capsys, monkeypatch)
+    assert code == 0 and "ok" in out
 
 
 @pytest.mark.parametrize("literal, column", [("lora(r=9223372036854775808)", 16), ("lora(r=-9223372036854775809)", 16),

@@ -266,7 +266,7 @@ def parse(text: str, file: str = "<spec>") -> ast.Spec:
 def parse_file(path: str | Path) -> ast.Spec:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is not spec text
     except OSError as e:
         raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:  # point at the first byte that is not UTF-8
