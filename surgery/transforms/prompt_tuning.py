@@ -33,19 +33,26 @@ model numbers them after the cache, as it would. Hence a padded row equals the r
 the untouched model's does: always on rotary models; on learned absolute positions (GPT-2, BERT),
 which shift a padded row unless ``position_ids`` are given, with ``generate()`` or given positions.
 
+Learned positions. GPT-2 and BERT look positions up in a table of N rows (role ``embed.pos``), and
+the prompt takes n of them: a length n ≥ N is refused when the step is applied (the plan only sees
+the embedding; the apply refuses before changing anything), and an input longer than N − n tokens
+is a :class:`ModelError` naming the limit, not an IndexError. Encoders work as decoders do (PEFT
+tunes prompts for BERT's classification and feature extraction): P is prepended, every token
+attends to it, and its outputs are cut off; an encoder has no KV cache and no decode.
+
 Difference from PEFT: PEFT keeps the n virtual logits and scores the first real token from the last
 virtual one (its labels are ``[-100]·n + labels``); here ``model(ids, labels=ids).loss`` scores the
 same T-1 predictions the plain model scores, so losses with and without the prompt compare directly.
 PEFT also drops given ``position_ids`` for prompt tuning; here they are kept and shifted.
 
-Obligations:
+Obligations (inputs shortened to fit a learned position table after the prompt):
 
 * length 0 is the identity: the prompt sliced to 0 rows, on a batch with a left-padded row.
 * equals feeding the virtual embeddings by hand: the original fed ``inputs_embeds = [P; e(x)]``,
   on the real positions; and a batch with a left-padded row against the original fed
   [padding, P, e(x)] (relative to the logits' scale, since the column order differs).
 * prefill + token-by-token decode with the KV cache equals the full forward (relative to the
-  logits' scale).
+  logits' scale; an encoder, which returns no cache, has nothing to check: 0).
 * left-padded batch equals each row alone (:meth:`surgery.verify.Check.padded_rows_error`): with
   and without ``generate()``'s position_ids, full forward and decode, each variant checked where
   the untouched model keeps it (every variant on rotary models; with positions on GPT-2 and BERT).
@@ -61,7 +68,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from surgery.arch import backbone_prefix
+from surgery.arch import backbone_prefix, detect
 from surgery.errors import ApplyError, ModelError, SpecError
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
@@ -86,9 +93,10 @@ class PromptTuningParams(Params):
 class PromptEmbedding(nn.Module):
     """The virtual-token embeddings P ∈ ℝ^{n×d} (float32, like PEFT's; cast to the model's dtype)."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, max_positions: int | None = None):
         super().__init__()
         self.prompt_embeddings = nn.Parameter(weight)
+        self.max_positions = max_positions  # rows of a learned position table (GPT-2, BERT); None: no limit
 
     @property
     def length(self) -> int:
@@ -135,6 +143,20 @@ def positions_after_padding(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([virtual, n + torch.arange(mask.shape[1], device=mask.device).expand_as(mask)], dim=1)
 
 
+def _check_room(prompt: "PromptEmbedding", positions: torch.Tensor | None, default_end: int) -> None:
+    """A clear error, not an IndexError, for an input that runs past a learned position table.
+    `positions`: the position ids passed on (virtual tokens included); else the model counts up to
+    `default_end`."""
+    limit = prompt.max_positions
+    if limit is None:
+        return
+    end = int(positions.max()) + 1 if positions is not None and positions.numel() else default_end
+    if end > limit:
+        raise ModelError(f"the model has {limit} learned positions and prompt tuning puts {prompt.length} "
+                         f"virtual tokens first, so an input may hold at most {limit - prompt.length} "
+                         f"tokens; this one needs {end - prompt.length}")
+
+
 def _hooks():
     """The (pre, post) forward hooks of the backbone. They find the prompt and the embedding through
     the hooked module, not a closure, so a deep copy of the model uses its own copies."""
@@ -164,6 +186,7 @@ def _hooks():
             if prefill:
                 positions = _prepend(positions, torch.arange(n, device=positions.device, dtype=positions.dtype))
             kwargs["position_ids"] = positions
+        _check_room(prompt, kwargs.get("position_ids"), (n if prefill else cache.get_seq_length()) + length)
         if not prefill:
             return (), kwargs
         if embeds is None:
@@ -190,6 +213,18 @@ def _hooks():
         return output if want_dict else output.to_tuple()
 
     return before, after
+
+
+def learned_positions(model: nn.Module) -> tuple[str, int] | None:
+    """(path, rows) of the model's learned absolute position table (role ``embed.pos``: GPT-2's
+    ``wpe``, BERT's ``position_embeddings``), or None when positions are not looked up in a table."""
+    try:
+        role = detect(model).model.get("embed.pos")
+    except ModelError:  # no role map: nothing known about positions
+        return None
+    path = backbone_prefix(model) + role if role else None
+    table = dict(model.named_modules()).get(path) if path else None
+    return (path, table.num_embeddings) if isinstance(table, nn.Embedding) else None
 
 
 def find_prompt(model: nn.Module) -> PromptEmbedding:
@@ -222,8 +257,14 @@ class PromptTuning:
             raise ApplyError(f"{targets[0].path} is not the input embedding of the model's backbone")
         if getattr(backbone, ATTRIBUTE, None) is not None:
             raise ApplyError("the model already has a prompt-tuning prompt")
+        table = learned_positions(model)
+        if table is not None and p.length >= table[1]:
+            name, rows = table
+            raise SpecError(f"{model.config.model_type} has {rows} learned positions ({name}); "
+                            f"{p.length} virtual tokens leave none for the input "
+                            f"(prompt_tuning needs a length of at most {rows - 1})")
         hidden = embed.weight.shape[1]
-        prompt = PromptEmbedding(_initial_prompt(p, embed, hidden))
+        prompt = PromptEmbedding(_initial_prompt(p, embed, hidden), table and table[1])
         edit.set_attr(backbone, ATTRIBUTE, prompt)
         before, after = _hooks()
         edit.hook(backbone.register_forward_pre_hook(before, with_kwargs=True))
@@ -243,6 +284,13 @@ class PromptTuning:
         return {"prompt_embeddings": find_prompt(model).prompt_embeddings.detach()}
 
     # ------------------------------------------------------------------------------ obligations
+
+    @staticmethod
+    def _length(check, want: int) -> int:
+        """`want` input tokens, or fewer where a learned position table leaves less room after the prompt."""
+        table = learned_positions(check.original)
+        room = table[1] - find_prompt(check.surgered).length if table else want
+        return max(1, min(want, room))
 
     @staticmethod
     def _returns_cache(model: nn.Module, ids: torch.Tensor) -> bool:
@@ -270,7 +318,7 @@ class PromptTuning:
 
     @obligation("equals feeding the virtual embeddings by hand", tol=1e-5)
     def by_hand(self, p, check) -> float:
-        ids = check.tokens()
+        ids = check.tokens(length=self._length(check, 16))
         n = p.length
         embed = check.module(check.targets[0].path, surgered=False)
         with torch.no_grad():
@@ -292,9 +340,11 @@ class PromptTuning:
 
     @obligation("prefill + decode equals the full forward", tol=1e-5)
     def cache_consistent(self, p, check) -> float:
-        ids = check.tokens(length=12)
-        k = 5
+        ids = check.tokens(length=self._length(check, 12))
+        k = max(1, min(5, ids.shape[1] - 1))
         model = check.surgered
+        if not self._returns_cache(model, ids):
+            return 0.0  # an encoder (BERT) keeps no KV cache: there is no decode path to check
         full = check.logits(model, ids, attention_mask=torch.ones_like(ids))
         steps = []
         with torch.no_grad():
@@ -310,7 +360,7 @@ class PromptTuning:
 
     @obligation("left-padded batch equals each row alone", tol=1e-4)
     def padded_rows(self, p, check) -> float:
-        width = 16
+        width = self._length(check, 16)
         lengths = (width, max(1, 2 * width // 3), max(1, width // 3))
         decode = min(3, min(lengths) - 1) if self._returns_cache(check.surgered, check.tokens()) else 0
         errors = [0.0]

@@ -9,9 +9,10 @@ import pytest
 import safetensors.torch
 import torch
 
+import surgery
 import surgery.transforms.prompt_tuning as pt
 from surgery.apply import apply_plan
-from surgery.errors import SpecError
+from surgery.errors import ModelError, SpecError
 from surgery.models import load_model, tiny
 from surgery.plan import build_plan
 from surgery.syntax import parse
@@ -48,7 +49,7 @@ def by_hand(original, prompt, ids, **kwargs):
 # ------------------------------------------------------------------------------- obligations
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
 def test_obligations_hold(arch):
     model = tiny(arch)
     report = verify(build_plan(parse(f"embed: prompt_tuning({N})"), model), model)
@@ -318,6 +319,37 @@ def test_rollback_is_exact():
     assert {k: p.requires_grad for k, p in model.named_parameters()} == grad
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+# -------------------------------------------------------------------- learned positions
+
+
+@pytest.mark.parametrize("arch, rows, path", [("gpt2", 64, "transformer.wpe"),
+                                              ("bert", 64, "bert.embeddings.position_embeddings")])
+def test_a_prompt_that_fills_the_position_table_is_refused_before_any_change(arch, rows, path):
+    """Issue 5: such a spec could never verify and reported a bare "error inf"."""
+    model = tiny(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SpecError) as e:
+        surgery.compile(model, f"embed: prompt_tuning({rows})")
+    assert f"{arch} has {rows} learned positions ({path}); {rows} virtual tokens leave none for the input" \
+        in str(e.value)
+    assert "at most 63" in str(e.value)
+    assert not any(isinstance(m, pt.PromptEmbedding) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_prompt_that_leaves_few_positions_verifies_and_limits_the_input():
+    model = tiny("gpt2")
+    result = surgery.compile(model, "embed: prompt_tuning(60)")
+    assert result.report.ok, result.report.text()
+    with torch.no_grad():
+        assert model(input_ids=tokens(2, 4)).logits.shape == (2, 4, 128)
+        with pytest.raises(ModelError, match="an input may hold at most 4 tokens; this one needs 5"):
+            model(input_ids=tokens(2, 5))
+        out = model(input_ids=tokens(2, 3), use_cache=True)
+        with pytest.raises(ModelError, match="at most 4 tokens; this one needs 5"):
+            model(input_ids=tokens(2, 2), cache=out.cache, use_cache=True)
 
 
 # -------------------------------------------------------------------------- initialisation
