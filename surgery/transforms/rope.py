@@ -50,7 +50,9 @@ Obligations (float32; L positions per call unless noted):
 * left-padded batch equals each row alone (relative to the logits' scale): rows of min(16, L)
   tokens and fewer, with and without ``generate()``'s position_ids, full forward and token-by-token
   decode (:meth:`surgery.verify.Check.padded_rows_error`). RoPE sees only position differences, so
-  padding cannot change a row; the batch stays within L so that ``ntk_dynamic`` promises it too.
+  a rotary module that honours ``position_ids`` cannot let padding change a row; one that numbers
+  the call's own tokens instead fails at the first decode step. The batch stays within L, where
+  ``ntk_dynamic`` promises it too.
 """
 
 from __future__ import annotations
