@@ -107,6 +107,47 @@ class Check:
         ids = self.tokens()
         return self.max_abs(self.logits(self.surgered, ids), self.logits(self.original, ids))
 
+    @torch.no_grad()
+    def padded_rows_error(self, model: nn.Module, lengths: tuple[int, ...] = (16, 11, 5), *,
+                          generate_positions: bool = False, decode: int = 0, salt: int = 7) -> float:
+        """max |row r of a left-padded batch − row r fed alone| over each row's real tokens, relative
+        to the row's scale as in :meth:`max_rel` (on logits, or the last hidden state).
+
+        Row r holds ``lengths[r]`` seeded tokens right-aligned in a batch of width max(lengths), with
+        pad id 0 and ``attention_mask`` 0 before them. ``generate_positions`` passes ``position_ids``
+        as ``generate()`` computes them (cumsum(mask) − 1, 0 on pads); otherwise none, the model's
+        default. ``decode = k`` feeds the batch's last k tokens one at a time through the KV cache
+        after a prefill of the rest, the mask (and positions) growing as in ``generate()``; the model
+        must return a cache. Each row alone is one forward of its tokens, without mask or positions.
+        A transform whose result depends on positions promises that padding does not change a row."""
+        width = max(lengths)
+        device = next(model.parameters()).device
+        ids = self.tokens(len(lengths), width, salt=salt).to(device)
+        mask = torch.zeros_like(ids)
+        for row, k in enumerate(lengths):
+            mask[row, width - k:] = 1
+        padded = ids * mask
+        cache, pieces = None, []
+        for start, end in [(0, width - decode), *((t, t + 1) for t in range(width - decode, width))]:
+            kwargs = {"input_ids": padded[:, start:end], "attention_mask": mask[:, :end]}
+            if generate_positions:
+                seen = mask[:, :end]
+                kwargs["position_ids"] = (seen.cumsum(-1) - 1).masked_fill(seen == 0, 0)[:, start:]
+            if decode:
+                kwargs.update(use_cache=True, cache=cache)
+            out = model(**kwargs)
+            if decode:
+                cache = getattr(out, "cache", None)
+                if cache is None:
+                    raise TypeError(f"{type(model).__name__} returns no KV cache to decode with")
+            pieces.append(out.logits if hasattr(out, "logits") else out.last_hidden_state)
+        batch = torch.cat(pieces, dim=1).float()
+        errors = [0.0]
+        for row, k in enumerate(lengths):
+            alone = self.logits(model, ids[row:row + 1, width - k:])
+            errors.append(self.max_rel(batch[row:row + 1, width - k:], alone))
+        return max(errors)
+
     @staticmethod
     def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
         """max |a − b| / max(1, max |b|): float32 error grows with the logits' scale on real models."""

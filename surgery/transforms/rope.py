@@ -14,6 +14,11 @@ cos/sin by an attention temperature); s is the scale, L the trained context leng
   https://www.reddit.com/r/LocalLLaMA/comments/14mrgpr/ (transformers "dynamic"). Unlike
   transformers' module, ours keeps no state between calls: the same input always gives the same
   output (theirs keeps the frequencies of a longer call for a later call of length exactly L).
+  n is the whole batch's, as in transformers: once the longest row of a batch passes L, every row
+  of it is computed with that row's frequencies, so a short row differs from itself fed alone. We
+  keep this on purpose: the exported ``rope_parameters`` ("dynamic") reproduce exactly it, and
+  frequencies per row would make the saved model disagree with the surgered one. Within L, which
+  is what the kind promises to leave untouched, every row is plain RoPE whatever its batch.
 * ``yarn`` — per pair, blend interpolation θ_i/s and extrapolation θ_i by a ramp over the number
   of rotations pair i makes within L (≥ beta_fast rotations: keep θ_i; ≤ beta_slow: θ_i/s), and
   scale cos/sin by 0.1·ln s + 1. Peng et al. 2023, https://arxiv.org/abs/2309.00071; matches
@@ -42,6 +47,12 @@ Obligations (float32; L positions per call unless noted):
   model for N ≤ L (N = L, the boundary, and N = L/2); ``yarn`` pairs making ≥ beta_fast
   rotations in L keep θ_i, pairs making ≤ beta_slow are θ_i/s, the rest lie between, and
   cos²+sin² = (0.1·ln s + 1)², all from the paper's definitions in float64.
+* left-padded batch equals each row alone (relative to the logits' scale): rows of min(16, L)
+  tokens and fewer, with and without ``generate()``'s position_ids, full forward and token-by-token
+  decode (:meth:`surgery.verify.Check.padded_rows_error`). RoPE sees only position differences, so
+  a rotary module that honours ``position_ids`` cannot let padding change a row; one that numbers
+  the call's own tokens instead fails at the first decode step. The batch stays within L, where
+  ``ntk_dynamic`` promises it too.
 """
 
 from __future__ import annotations
@@ -388,3 +399,11 @@ class Rope:
             cos, sin = ours(x, self._positions(4 * L, x.device))
         errors.append(((cos.double() ** 2 + sin.double() ** 2) - temperature ** 2).abs().max().item())
         return max(errors)
+
+    @obligation("left-padded batch equals each row alone", tol=1e-4)
+    def padded_rows(self, p, check) -> float:
+        width = min(16, trained_length(p, check.module(check.targets[0].path, surgered=False).config))
+        lengths = (width, max(1, 2 * width // 3), max(1, width // 3))
+        decode = min(3, min(lengths) - 1)
+        return max(check.padded_rows_error(check.surgered, lengths, generate_positions=positions, decode=steps)
+                   for positions in (False, True) for steps in sorted({0, decode}))

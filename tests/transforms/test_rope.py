@@ -61,7 +61,7 @@ def test_obligations_hold(arch, kind):
     assert [t.path for t in plan.steps[0].targets] == ["model.rotary_emb"]
     report = verify(plan, model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 4
+    assert len(report.measurements) == 5
     assert all(math.isfinite(m.error) and m.error <= m.tol for m in report.measurements)
 
 
@@ -255,6 +255,45 @@ def test_obligations_fail_on_yarn_without_temperature():
     assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
     assert ratios["equals transformers' rope (logits past L)"] > 1
     assert ratios["defining property of the kind (see docstring)"] > 1
+
+
+PADDED = "left-padded batch equals each row alone"
+
+
+@pytest.mark.parametrize("kind", ["linear", "ntk", "ntk_dynamic", "yarn"])
+def test_padded_obligation_fails_when_position_ids_are_ignored(kind):
+    # Numbering the call's own tokens is right for a full forward from position 0, which is all the
+    # other obligations feed; a decode step through the KV cache after a (padded) prefill is not.
+    class CallColumns(RescaledRope):
+        def forward(self, x, position_ids):
+            columns = torch.arange(position_ids.shape[-1], device=position_ids.device)
+            return super().forward(x, columns.expand_as(position_ids))
+
+    def wrong(p, c):
+        right = build_rope(p, c)
+        return CallColumns(right.inv_freq, right.attention_scaling, right.dynamic)
+
+    ratios = measure(KINDS[kind], wrong)
+    assert {name for name, ratio in ratios.items() if ratio > 1} == {PADDED}
+    assert ratios[PADDED] > 10
+
+
+def test_dynamic_past_L_follows_the_batch_longest_row_as_transformers_does():
+    """The choice documented for ntk_dynamic: past L a short row takes its batch's frequencies."""
+    model = tiny("llama")
+    plan = plan_for(KINDS["ntk_dynamic"], model)
+    plain = from_saved_config(model, Rope().rope_parameters(plan.steps[0].params, model.config))
+    apply_plan(plan, model)
+    ids, short = tokens(N), 20
+    mask = torch.ones_like(ids)
+    mask[1, : N - short] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(input_ids=ids * mask, attention_mask=mask, position_ids=positions).logits
+        theirs = plain(input_ids=ids * mask, attention_mask=mask, position_ids=positions).logits
+        alone = model(input_ids=ids[1:, N - short:]).logits
+    assert (ours[1, N - short:] - theirs[1, N - short:]).abs().max() <= 1e-5
+    assert (ours[1, N - short:] - alone[0]).abs().max() > 1e-3  # not the row alone, by design
 
 
 def test_identity_obligation_fails_when_scale_one_is_not_plain(monkeypatch):
