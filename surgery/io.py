@@ -19,10 +19,15 @@ or not at all; an existing directory is never overwritten. Layout:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
 
 import safetensors.torch
@@ -41,15 +46,114 @@ from surgery.transforms.registry import Anchor
 FORMAT = 1
 
 
-def _atomic_dir(out_dir: Path):
-    """A temporary sibling of `out_dir` to fill, and a function that renames it into place."""
+def _atomic_dir(out_dir: Path) -> Path:
+    """A temporary sibling of `out_dir` to fill, named after its owner; stale ones are removed first."""
     if out_dir.exists():
         raise SaveError(f"{out_dir} already exists; choose a new output directory")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+        _remove_stale_partials(out_dir.parent)
+        return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-{_owner()}-"))
     except OSError as e:
         raise SaveError(f"cannot write {out_dir}: {e.strerror or e}") from None
+
+
+# A temporary is ``.NAME.partial-PID-BOOT-HOST-RANDOM``: the owner's pid, and hashes of the boot id and
+# host name that make the pid meaningful (a pid is only unique on one host, between two boots).
+_PARTIAL = re.compile(r"\..+\.partial-(\d+)-([0-9a-f]{8})-([0-9a-f]{8})-[^-]+")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _owner() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: a pid reused after a reboot then keeps a stale temporary (never the reverse)
+        boot = ""
+    return f"{os.getpid()}-{_short_hash(boot)}-{_short_hash(socket.gethostname())}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _remove_stale_partials(parent: Path) -> None:
+    """Remove temporaries left in `parent` by saves of this host whose process is gone (e.g. SIGKILL).
+
+    Only this boot's temporaries are judged; a live process's, another host's (a shared file system)
+    or an unrecognised name are never touched.
+    """
+    _, boot, host = _owner().split("-")
+    for path in parent.iterdir():
+        match = _PARTIAL.fullmatch(path.name)
+        if (match and match[2] == boot and match[3] == host and not _alive(int(match[1]))
+                and path.is_dir() and not path.is_symlink()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class _Signalled(BaseException):
+    """SIGINT or SIGTERM arrived during a save (a BaseException, so no ``except Exception`` eats it)."""
+
+
+class _Interruptions:
+    """For the duration of a save, SIGINT and SIGTERM become :class:`_Signalled`, so the temporary is
+    removed; on exit the old handlers are back and the signal is delivered again to do what it would
+    have done (SIGINT: ``KeyboardInterrupt``; default SIGTERM: the process ends).
+
+    Raising is armed only while a temporary exists to clean; a signal at any other moment, or a second
+    one during the cleanup, is held until the end. Handlers can only be set on the main thread; an
+    ignored signal stays ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "_Interruptions":
+        self.pending: int | None = None
+        self.armed = False
+        self.old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                old = signal.getsignal(sig)
+                if old not in (signal.SIG_IGN, None):  # None: set outside Python, so it could not be restored
+                    self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.pending = self.pending or signum
+        if self.armed:
+            self.armed = False
+            raise _Signalled(signum)
+
+    def arm(self) -> None:
+        self.armed = True
+        if self.pending is not None:
+            self.armed = False
+            raise _Signalled(self.pending)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __exit__(self, kind, error, tb) -> bool:
+        self.armed = False
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        if self.pending is None:
+            return False
+        try:
+            signal.raise_signal(self.pending)
+        except BaseException as e:  # e.g. KeyboardInterrupt from the default SIGINT handler
+            raise e from None
+        if isinstance(error, _Signalled):  # the old handler returned: the save still did not happen
+            raise SaveError(f"interrupted by {signal.Signals(self.pending).name}; nothing was written") from None
+        return False
 
 
 def _default_permissions(root: Path) -> None:
@@ -170,53 +274,66 @@ def _task_type(model: nn.Module) -> str:
 
 
 def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
-    """Write `result` (a :class:`surgery.api.Result`) to `out_dir`, atomically."""
+    """Write `result` (a :class:`surgery.api.Result`) to `out_dir`, atomically.
+
+    On any failure or interruption (an exception, Ctrl-C, SIGTERM) the temporary is removed; an
+    interruption is then passed on as it came. A save killed outright (SIGKILL, power loss) leaves its
+    temporary, which the next save into the same parent directory removes once its process is gone.
+    """
     out_dir = Path(out_dir)
-    model, plan = result.model, result.plan
-    tmp = _atomic_dir(out_dir)
-    try:
-        merged = merged_steps(plan, model) if merge else set()
-        # Plain transformers whenever it reproduces every step (rope scaling, trained biases, merged
-        # adapters): then `from_pretrained` alone loads the result.
-        plain = all(_plain_representable(s, merged, model.config) for s in plan.steps)
-        meta = {
-            "format": FORMAT,
-            "spec": plan.spec.source,
-            "seed": result.seed,
-            "plan": plan.to_json(),
-            "model_class": type(model).__name__,
-            "merged_steps": sorted(merged),
-            "plain": plain,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        }
-        (tmp / "spec.surg").write_text(plan.spec.source)
-        if result.report is not None:
-            (tmp / "report.json").write_text(json.dumps(result.report.to_json(), indent=2))
-        meta["peft"] = _peft_export(plan, model, tmp) if not merge else "not written: --merge folds the adapters"
-        config = copy.deepcopy(model.config)
-        rope = [s for s in plan.steps if hasattr(s.spec.instance(), "rope_parameters")]
-        if plain:
-            out = _merged_model(model, plan, merged)
-            for step in rope:
-                config.rope_parameters = step.spec.instance().rope_parameters(step.params, config)
-            out.config = config
-            with torch.no_grad():
-                # The rotary module was swapped; the config now says how transformers rebuilds it.
-                out.save_pretrained(str(tmp), safe_serialization=True)
-        else:
-            to_save = _merged_model(model, plan, merged) if merged else model
-            (tmp / "base_config.json").write_text(model.config.to_json_string())
-            safetensors.torch.save_model(to_save, str(tmp / "surgery.safetensors"))
-        (tmp / "surgery.json").write_text(json.dumps(meta, indent=2, default=str))
-        _default_permissions(tmp)
-        os.replace(tmp, out_dir)
-    except SurgeryError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SaveError(f"could not write {out_dir}: {type(e).__name__}: {e}") from e
+    with _Interruptions() as interruptions:
+        tmp = _atomic_dir(out_dir)
+        try:
+            interruptions.arm()
+            _write(result, tmp, merge)
+            _default_permissions(tmp)
+            os.replace(tmp, out_dir)
+            interruptions.disarm()
+        except BaseException as e:
+            interruptions.disarm()
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, SurgeryError) or not isinstance(e, Exception):
+                raise
+            raise SaveError(f"could not write {out_dir}: {type(e).__name__}: {e}") from e
     return out_dir
+
+
+def _write(result, tmp: Path, merge: bool) -> None:
+    """Fill the temporary directory `tmp` (see the module docstring for the layout)."""
+    model, plan = result.model, result.plan
+    merged = merged_steps(plan, model) if merge else set()
+    # Plain transformers whenever it reproduces every step (rope scaling, trained biases, merged
+    # adapters): then `from_pretrained` alone loads the result.
+    plain = all(_plain_representable(s, merged, model.config) for s in plan.steps)
+    meta = {
+        "format": FORMAT,
+        "spec": plan.spec.source,
+        "seed": result.seed,
+        "plan": plan.to_json(),
+        "model_class": type(model).__name__,
+        "merged_steps": sorted(merged),
+        "plain": plain,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    (tmp / "spec.surg").write_text(plan.spec.source)
+    if result.report is not None:
+        (tmp / "report.json").write_text(json.dumps(result.report.to_json(), indent=2))
+    meta["peft"] = _peft_export(plan, model, tmp) if not merge else "not written: --merge folds the adapters"
+    config = copy.deepcopy(model.config)
+    rope = [s for s in plan.steps if hasattr(s.spec.instance(), "rope_parameters")]
+    if plain:
+        out = _merged_model(model, plan, merged)
+        for step in rope:
+            config.rope_parameters = step.spec.instance().rope_parameters(step.params, config)
+        out.config = config
+        with torch.no_grad():
+            # The rotary module was swapped; the config now says how transformers rebuilds it.
+            out.save_pretrained(str(tmp), safe_serialization=True)
+    else:
+        to_save = _merged_model(model, plan, merged) if merged else model
+        (tmp / "base_config.json").write_text(model.config.to_json_string())
+        safetensors.torch.save_model(to_save, str(tmp / "surgery.safetensors"))
+    (tmp / "surgery.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def load(out_dir: str | Path) -> nn.Module:

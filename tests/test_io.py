@@ -201,3 +201,121 @@ def test_output_gets_ordinary_permissions(tmp_path):
         os.umask(old)
     assert oct(out.stat().st_mode & 0o777) == "0o755"
     assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()} == {"0o644"}
+
+
+# A child process that saves slowly: it writes the tensors, says so, then waits inside the save (in
+# Python, between bytecodes, where signal handlers run) until the test signals it.
+SLOW_SAVE = """
+import pathlib, sys, time
+import safetensors.torch, torch
+torch.set_num_threads(1)
+import surgery
+from surgery.models import tiny
+
+out, ready = sys.argv[1:3]
+real = safetensors.torch.save_model
+
+def slow(*args, **kwargs):
+    real(*args, **kwargs)
+    pathlib.Path(ready).touch()
+    while True:
+        time.sleep(0.05)
+
+safetensors.torch.save_model = slow
+result = surgery.compile(tiny("llama"), "attn.q: lora(r=2); attn: window(8)", check=False)
+try:
+    result.save(out)
+except KeyboardInterrupt:
+    sys.exit(130)  # Ctrl-C came through as itself (not a SaveError)
+"""
+
+
+def _partials(parent, name="out"):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.partial-"))
+
+
+def test_signals_during_save_clean_up_and_a_killed_save_is_cleaned_by_the_next(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    runs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        parent = tmp_path / sig.name
+        parent.mkdir()
+        child = subprocess.Popen([sys.executable, str(script), str(parent / "out"), str(parent / "ready")],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        runs[sig] = (parent, child)
+    deadline = time.monotonic() + 300
+    for sig, (parent, child) in runs.items():
+        while not (parent / "ready").exists():
+            assert child.poll() is None, child.stdout.read().decode()
+            assert time.monotonic() < deadline, "the child never reached the slow save"
+            time.sleep(0.05)
+        assert len(_partials(parent)) == 1  # mid-save: the temporary exists
+        child.send_signal(sig)
+    for sig, (parent, child) in runs.items():
+        output = child.communicate(timeout=60)[0].decode()
+        assert child.returncode == {signal.SIGINT: 130, signal.SIGTERM: -signal.SIGTERM,
+                                    signal.SIGKILL: -signal.SIGKILL}[sig], output
+        assert not (parent / "out").exists()
+    assert _partials(tmp_path / "SIGINT") == [] and _partials(tmp_path / "SIGTERM") == []
+
+    # SIGKILL cannot be caught: the temporary stays until the next save into that directory, which
+    # removes it because its process is gone, and leaves a live process's and another host's alone.
+    parent = tmp_path / "SIGKILL"
+    [stale] = _partials(parent)
+    pid, boot, host = stale.split("partial-")[1].split("-")[:3]
+    live = parent / f".out.partial-{os.getpid()}-{boot}-{host}-live"
+    elsewhere = parent / f".out.partial-{pid}-{boot}-00000000-other"
+    live.mkdir(), elsewhere.mkdir()
+    result = surgery.compile(tiny("llama"), "attn.q: lora(r=2)", check=False)
+    result.save(parent / "out")
+    assert _partials(parent) == sorted([live.name, elsewhere.name])
+    assert surgery.load(parent / "out") is not None
+
+
+def test_a_signal_handled_by_the_caller_still_cleans_up_and_reaches_the_caller(tmp_path, monkeypatch):
+    import signal
+
+    import safetensors.torch
+
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    real = safetensors.torch.save_model
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors.torch, "save_model", interrupted)
+    try:
+        result = surgery.compile(tiny("llama"), "attn.q: lora(r=2); attn: window(8)", check=False)
+        with pytest.raises(surgery.SaveError, match="interrupted by SIGTERM; nothing was written"):
+            result.save(tmp_path / "out")
+        assert seen == [signal.SIGTERM]  # delivered once, after the cleanup
+        assert os.listdir(tmp_path) == []
+        handler = signal.getsignal(signal.SIGTERM)
+        assert handler is not None and handler.__name__ == "<lambda>"  # the caller's handler is back
+        # Ctrl-C in the same place arrives as KeyboardInterrupt, with the temporary gone.
+        monkeypatch.setattr(safetensors.torch, "save_model",
+                            lambda *a, **k: (real(*a, **k), os.kill(os.getpid(), signal.SIGINT)))
+        with pytest.raises(KeyboardInterrupt):
+            result.save(tmp_path / "out")
+        assert os.listdir(tmp_path) == []
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_save_from_another_thread_works_without_signal_handlers(tmp_path):
+    import threading
+
+    result = surgery.compile(tiny("llama"), "attn.q: lora(r=2)", check=False)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(result.save(tmp_path / "out")))
+    thread.start(), thread.join()
+    assert errors == [tmp_path / "out"] and surgery.load(tmp_path / "out") is not None
