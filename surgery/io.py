@@ -30,6 +30,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import safetensors
 import safetensors.torch
 import torch
 import transformers
@@ -298,6 +299,18 @@ def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
     return out_dir
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtypes(model: nn.Module) -> dict:
+    """The model's dtype, and each saved tensor whose dtype differs from it (quantized storage, an
+    adapter kept in float32 on a bf16 base, …): what :func:`load` rebuilds, tensor by tensor."""
+    dtype = _dtype_name(model.dtype)
+    return {"dtype": dtype,
+            "dtypes": {k: _dtype_name(v.dtype) for k, v in model.state_dict().items() if _dtype_name(v.dtype) != dtype}}
+
+
 def _write(result, tmp: Path, merge: bool) -> None:
     """Fill the temporary directory `tmp` (see the module docstring for the layout)."""
     model, plan = result.model, result.plan
@@ -305,6 +318,7 @@ def _write(result, tmp: Path, merge: bool) -> None:
     # Plain transformers whenever it reproduces every step (rope scaling, trained biases, merged
     # adapters): then `from_pretrained` alone loads the result.
     plain = all(_plain_representable(s, merged, model.config) for s in plan.steps)
+    to_save = _merged_model(model, plan, merged) if plain or merged else model
     meta = {
         "format": FORMAT,
         "spec": plan.spec.source,
@@ -313,31 +327,31 @@ def _write(result, tmp: Path, merge: bool) -> None:
         "model_class": type(model).__name__,
         "merged_steps": sorted(merged),
         "plain": plain,
+        **_dtypes(to_save),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     (tmp / "spec.surg").write_text(plan.spec.source)
     if result.report is not None:
         (tmp / "report.json").write_text(json.dumps(result.report.to_json(), indent=2))
     meta["peft"] = _peft_export(plan, model, tmp) if not merge else "not written: --merge folds the adapters"
-    config = copy.deepcopy(model.config)
-    rope = [s for s in plan.steps if hasattr(s.spec.instance(), "rope_parameters")]
     if plain:
-        out = _merged_model(model, plan, merged)
-        for step in rope:
-            config.rope_parameters = step.spec.instance().rope_parameters(step.params, config)
-        out.config = config
+        config = copy.deepcopy(model.config)
+        for step in plan.steps:
+            impl = step.spec.instance()
+            if hasattr(impl, "rope_parameters"):
+                config.rope_parameters = impl.rope_parameters(step.params, config)
+        to_save.config = config
         with torch.no_grad():
             # The rotary module was swapped; the config now says how transformers rebuilds it.
-            out.save_pretrained(str(tmp), safe_serialization=True)
+            to_save.save_pretrained(str(tmp), safe_serialization=True)
     else:
-        to_save = _merged_model(model, plan, merged) if merged else model
         (tmp / "base_config.json").write_text(model.config.to_json_string())
         safetensors.torch.save_model(to_save, str(tmp / "surgery.safetensors"))
     (tmp / "surgery.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def load(out_dir: str | Path) -> nn.Module:
-    """Rebuild the model saved in `out_dir` exactly as it was saved."""
+    """Rebuild the model saved in `out_dir` exactly as it was saved: every tensor bit-exact, dtype included."""
     out_dir = Path(out_dir)
     meta_file = out_dir / "surgery.json"
     if not meta_file.is_file():
@@ -345,21 +359,50 @@ def load(out_dir: str | Path) -> nn.Module:
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise SaveError(f"{out_dir} has format {meta.get('format')!r}; this surgery reads format {FORMAT}")
+    dtype = getattr(torch, meta["dtype"])
     if meta["plain"]:
         cls = getattr(transformers, meta["model_class"], None) or transformers.AutoModel
-        return cls.from_pretrained(str(out_dir), dtype=torch.float32).eval()
-    config_dict = json.loads((out_dir / "base_config.json").read_text())
-    config = transformers.AutoConfig.for_model(**config_dict)
-    cls = getattr(transformers, meta["model_class"], None) or model_class(config)
-    model = cls(config)
-    spec = parse_text(meta["spec"], str(out_dir / "spec.surg"))
-    plan = build_plan(spec, model)
-    merged = set(meta["merged_steps"])
-    if merged:
-        plan = plan.restricted({s.index for s in plan.steps} - merged)
-    apply_plan(plan, model, seed=meta["seed"])
-    missing, unexpected = safetensors.torch.load_model(model, str(out_dir / "surgery.safetensors"), strict=False)
-    if missing or unexpected:
-        raise SaveError(f"{out_dir} does not match its plan: missing {sorted(missing)[:5]}, "
-                        f"unexpected {sorted(unexpected)[:5]}")
+        model = cls.from_pretrained(str(out_dir), dtype=dtype)
+        recast = _adopt_dtypes(model, meta)
+        if recast:  # from_pretrained gave these the model's dtype: read them again as they were saved
+            for file in sorted(out_dir.glob("*.safetensors")):
+                with safetensors.safe_open(str(file), "pt") as f:
+                    model.load_state_dict({k: f.get_tensor(k) for k in recast & set(f.keys())}, strict=False)
+    else:
+        config_dict = json.loads((out_dir / "base_config.json").read_text())
+        config = transformers.AutoConfig.for_model(**config_dict)
+        cls = getattr(transformers, meta["model_class"], None) or model_class(config)
+        model = cls._from_config(config, dtype=dtype)
+        spec = parse_text(meta["spec"], str(out_dir / "spec.surg"))
+        plan = build_plan(spec, model)
+        merged = set(meta["merged_steps"])
+        if merged:
+            plan = plan.restricted({s.index for s in plan.steps} - merged)
+        apply_plan(plan, model, seed=meta["seed"])
+        _adopt_dtypes(model, meta)
+        missing, unexpected = safetensors.torch.load_model(model, str(out_dir / "surgery.safetensors"), strict=False)
+        if missing or unexpected:
+            raise SaveError(f"{out_dir} does not match its plan: missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]}")
+    wrong = {k: _dtype_name(v.dtype) for k, v in model.state_dict().items()
+             if _dtype_name(v.dtype) != meta["dtypes"].get(k, meta["dtype"])}
+    if wrong:
+        raise SaveError(f"{out_dir}/surgery.json records other dtypes than the rebuilt model has: "
+                        + ", ".join(f"{k} ({v})" for k, v in sorted(wrong.items())[:5]))
     return model.eval()
+
+
+def _adopt_dtypes(model: nn.Module, meta: dict) -> set[str]:
+    """Give every parameter and buffer the dtype it was saved in; returns the keys that changed.
+
+    Loading copies into the existing tensors, so their dtype must be right first. (Entries that are
+    not parameters or buffers, e.g. a quantized layer's statistics, take the saved tensors as they are.)
+    """
+    changed = set()
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for key, tensor in named:
+        dtype = getattr(torch, meta["dtypes"].get(key, meta["dtype"]))
+        if tensor.dtype != dtype and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+            changed.add(key)
+    return changed

@@ -319,3 +319,50 @@ def test_save_from_another_thread_works_without_signal_handlers(tmp_path):
     thread = threading.Thread(target=lambda: errors.append(result.save(tmp_path / "out")))
     thread.start(), thread.join()
     assert errors == [tmp_path / "out"] and surgery.load(tmp_path / "out") is not None
+
+
+def _stored_bytes(model):
+    """Bytes of the distinct tensors in `model`'s state dict (tied weights once)."""
+    seen = {}
+    for value in model.state_dict().values():
+        seen[(value.untyped_storage().data_ptr(), value.storage_offset())] = value.numel() * value.element_size()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_reload_bit_exactly_with_their_dtypes(tmp_path, dtype):
+    model = tiny("llama").to(dtype)
+    result = surgery.compile(model, "attn.*: lora(r=4); attn: window(8, sinks=2); mlp.up: quantize(nf4) + lora(r=2)")
+    model.model.layers[0].self_attn.v_proj.adapter.float()  # an adapter kept in float32 on a low-precision base
+    perturb(model)
+    out = result.save(tmp_path / "out")
+    # The file holds the model as it is in memory: about half the float32 size, not float32.
+    size = (out / "surgery.safetensors").stat().st_size
+    assert _stored_bytes(model) <= size < _stored_bytes(model) + 50_000
+    assert size < 0.6 * _stored_bytes(tiny("llama"))
+    loaded = surgery.load(out)
+    saved = model.state_dict()
+    assert loaded.state_dict().keys() == saved.keys()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == saved[key].dtype and torch.equal(value, saved[key]), key
+    assert loaded.model.layers[0].self_attn.v_proj.adapter.lora_A.weight.dtype == torch.float32
+    assert loaded.model.layers[0].self_attn.q_proj.adapter.lora_A.weight.dtype == dtype
+    assert torch.equal(logits(loaded, ids(n=20)), logits(model, ids(n=20)))
+    assert json.loads((out / "surgery.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_a_merged_low_precision_model_is_exported_in_its_dtype(tmp_path):
+    model = tiny("qwen2").to(torch.bfloat16)
+    result = surgery.compile(model, "attn.*, mlp.*: lora(r=4); model: bitfit")
+    perturb(model)
+    out = result.save(tmp_path / "out", merge=True)
+    assert json.loads((out / "surgery.json").read_text())["plain"]
+    size = (out / "model.safetensors").stat().st_size
+    plain_bytes = _stored_bytes(tiny("qwen2").to(torch.bfloat16))
+    assert plain_bytes <= size < plain_bytes + 50_000  # bf16, not float32 (twice the size)
+    for layer in (m for m in model.modules() if hasattr(m, "merged_weights")):
+        layer.merge()  # the in-memory model now holds the weights the export should hold
+    expected = {k.replace(".base.", "."): v for k, v in model.state_dict().items()}
+    for loaded in (surgery.load(out), transformers.AutoModelForCausalLM.from_pretrained(out)):
+        for key, value in loaded.state_dict().items():
+            assert value.dtype == torch.bfloat16 and torch.equal(value, expected[key]), key
