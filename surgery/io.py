@@ -3,8 +3,11 @@
 An output directory is written to a temporary sibling and renamed into place, so it appears whole
 or not at all; an existing directory is never overwritten. Layout:
 
-* ``surgery.json`` — format version, the spec text, the plan, the seed, the base config, which steps
-  were merged, and what was (or could not be) exported elsewhere; ``spec.surg``; ``report.json``.
+* ``surgery.json`` — the manifest, and the authority on what the directory holds: format version,
+  the spec text, the plan, the seed, which steps were merged, the dtypes, what was (or could not
+  be) exported elsewhere, the sha256 and size of every other file, and a digest of itself.
+  ``spec.surg`` is a human-readable copy of its spec and ``report.json`` the verification report:
+  neither is read to rebuild the model, and both must still match the manifest.
 * Surgery format (when some step is not expressible in plain transformers):
   ``base_config.json`` + ``surgery.safetensors`` (the whole surgered state dict). ``load`` builds the
   base model from the config, re-applies the plan, and loads the state dict: bit-exact.
@@ -14,6 +17,16 @@ or not at all; an existing directory is never overwritten. Layout:
   gives the same outputs.
 * ``peft/`` — ``adapter_config.json`` + ``adapter_model.safetensors`` (keys ``base_model.model.…``)
   when the plan is adapters of a single PEFT type (LoRA, IA3, prompt tuning; a quantized base is fine).
+
+Dtypes: tensors are written in the dtypes the model has in memory (a bf16 model gives a bf16 file,
+half the float32 size); ``surgery.json`` records the model's dtype and every tensor that differs
+from it, and ``load`` rebuilds each tensor in its dtype.
+
+Integrity: ``load`` checks the whole directory before building anything, and any damage — a file
+missing, truncated, replaced or edited (even a one-byte change in a tensor, in ``spec.surg``, or in a
+config), a ``surgery.json`` that is not JSON, has a wrong field or an unknown format — is a
+:class:`SaveError` naming the file. The cost is reading every file once more to hash it, on save
+and on load: sha256 runs at about 1.5 GB/s on one core here, so ~0.3 s for a 500 MB model.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import safetensors
 import safetensors.torch
 import torch
 import transformers
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
 from surgery.apply import apply_plan, get_module
@@ -44,7 +58,7 @@ from surgery.plan import Plan, build_plan
 from surgery.syntax import parse as parse_text
 from surgery.transforms.registry import Anchor
 
-FORMAT = 1
+FORMAT = 2  # 2: a manifest of sha256 hashes and the dtypes; 1 had neither
 
 
 def _atomic_dir(out_dir: Path) -> Path:
@@ -347,52 +361,155 @@ def _write(result, tmp: Path, merge: bool) -> None:
     else:
         (tmp / "base_config.json").write_text(model.config.to_json_string())
         safetensors.torch.save_model(to_save, str(tmp / "surgery.safetensors"))
-    (tmp / "surgery.json").write_text(json.dumps(meta, indent=2, default=str))
+    meta["files"] = {path.relative_to(tmp).as_posix(): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+                     for path in sorted(tmp.rglob("*")) if path.is_file()}
+    meta = json.loads(json.dumps(meta, default=str))  # the digest covers exactly what load will read
+    meta["digest"] = _digest(meta)
+    (tmp / "surgery.json").write_text(json.dumps(meta, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digest(meta: dict) -> str:
+    """sha256 of the manifest's content without its digest (canonical JSON, so layout does not matter)."""
+    rest = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class _File(_Strict):
+    sha256: str
+    bytes: int
+
+
+class Manifest(_Strict):
+    """``surgery.json`` as :func:`load` reads it (a field missing or of the wrong type is damage)."""
+
+    format: int
+    spec: str
+    seed: int
+    plan: dict
+    model_class: str
+    merged_steps: list[int]
+    plain: bool
+    dtype: str
+    dtypes: dict[str, str]
+    peft: str
+    versions: dict[str, str]
+    files: dict[str, _File]
+    digest: str
+
+    @field_validator("dtype")
+    @classmethod
+    def _a_dtype(cls, name: str) -> str:
+        if not isinstance(getattr(torch, name, None), torch.dtype):
+            raise ValueError(f"{name!r} is not a torch dtype")
+        return name
+
+    @field_validator("dtypes")
+    @classmethod
+    def _dtypes(cls, names: dict[str, str]) -> dict[str, str]:
+        for name in names.values():
+            cls._a_dtype(name)
+        return names
+
+
+def _read_manifest(out_dir: Path) -> Manifest:
+    path = out_dir / "surgery.json"
+    if not path.is_file():
+        raise SaveError(f"{out_dir} is not a surgery output directory (no surgery.json)")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SaveError(f"{path} is damaged: {e}") from None
+    if not isinstance(meta, dict):
+        raise SaveError(f"{path} is damaged: a JSON {type(meta).__name__}, not an object")
+    version = meta.get("format")
+    if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT:
+        older = " (written before outputs had a manifest: run `surgery apply` again)" if version == 1 else ""
+        raise SaveError(f"{path} has format {version!r}; this surgery reads format {FORMAT}{older}")
+    try:
+        manifest = Manifest.model_validate(meta)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise SaveError(f"{path} is damaged: {where}: {first['msg']}{more}") from None
+    if manifest.digest != _digest(meta):
+        raise SaveError(f"{path} was changed after it was saved (its content no longer matches its digest)")
+    return manifest
+
+
+def _verify_files(out_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest lists is there, whole and unchanged."""
+    for name, entry in manifest.files.items():
+        path = out_dir / name
+        if not path.is_file():
+            raise SaveError(f"{path} is missing (surgery.json lists it)")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise SaveError(f"{path} is damaged: {size} bytes, {entry.bytes} when saved")
+        if _sha256(path) != entry.sha256:
+            raise SaveError(f"{path} was changed after it was saved (sha256 differs from surgery.json's)")
 
 
 def load(out_dir: str | Path) -> nn.Module:
-    """Rebuild the model saved in `out_dir` exactly as it was saved: every tensor bit-exact, dtype included."""
+    """Rebuild the model saved in `out_dir` exactly as it was saved: every tensor bit-exact, dtype included.
+
+    The directory is verified against its manifest first (see the module docstring); a damaged or
+    edited directory is a :class:`SaveError` naming the file, never a model with other outputs.
+    """
     out_dir = Path(out_dir)
-    meta_file = out_dir / "surgery.json"
-    if not meta_file.is_file():
-        raise SaveError(f"{out_dir} is not a surgery output directory (no surgery.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise SaveError(f"{out_dir} has format {meta.get('format')!r}; this surgery reads format {FORMAT}")
-    dtype = getattr(torch, meta["dtype"])
-    if meta["plain"]:
-        cls = getattr(transformers, meta["model_class"], None) or transformers.AutoModel
-        model = cls.from_pretrained(str(out_dir), dtype=dtype)
-        recast = _adopt_dtypes(model, meta)
-        if recast:  # from_pretrained gave these the model's dtype: read them again as they were saved
-            for file in sorted(out_dir.glob("*.safetensors")):
-                with safetensors.safe_open(str(file), "pt") as f:
-                    model.load_state_dict({k: f.get_tensor(k) for k in recast & set(f.keys())}, strict=False)
-    else:
-        config_dict = json.loads((out_dir / "base_config.json").read_text())
-        config = transformers.AutoConfig.for_model(**config_dict)
-        cls = getattr(transformers, meta["model_class"], None) or model_class(config)
-        model = cls._from_config(config, dtype=dtype)
-        spec = parse_text(meta["spec"], str(out_dir / "spec.surg"))
-        plan = build_plan(spec, model)
-        merged = set(meta["merged_steps"])
-        if merged:
-            plan = plan.restricted({s.index for s in plan.steps} - merged)
-        apply_plan(plan, model, seed=meta["seed"])
-        _adopt_dtypes(model, meta)
-        missing, unexpected = safetensors.torch.load_model(model, str(out_dir / "surgery.safetensors"), strict=False)
-        if missing or unexpected:
-            raise SaveError(f"{out_dir} does not match its plan: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(unexpected)[:5]}")
+    manifest = _read_manifest(out_dir)
+    _verify_files(out_dir, manifest)
+    try:
+        model = _rebuild(out_dir, manifest)
+    except SaveError:
+        raise
+    except Exception as e:  # verified files that still do not rebuild, e.g. under another transformers
+        raise SaveError(f"{out_dir} could not be rebuilt: {type(e).__name__}: {e}") from e
     wrong = {k: _dtype_name(v.dtype) for k, v in model.state_dict().items()
-             if _dtype_name(v.dtype) != meta["dtypes"].get(k, meta["dtype"])}
+             if _dtype_name(v.dtype) != manifest.dtypes.get(k, manifest.dtype)}
     if wrong:
-        raise SaveError(f"{out_dir}/surgery.json records other dtypes than the rebuilt model has: "
+        raise SaveError(f"{out_dir / 'surgery.json'} records other dtypes than the rebuilt model has: "
                         + ", ".join(f"{k} ({v})" for k, v in sorted(wrong.items())[:5]))
     return model.eval()
 
 
-def _adopt_dtypes(model: nn.Module, meta: dict) -> set[str]:
+def _rebuild(out_dir: Path, manifest: Manifest) -> nn.Module:
+    dtype = getattr(torch, manifest.dtype)
+    if manifest.plain:
+        cls = getattr(transformers, manifest.model_class, None) or transformers.AutoModel
+        model = cls.from_pretrained(str(out_dir), dtype=dtype)
+        recast = _adopt_dtypes(model, manifest)
+        if recast:  # from_pretrained gave these the model's dtype: read them again as they were saved
+            for name in manifest.files:
+                if "/" not in name and name.endswith(".safetensors"):
+                    with safetensors.safe_open(str(out_dir / name), "pt") as f:
+                        model.load_state_dict({k: f.get_tensor(k) for k in recast & set(f.keys())}, strict=False)
+        return model
+    config = transformers.AutoConfig.for_model(**json.loads((out_dir / "base_config.json").read_text()))
+    cls = getattr(transformers, manifest.model_class, None) or model_class(config)
+    model = cls._from_config(config, dtype=dtype)
+    plan = build_plan(parse_text(manifest.spec, str(out_dir / "spec.surg")), model)
+    if manifest.merged_steps:
+        plan = plan.restricted({s.index for s in plan.steps} - set(manifest.merged_steps))
+    apply_plan(plan, model, seed=manifest.seed)
+    _adopt_dtypes(model, manifest)
+    missing, unexpected = safetensors.torch.load_model(model, str(out_dir / "surgery.safetensors"), strict=False)
+    if missing or unexpected:
+        raise SaveError(f"{out_dir} does not match its plan: missing {sorted(missing)[:5]}, "
+                        f"unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+def _adopt_dtypes(model: nn.Module, manifest: Manifest) -> set[str]:
     """Give every parameter and buffer the dtype it was saved in; returns the keys that changed.
 
     Loading copies into the existing tensors, so their dtype must be right first. (Entries that are
@@ -401,7 +518,7 @@ def _adopt_dtypes(model: nn.Module, meta: dict) -> set[str]:
     changed = set()
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for key, tensor in named:
-        dtype = getattr(torch, meta["dtypes"].get(key, meta["dtype"]))
+        dtype = getattr(torch, manifest.dtypes.get(key, manifest.dtype))
         if tensor.dtype != dtype and tensor.is_floating_point():
             tensor.data = tensor.data.to(dtype)
             changed.add(key)

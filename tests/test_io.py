@@ -166,12 +166,22 @@ def test_qlora_peft_keys_match_peft_names(tmp_path):
                     for i in range(2) for ab in "AB"]
 
 
+def _forge(out, spec):
+    """Change the spec and re-seal the manifest consistently: what only a deliberate edit would do."""
+    from surgery.io import _digest, _sha256
+
+    meta = json.loads((out / "surgery.json").read_text())
+    meta["spec"] = spec
+    (out / "spec.surg").write_text(spec)
+    meta["files"]["spec.surg"] = {"sha256": _sha256(out / "spec.surg"), "bytes": (out / "spec.surg").stat().st_size}
+    meta["digest"] = _digest(meta)
+    (out / "surgery.json").write_text(json.dumps(meta))
+
+
 def test_load_refuses_weights_that_do_not_match_the_plan(tmp_path):
     model = tiny("llama")
     out = surgery.compile(model, "attn.q: lora(r=2)").save(tmp_path / "out")
-    meta = json.loads((out / "surgery.json").read_text())
-    meta["spec"] = "attn.k: lora(r=2)"  # a plan the saved tensors were not made for
-    (out / "surgery.json").write_text(json.dumps(meta))
+    _forge(out, "attn.k: lora(r=2)")  # a plan the saved tensors were not made for
     with pytest.raises(surgery.SaveError, match="does not match its plan: missing .*k_proj"):
         surgery.load(out)
 
@@ -366,3 +376,137 @@ def test_a_merged_low_precision_model_is_exported_in_its_dtype(tmp_path):
     for loaded in (surgery.load(out), transformers.AutoModelForCausalLM.from_pretrained(out)):
         for key, value in loaded.state_dict().items():
             assert value.dtype == torch.bfloat16 and torch.equal(value, expected[key]), key
+
+
+# ------------------------------------------------------------------ damaged and edited outputs
+# Three saved directories: the surgery format, the surgery format with a PEFT export, and the plain
+# (merged) format. Each corruption is applied to a copy; load must refuse it with a SaveError that
+# names the file, never raise something else or load a model with other outputs.
+OUTPUTS = {
+    "surgery": ("attn.*: lora(r=4); attn: window(8)", False,
+                ["surgery.json", "spec.surg", "report.json", "base_config.json", "surgery.safetensors"]),
+    "peft": ("attn.*: lora(r=4)", False, ["peft/adapter_config.json", "peft/adapter_model.safetensors"]),
+    "plain": ("attn.*: lora(r=4); attn: rope(linear, scale=2)", True,
+              ["surgery.json", "spec.surg", "report.json", "config.json", "generation_config.json",
+               "model.safetensors"]),
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    saved = {}
+    for kind, (spec, merge, _) in OUTPUTS.items():
+        model = tiny("llama")
+        result = surgery.compile(model, spec)
+        perturb(model)
+        saved[kind] = (result.save(tmp_path_factory.mktemp(kind) / "out", merge=merge), model)
+    return saved
+
+
+def _json_edit(fn):
+    def corrupt(path):
+        data = json.loads(path.read_text())
+        fn(data)
+        path.write_text(json.dumps(data, indent=2))
+    return corrupt
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x01  # a single bit, past a safetensors header: inside a tensor
+    path.write_bytes(bytes(data))
+
+
+def _replace_with_directory(path):
+    path.unlink()
+    path.mkdir()
+
+
+def _relabel_dtype(path):  # the header says F16 where it said F32: same size, other numbers
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'"F32"', b'"F16"', 1))
+
+
+GENERIC = {
+    "deleted": lambda p: p.unlink(),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "garbage of the same size": lambda p: p.write_bytes(
+        bytes(torch.randint(0, 256, (p.stat().st_size,), generator=torch.Generator().manual_seed(0)).tolist())),
+    "one bit flipped": _flip,
+    "bytes appended": lambda p: p.write_bytes(p.read_bytes() + b"\n}"),
+    "a directory instead": _replace_with_directory,
+}
+
+
+def _del(key):
+    return _json_edit(lambda d: d.pop(key))
+
+
+def _set(key, value):
+    return _json_edit(lambda d: d.__setitem__(key, value))
+
+
+SPECIFIC = [
+    ("surgery", "surgery.json", "a JSON list", lambda p: p.write_text("[]")),
+    ("surgery", "surgery.json", "not UTF-8", lambda p: p.write_bytes(b"\xff\xfe{" + p.read_bytes())),
+    ("surgery", "surgery.json", "unknown format version", _set("format", 99)),
+    ("surgery", "surgery.json", "an older format", _set("format", 1)),
+    ("surgery", "surgery.json", "format as a string", _set("format", "2")),
+    ("surgery", "surgery.json", "seed of the wrong type", _set("seed", "0")),
+    ("surgery", "surgery.json", "plain of the wrong type", _set("plain", "yes")),
+    ("surgery", "surgery.json", "merged_steps of the wrong type", _set("merged_steps", "0")),
+    ("surgery", "surgery.json", "files of the wrong type", _set("files", [])),
+    ("surgery", "surgery.json", "spec missing", _del("spec")),
+    ("surgery", "surgery.json", "digest missing", _del("digest")),
+    ("surgery", "surgery.json", "dtype not a dtype", _set("dtype", "float33")),
+    ("surgery", "surgery.json", "spec edited", _set("spec", "attn.*: lora(r=4); attn: window(16)")),
+    ("surgery", "surgery.json", "dtype edited", _set("dtype", "float16")),
+    ("surgery", "surgery.json", "seed edited", _set("seed", 1)),
+    ("surgery", "surgery.json", "a file left out of the manifest", _json_edit(lambda d: d["files"].pop("spec.surg"))),
+    ("surgery", "surgery.json", "a hash edited",
+     _json_edit(lambda d: d["files"]["surgery.safetensors"].__setitem__("sha256", "0" * 64))),
+    ("surgery", "spec.surg", "window(8) edited to window(16)",
+     lambda p: p.write_text(p.read_text().replace("window(8)", "window(16)"))),
+    ("surgery", "base_config.json", "rope_theta edited",
+     _json_edit(lambda d: d["rope_parameters"].__setitem__("rope_theta", 500000.0))),
+    ("surgery", "report.json", "a verdict edited", _json_edit(lambda d: d[0].__setitem__("ok", False))),
+    ("surgery", "surgery.safetensors", "a dtype relabelled in the header", _relabel_dtype),
+    ("peft", "peft/adapter_config.json", "r edited", _json_edit(lambda d: d.__setitem__("r", 8))),
+    ("plain", "config.json", "rope_theta edited",
+     _json_edit(lambda d: d["rope_parameters"].__setitem__("rope_theta", 500000.0))),
+    ("plain", "model.safetensors", "a dtype relabelled in the header", _relabel_dtype),
+    ("plain", "surgery.json", "plain flipped to false", _set("plain", False)),
+]
+
+CORRUPTIONS = [(kind, file, how, fn) for kind, (_, _, files) in OUTPUTS.items() for file in files
+               for how, fn in GENERIC.items()] + SPECIFIC
+
+
+@pytest.mark.parametrize("kind, file, how, corrupt", CORRUPTIONS,
+                         ids=[f"{kind}:{file}:{how}" for kind, file, how, _ in CORRUPTIONS])
+def test_a_damaged_or_edited_output_is_a_save_error_naming_the_file(outputs, tmp_path, kind, file, how, corrupt):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(outputs[kind][0], out)
+    corrupt(out / file)
+    with pytest.raises(surgery.SaveError) as info:
+        surgery.load(out)
+    assert file in str(info.value)
+
+
+@pytest.mark.parametrize("kind", sorted(OUTPUTS))
+def test_the_untouched_outputs_still_load_bit_exactly(outputs, kind):
+    import safetensors.torch
+
+    out, model = outputs[kind]
+    loaded = surgery.load(out).state_dict()
+    if kind == "plain":  # the merged weights are what was written
+        expected = safetensors.torch.load_file(out / "model.safetensors")
+        assert set(expected) <= set(loaded)
+    else:
+        expected = model.state_dict()
+        assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
