@@ -107,7 +107,11 @@ def _remove_stale_partials(parent: Path) -> None:
     or an unrecognised name are never touched.
     """
     _, boot, host = _owner().split("-")
-    for path in parent.iterdir():
+    try:
+        paths = list(parent.iterdir())
+    except OSError:  # a directory we may write but not list: cleaning is a courtesy, not a condition
+        return
+    for path in paths:
         match = _PARTIAL.fullmatch(path.name)
         if (match and match[2] == boot and match[3] == host and not _alive(int(match[1]))
                 and path.is_dir() and not path.is_symlink()):
@@ -302,8 +306,9 @@ def save(result, out_dir: str | Path, *, merge: bool = False) -> Path:
             interruptions.arm()
             _write(result, tmp, merge)
             _default_permissions(tmp)
-            os.replace(tmp, out_dir)
+            # From here a signal waits for the rename: the output is whole, so nothing is undone.
             interruptions.disarm()
+            os.replace(tmp, out_dir)
         except BaseException as e:
             interruptions.disarm()
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,9 @@
-"""Saving: atomic output, bit-exact reload, --merge to plain transformers, PEFT's adapter format."""
+"""Saving: atomic output (also when interrupted), bit-exact reload with dtypes, a verified manifest, --merge to
+plain transformers, PEFT's adapter format."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,7 +254,7 @@ def test_signals_during_save_clean_up_and_a_killed_save_is_cleaned_by_the_next(t
 
     script = tmp_path / "slow_save.py"
     script.write_text(SLOW_SAVE)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     runs = {}
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         parent = tmp_path / sig.name
@@ -359,6 +361,15 @@ def test_low_precision_models_reload_bit_exactly_with_their_dtypes(tmp_path, dty
     assert loaded.model.layers[0].self_attn.q_proj.adapter.lora_A.weight.dtype == dtype
     assert torch.equal(logits(loaded, ids(n=20)), logits(model, ids(n=20)))
     assert json.loads((out / "surgery.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_a_low_precision_adapter_is_exported_to_peft_in_its_dtype(tmp_path):
+    import safetensors.torch
+
+    model = tiny("llama").to(torch.bfloat16)
+    out = surgery.compile(model, "attn.*: lora(r=4)").save(tmp_path / "out")
+    tensors = safetensors.torch.load_file(out / "peft" / "adapter_model.safetensors")
+    assert len(tensors) == 16 and {t.dtype for t in tensors.values()} == {torch.bfloat16}
 
 
 def test_a_merged_low_precision_model_is_exported_in_its_dtype(tmp_path):
