@@ -26,7 +26,8 @@ Integrity: ``load`` checks the whole directory before building anything, and any
 missing, truncated, replaced or edited (even a one-byte change in a tensor, in ``spec.surg``, or in a
 config), a ``surgery.json`` that is not JSON, has a wrong field or an unknown format — is a
 :class:`SaveError` naming the file. The cost is reading every file once more to hash it, on save
-and on load: sha256 runs at about 1.5 GB/s on one core here, so ~0.3 s for a 500 MB model.
+and on load, at about 1 GB/s on one core here: SmolLM2-135M (542 MB) takes 0.5 s to verify, of a
+3.6 s load.
 """
 
 from __future__ import annotations
