@@ -51,8 +51,10 @@ def plan(model: nn.Module, spec) -> Plan:
     meta = model if _is_meta(model) else skeleton(model)
     result.base_counts = count(meta)
     edit = apply_plan(result, meta)
-    after = count(meta)
-    edit.rollback()
+    try:
+        after = count(meta)
+    finally:  # `meta` may be the caller's own model: never leave it surgered, even on Ctrl-C
+        edit.rollback()
     after.added = after.total - result.base_counts.total
     result.counts = after
     return result
@@ -94,7 +96,9 @@ def compile(model: nn.Module, spec, *, check: bool = True, seed: int = 0, graph_
     """Parse, plan, verify and apply `spec` to `model` in place.
 
     Obligations are checked first, on copies; if any fails an :class:`ObligationError` is raised and
-    `model` is untouched. Applying is transactional: if a step fails, `model` is rolled back exactly.
+    `model` is untouched. Applying is transactional: if a step fails, or anything interrupts compile
+    before it returns (Ctrl-C, ``SystemExit``), `model` is rolled back exactly and the interruption
+    is re-raised unchanged.
     With `graph_inputs` (token ids), the computation graph is captured before and after for diffs.
     """
     from surgery.diff import capture_graph, snapshot_tree
@@ -113,9 +117,13 @@ def compile(model: nn.Module, spec, *, check: bool = True, seed: int = 0, graph_
     before_graph = capture_graph(model, graph_inputs) if graph_inputs is not None else None
     the_plan.base_counts = count(model)
     edit = apply_plan(the_plan, model, seed=seed)
-    the_plan.counts = count(model)
-    the_plan.counts.added = the_plan.counts.total - the_plan.base_counts.total
-    return Result(model, the_plan, report, edit, before_tree, before_graph, graph_inputs, seed)
+    try:
+        the_plan.counts = count(model)
+        the_plan.counts.added = the_plan.counts.total - the_plan.base_counts.total
+        return Result(model, the_plan, report, edit, before_tree, before_graph, graph_inputs, seed)
+    except BaseException:  # e.g. Ctrl-C after the steps ran: the caller gets no Result, so no surgery either
+        edit.rollback()
+        raise
 
 
 def load(out_dir: str | Path) -> nn.Module:

@@ -1,9 +1,10 @@
 """Apply a :class:`~surgery.plan.Plan` to a module tree, transactionally.
 
-Every change goes through an :class:`Edit`, which records how to undo it. If any step raises, the
-edit is rolled back in reverse order and the model is exactly as it was: the same module objects in
-the same places, the same parameter objects with the same ``requires_grad``, a bit-identical state
-dict. Original modules are never modified in place — wrappers hold them, replacements keep them.
+Every change goes through an :class:`Edit`, which records how to undo it. If any step raises — or
+is interrupted: ``KeyboardInterrupt``, ``SystemExit``, any ``BaseException`` — the edit is rolled
+back in reverse order and the model is exactly as it was: the same module objects in the same
+places, the same parameter objects with the same ``requires_grad``, a bit-identical state dict.
+Errors become :class:`ApplyError` (labelled with the step); interruptions are re-raised unchanged. Original modules are never modified in place — wrappers hold them, replacements keep them.
 
 Each step builds its modules under its own RNG seed (``seed + step.index``), so applying a plan,
 or a plan restricted to one step (as :mod:`surgery.verify` does), initialises identically.
@@ -112,7 +113,10 @@ def _run_step(step: Step, model: nn.Module, edit: Edit, leaves: dict[str, dict[i
 
 
 def apply_plan(plan: Plan, model: nn.Module, *, seed: int = 0, edit: Edit | None = None) -> Edit:
-    """Apply every step of `plan` to `model` in place; on any failure roll back and raise ApplyError."""
+    """Apply every step of `plan` to `model` in place; on any failure roll back and raise ApplyError.
+
+    An interruption (Ctrl-C, ``SystemExit``) also rolls back, and is re-raised as it came.
+    """
     edit = edit or Edit(model)
     step = None
     try:
@@ -128,8 +132,10 @@ def apply_plan(plan: Plan, model: nn.Module, *, seed: int = 0, edit: Edit | None
         for path, tree in plan.linear.items():
             adapter = _assemble(tree, leaves.get(path, {}))
             edit.replace(path, SurgeryLinear(bases[path], adapter))
-    except Exception as e:
+    except BaseException as e:
         edit.rollback()
+        if not isinstance(e, Exception):  # an interruption, not a failure of the step: pass it on as is
+            raise
         if step is None:
             raise ApplyError(f"applying the plan failed: {e}") from e
         where = f"{step.span.file}:{step.span.line}:{step.span.column}"

@@ -98,3 +98,46 @@ def test_low_precision_models_are_verified_in_float32_and_stay_low_precision(dty
     assert model.model.layers[0].mlp.down_proj.adapter[0].lora_A.weight.dtype == dtype
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 128, (1, 20))).logits).all()
+
+
+def _fingerprint(model):
+    return ([(name, id(m)) for name, m in model.named_modules()],
+            [(name, id(p), p.requires_grad) for name, p in model.named_parameters()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+            model.config._attn_implementation)
+
+
+@pytest.mark.parametrize("where", ["inside a step", "after the steps ran"])
+def test_ctrl_c_during_compile_leaves_the_model_bit_identical(where, monkeypatch):
+    import surgery.api as api_mod
+    import surgery.apply as apply_mod
+
+    model = tiny("llama")
+    spec = "attn.*: lora(r=4); attn: window(8, sinks=2); embed: prompt_tuning(2); mlp.up: quantize(nf4)"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp = _fingerprint(model)
+    if where == "inside a step":
+        real = apply_mod._run_step
+
+        def interrupted(step, *args, **kwargs):
+            real(step, *args, **kwargs)
+            if step.index == 2:
+                raise KeyboardInterrupt
+        monkeypatch.setattr(apply_mod, "_run_step", interrupted)
+    else:
+        real_count, calls = api_mod.count, []
+
+        def interrupted(m):
+            calls.append(m)
+            if len(calls) == 2:  # the count taken after applying
+                raise KeyboardInterrupt
+            return real_count(m)
+        monkeypatch.setattr(api_mod, "count", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        surgery.compile(model, spec, check=False)
+    assert _fingerprint(model) == fp
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    monkeypatch.undo()
+    assert surgery.compile(model, spec, check=False).plan.counts.added > 0  # not "already surgered"

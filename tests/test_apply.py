@@ -135,3 +135,36 @@ def test_seeded_initialisation_is_reproducible():
     apply_plan(plan, c, seed=4)
     assert not torch.equal(c.state_dict()["model.layers.0.self_attn.q_proj.adapter.lora_A.weight"],
                            a.state_dict()["model.layers.0.self_attn.q_proj.adapter.lora_A.weight"])
+
+
+@pytest.mark.parametrize("arch", sorted(PLANS))
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_inside_any_step_rolls_back_and_is_reraised_as_is(arch, interruption, monkeypatch):
+    """Ctrl-C is not an Exception: rollback must not depend on the step failing 'normally'."""
+    model = tiny(arch)
+    plan = build_plan(parse(PLANS[arch]), model)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+    fp, st = fingerprint(model), state(model)
+    real_run_step = apply_mod._run_step
+
+    for k in range(len(plan.steps)):
+        for after in (False, True):  # before the step touched anything, and after its edits were made
+            raised = interruption()
+
+            def interrupted(step, *args, k=k, after=after, raised=raised, **kwargs):
+                if step.index == k and after:
+                    real_run_step(step, *args, **kwargs)
+                if step.index == k:
+                    raise raised
+                return real_run_step(step, *args, **kwargs)
+
+            monkeypatch.setattr(apply_mod, "_run_step", interrupted)
+            with pytest.raises(interruption) as info:
+                apply_plan(plan, model)
+            assert info.value is raised  # not wrapped in an ApplyError
+            assert_untouched(model, fp, st, ids, logits)
+    monkeypatch.setattr(apply_mod, "_run_step", real_run_step)
+    apply_plan(plan, model)  # the model is plannable and applicable again
+    assert fingerprint(model) != fp
