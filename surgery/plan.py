@@ -228,23 +228,35 @@ def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
 
 
 def leaves(expr: ast.Expr):
-    if isinstance(expr, ast.Call):
-        yield expr
-    elif isinstance(expr, (ast.Seq, ast.Par)):
-        for item in expr.items:
-            yield from leaves(item)
-    else:
-        raise SpecError("expected a transform, e.g. lora(r=16), not a value", expr.span)
+    """The calls of a rule's expression in written order (a `let` constant used twice: twice)."""
+    calls: list[ast.Call] = []
+    shape(expr, calls)
+    return iter(calls)
 
 
-def _tree(expr: ast.Expr, step_of: dict[int, int], path: str, targets_of: dict[int, set[str]]) -> Tree | None:
+def shape(expr: ast.Expr, calls: list[ast.Call]) -> Tree:
+    """`expr` as a composition tree over call *positions*, appending its calls to `calls` in order.
+
+    Identity is positional (the n-th call of the rule), never the node object: a `let` constant
+    used twice is one shared node, but two calls, exactly as if it had been written out twice.
+    """
     if isinstance(expr, ast.Call):
-        step = step_of.get(id(expr))
-        return step if step is not None and path in targets_of[step] else None
-    items = [t for t in (_tree(e, step_of, path, targets_of) for e in expr.items) if t is not None]
+        calls.append(expr)
+        return len(calls) - 1
+    if isinstance(expr, (ast.Seq, ast.Par)):
+        return ("seq" if isinstance(expr, ast.Seq) else "par", [shape(e, calls) for e in expr.items])
+    raise SpecError("expected a transform, e.g. lora(r=16), not a value", expr.span)
+
+
+def _relabel(tree: Tree, step_at: list[int | None]) -> Tree | None:
+    """A position tree as a tree of step indices, without the calls that became no step."""
+    if isinstance(tree, int):
+        return step_at[tree]
+    kind, items = tree
+    items = [t for t in (_relabel(t, step_at) for t in items) if t is not None]
     if not items:
         return None
-    return items[0] if len(items) == 1 else ("seq" if isinstance(expr, ast.Seq) else "par", items)
+    return items[0] if len(items) == 1 else (kind, items)
 
 
 def _is_innermost(tree: Tree, i: int) -> bool:
@@ -279,8 +291,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
     index = RoleIndex(model, arch)
     errors: list[SurgeryError] = []
     steps: list[Step] = []
-    step_of: dict[int, int] = {}
-    rule_steps: list[tuple[ast.Rule, list[int]]] = []
+    rule_trees: list[tuple[Tree | None, list[int]]] = []  # each rule's tree over step indices, its steps
     if not spec.rules:
         raise SpecError("the spec has no rules", Span(spec.file, 1, 1, 1, 2, spec.source))
     for r, rule in enumerate(spec.rules):
@@ -290,13 +301,15 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 regions.append(resolve(selector, index))
             except SurgeryError as e:
                 errors.append(e)
+        calls: list[ast.Call] = []
         try:
-            calls = list(leaves(rule.expr))
+            positions = shape(rule.expr, calls)
         except SurgeryError as e:
             errors.append(e)
             continue
         ids = []
-        for call in calls:
+        step_at: list[int | None] = [None] * len(calls)
+        for position, call in enumerate(calls):
             try:
                 tspec = lookup(call.name, call.span)
                 params = validate_params(tspec, call)
@@ -312,10 +325,10 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 errors.append(e)
                 continue
             step = Step(len(steps), r, call.name, params, tuple(targets), call.span)
-            step_of[id(call)] = step.index
+            step_at[position] = step.index
             steps.append(step)
             ids.append(step.index)
-        rule_steps.append((rule, ids))
+        rule_trees.append((_relabel(positions, step_at), ids))
     if errors:
         raise SpecErrors(errors)
 
@@ -334,10 +347,10 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
     # Linear composition trees.
     linear: dict[str, Tree] = {}
     targets_of = {s.index: {t.path for t in s.targets} for s in steps if s.spec.anchor is Anchor.LINEAR}
-    for rule, ids in rule_steps:
+    for rule_tree, ids in rule_trees:
         paths = sorted({p for i in ids if i in targets_of for p in targets_of[i]})
         for path in paths:
-            tree = _tree(rule.expr, step_of, path, targets_of)
+            tree = prune_tree(rule_tree, {i for i in ids if path in targets_of.get(i, ())})
             if tree is None:
                 continue
             if path in linear:

@@ -293,3 +293,46 @@ def test_llama_7b_shape_plans_on_meta():
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     assert set(paths) == {f"model.layers.{i}.{n}" for i in range(32) for n in names}
     assert {t.layer for t in step.targets} == set(range(32))
+
+
+# ------------------------------------------------------------------------------------ let reuse
+
+
+def _surgered(text):
+    """(plan, module tree, state dict, logits) of a tiny Llama surgered by `text` (no obligations)."""
+    import surgery
+
+    model = tiny("llama")
+    result = surgery.compile(model, text, check=False)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    tree = [(name, type(m).__name__) for name, m in model.named_modules()]
+    return result.plan, tree, model.state_dict(), logits
+
+
+@pytest.mark.parametrize("with_let, written_out", [
+    # One constant in two rules: it used to attach to the second rule's layers only.
+    ("let A = lora(r=4)\nattn.q: A\nattn.v: A", "attn.q: lora(r=4)\nattn.v: lora(r=4)"),
+    # Through a constant of constants, in two rules, inside a composition.
+    ("let A = lora(r=2)\nlet B = A | ia3\nattn.k: B\nmlp.down: quantize + B",
+     "attn.k: lora(r=2) | ia3\nmlp.down: quantize + (lora(r=2) | ia3)"),
+    # The same constant twice in one rule, at different anchors.
+    ("let A = lora(r=2)\nlet C = ia3\nattn.*: A + C\nmlp.up: A", "attn.*: lora(r=2) + ia3\nmlp.up: lora(r=2)"),
+])
+def test_a_let_constant_behaves_as_if_written_out(with_let, written_out):
+    plan_a, tree_a, state_a, logits_a = _surgered(with_let)
+    plan_b, tree_b, state_b, logits_b = _surgered(written_out)
+    assert [(s.transform, [t.path for t in s.targets]) for s in plan_a.steps] == \
+           [(s.transform, [t.path for t in s.targets]) for s in plan_b.steps]
+    assert plan_a.linear == plan_b.linear
+    assert tree_a == tree_b
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(logits_a, logits_b)
+    assert sum("lora" in name for name, _ in tree_a) > 0
+
+
+def test_a_let_constant_twice_on_one_anchor_is_a_conflict(llama):
+    (e,) = errors("let A = lora(r=4)\nattn.q: A + A", llama)
+    assert "lora is applied twice to model.layers.0.self_attn.q_proj" in e.message
