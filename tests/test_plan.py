@@ -7,7 +7,8 @@ import transformers
 
 from surgery.errors import SpecError, SpecErrors
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.plan import _leaves_of, build_plan, check
+from surgery.transforms.registry import Anchor
 from surgery.syntax import parse
 
 
@@ -336,3 +337,128 @@ def test_a_let_constant_behaves_as_if_written_out(with_let, written_out):
 def test_a_let_constant_twice_on_one_anchor_is_a_conflict(llama):
     (e,) = errors("let A = lora(r=4)\nattn.q: A + A", llama)
     assert "lora is applied twice to model.layers.0.self_attn.q_proj" in e.message
+
+
+# --------------------------------------------------------------------------------- anchor kinds
+
+
+def test_plus_across_anchor_kinds_applies_each_at_its_own_anchors(llama):
+    p = plan("attn.*: lora(r=4) + window(8) + ia3", llama)
+    assert [s.transform for s in p.steps] == ["lora", "window", "ia3"]
+    assert targets(p, "window") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    # The linear tree is the expression projected onto the linear calls: lora + ia3.
+    assert p.linear == {f"model.layers.{i}.self_attn.{n}_proj": ("seq", [0, 2]) if n in "kv" else 0
+                        for i in range(2) for n in "qkvo"}
+    p = plan("attn: (lora(r=2) | ia3) + rope(linear, scale=2) + window(8)", llama)
+    assert targets(p, "rope") == ["model.rotary_emb"]
+    assert p.linear == {f"model.layers.{i}.self_attn.{n}_proj": ("par", [0, 1]) if n in "kv" else 0
+                        for i in range(2) for n in "qkvo"}
+
+
+@pytest.mark.parametrize("text, span, kinds", [
+    ("attn.*: lora(r=4) | window(8)", (9, 30), "(linear: lora; attention: window)"),
+    ("attn: ia3 + (rope(linear, scale=2) | lora | window(4))", (14, 54),
+     "(rotary: rope; linear: lora; attention: window)"),
+    ("let W = window(8)\nattn: lora + (ia3 | W)", (15, 22), "(linear: ia3; attention: window)"),
+])
+def test_parallel_across_anchor_kinds_is_an_error(llama, text, span, kinds):
+    (e,) = errors(text, llama)
+    assert (e.span.column, e.span.end_column) == span
+    assert e.message == (f"'|' sums its branches' contributions at one anchor, but these branches attach to "
+                         f"different anchor kinds {kinds}; use '+' to apply each at its own anchors")
+    with pytest.raises(SpecErrors) as info:  # `surgery check` says the same without a model
+        check(parse(text))
+    assert [str(x) for x in info.value.errors] == [str(e)]
+
+
+def test_check_runs_every_model_free_rule_of_plan():
+    for text in ["# nothing yet\n", "mlp.down: lora(r=4) + quantize", "attn: lora(r=0)", "attn: lorra",
+                 "mlp: (quantize | lora) + ia3", "attn: lora | bitfit", "attn: 4"]:
+        with pytest.raises(SpecError):
+            check(parse(text))
+    checked = check(parse("let A = lora(r=2)\nattn: A + window(8)\nmlp.down: quantize + (A | ia3)"))
+    assert [[c.name for c in rule.calls] for rule in checked] == [["lora", "window"], ["quantize", "lora", "ia3"]]
+    assert checked[1].tree == ("seq", [0, ("par", [1, 2])])
+
+
+# Every call below is valid on its own; composing them across anchor kinds, with and without
+# `let`, must plan or fail with a SurgeryError, and `check` must reject a subset of what `plan` does.
+KIND_CALLS = ["lora(r=4)", "lora(2, alpha=4)", "ia3", "bitfit", "quantize(nf4)", "rope(linear, scale=2)",
+              "window(8)", "window(8, sinks=2)", "prompt_tuning(2)"]
+KIND_SELECTORS = ["attn", "attn.*", "mlp.*", "mlp.down", "attn.k", "*", "model", "embed", "layers[0]",
+                  "layers[-1].attn", "rotary", "lm_head", '"model.layers.*.self_attn.q_proj"']
+
+
+def _expressions():
+    from hypothesis import strategies as st
+
+    def chain(inner):
+        return st.tuples(st.lists(inner, min_size=2, max_size=3), st.sampled_from([" + ", " | "])).map(
+            lambda t: t[1].join(f"({x})" if (" + " in x or " | " in x) else x for x in t[0]))
+
+    return st.recursive(st.sampled_from(KIND_CALLS), chain, max_leaves=5)
+
+
+def _kind_specs():
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        lines, names = [], []
+        for i in range(draw(st.integers(0, 2))):
+            value = draw(_expressions())
+            if names and draw(st.booleans()):
+                value = f"{draw(st.sampled_from(names))} {draw(st.sampled_from(['+', '|']))} ({value})"
+            lines.append(f"let K{i} = {value}")
+            names.append(f"K{i}")
+        for _ in range(draw(st.integers(1, 3))):
+            expr = draw(st.one_of(_expressions(), st.sampled_from(names)) if names else _expressions())
+            sels = draw(st.lists(st.sampled_from(KIND_SELECTORS), min_size=1, max_size=2, unique=True))
+            lines.append(f"{', '.join(sels)}: {expr}")
+        return "\n".join(lines)
+
+    return build()
+
+
+def _messages(e: SpecError) -> set[str]:
+    return {str(x) for x in (e.errors if isinstance(e, SpecErrors) else [e])}
+
+
+@pytest.fixture(scope="module")
+def meta_models():
+    from surgery.api import skeleton
+
+    return {arch: skeleton(tiny(arch)) for arch in ("llama", "gpt2")}
+
+
+def test_mixed_anchor_kinds_plan_or_fail_cleanly(meta_models):
+    from hypothesis import given, settings, strategies as st
+
+    import surgery
+    from surgery.errors import SurgeryError
+
+    @settings(max_examples=60, deadline=None, derandomize=True)  # a fixed sequence: CI never depends on luck
+    @given(_kind_specs(), st.sampled_from(sorted(meta_models)))
+    def run(text, arch):
+        model = meta_models[arch]
+        spec = parse(text)
+        try:
+            check(spec)
+            checked = None
+        except SpecError as e:
+            checked = _messages(e)
+        try:
+            p = surgery.plan(model, spec)  # plans, then applies to the meta model and rolls back
+        except SpecError as e:
+            assert checked is None or checked <= _messages(e), text
+            return
+        except SurgeryError:
+            assert checked is None, text
+            return
+        assert checked is None, text
+        linear = {i for tree in p.linear.values() for i in _leaves_of(tree)}
+        assert all(p.steps[i].spec.anchor is Anchor.LINEAR for i in linear), text
+        assert all(p.steps[i].spec.anchor is not Anchor.LINEAR for i in set(range(len(p.steps))) - linear), text
+        assert not any(type(m).__module__.startswith("surgery.") for m in model.modules())  # rolled back
+
+    run()
