@@ -28,7 +28,7 @@ from typing import Any, Union, get_args
 from pydantic import ValidationError
 from torch import nn
 
-from surgery.arch import Architecture, detect
+from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.errors import ModelError, SpecError, SpecErrors, Span, SurgeryError, did_you_mean
 from surgery.layers import is_linear
@@ -177,7 +177,7 @@ def find_targets(spec: TransformSpec, params: Params, regions: list[Region], ind
     impl = spec.instance()
     targets: list[Target] = []
     if spec.anchor is Anchor.LINEAR:
-        heads = {p for role in index.arch.head for p in index.model_roles.get(role, [])}
+        heads = index.head_paths
         for path, module in index.modules.items():
             if not is_linear(module):
                 continue
@@ -228,9 +228,14 @@ def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
     except SurgeryError:
         anywhere = []
     roles = sorted({t.role for t in anywhere if t.role})
-    if not roles:
-        return f"; this {index.arch.name} model has no {spec.anchor.value} anchor for {spec.name} anywhere"
-    return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(roles[:6])
+    if roles:
+        return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(roles[:6])
+    if anywhere:  # anchors without roles: a model without a role map
+        return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(repr(t.path) for t in anywhere[:3])
+    if not index.arch.mapped:
+        # Attention blocks, the rotary embedding, the input embeddings, IA3's k/v/down: all found by role.
+        return f"; {spec.name} finds its {spec.anchor.value} anchors by role, and {no_role_map(index.arch)}"
+    return f"; this {index.arch.name} model has no {spec.anchor.value} anchor for {spec.name} anywhere"
 
 
 # ------------------------------------------------------------------------- model-free checks

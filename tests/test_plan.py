@@ -462,3 +462,47 @@ def test_mixed_anchor_kinds_plan_or_fail_cleanly(meta_models):
         assert not any(type(m).__module__.startswith("surgery.") for m in model.modules())  # rolled back
 
     run()
+
+
+# ------------------------------------------------------------------------- without a role map
+
+
+@pytest.fixture(scope="module")
+def opt():
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(config).eval()
+
+
+def test_quoted_paths_plan_verify_and_apply_without_a_role_map(opt):
+    import copy
+
+    import surgery
+
+    model = copy.deepcopy(opt)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    result = surgery.compile(model, '"model.decoder.layers.*.self_attn.q_proj": lora(r=4)')
+    assert result.report.ok and result.plan.arch == "opt"
+    assert targets(result.plan, "lora") == ["model.decoder.layers.0.self_attn.q_proj",
+                                            "model.decoder.layers.1.self_attn.q_proj"]
+    assert type(model.model.decoder.layers[1].self_attn.q_proj).__name__ == "SurgeryLinear"
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    # "Every linear layer" keeps its meaning: the output head only when named.
+    everything = targets(plan("*: lora", opt), "lora")
+    assert len(everything) == 12 and "lm_head" not in everything
+
+
+@pytest.mark.parametrize("text, needs", [
+    ('"model.decoder.layers.*": window(4)', "window finds its attention anchors by role"),
+    ('"model.decoder.layers.*.self_attn.v_proj": ia3', "ia3 finds its linear anchors by role"),
+    ('"model.decoder.embed_tokens": prompt_tuning(2)', "prompt_tuning finds its embeddings anchors by role"),
+    ("*: rope(linear, scale=2)", "rope finds its rotary anchors by role"),
+])
+def test_transforms_that_need_roles_say_so(opt, text, needs):
+    assert only_error(text, opt).endswith(
+        f"{needs}, and this opt model has no role map (role maps exist for bert, gemma, gpt2, llama, mistral, "
+        "qwen2); add surgery/arch/data/opt.json")
