@@ -398,11 +398,36 @@ def _refuse_surgered(model: nn.Module) -> None:
             )
 
 
+# Modules that wrap the model a spec is written for, and what to do instead.
+WRAPPERS = {
+    "PeftModel": "it carries PEFT adapters: plan on model.get_base_model() (or merge them first with "
+                 "merge_and_unload())",
+    "OptimizedModule": "it was compiled by torch.compile: plan on the original module (model._orig_mod), "
+                       "then compile the result",
+}
+
+
+def _refuse_wrapped(model: nn.Module, index: RoleIndex) -> None:
+    """A mapped model whose layers are not where its role map says is usually wrapped: say so."""
+    if not index.arch.mapped or index.num_layers:
+        return
+    inner = next((path for path, module in model.named_modules()
+                  if path and getattr(getattr(module, "config", None), "model_type", None) in index.arch.model_types
+                  and RoleIndex(module, index.arch).num_layers), None)
+    if inner is None:
+        return
+    why = next((WRAPPERS[c.__name__] for c in type(model).__mro__ if c.__name__ in WRAPPERS),
+               "plan on that module")
+    raise ModelError(f"this {index.arch.name} model is wrapped in {type(model).__name__} (the model itself is at "
+                     f"{inner!r}, so its roles are not where the role map says); {why}")
+
+
 def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = None) -> Plan:
     """Resolve `spec` against `model` (meta-device is fine). Raises :class:`SpecErrors`."""
     arch = arch or detect(model)
     _refuse_surgered(model)
     index = RoleIndex(model, arch)
+    _refuse_wrapped(model, index)
     errors: list[SurgeryError] = []
     steps: list[Step] = []
     rule_trees: list[tuple[Tree | None, list[int]]] = []  # each rule's tree over step indices, its steps

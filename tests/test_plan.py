@@ -506,3 +506,29 @@ def test_transforms_that_need_roles_say_so(opt, text, needs):
     assert only_error(text, opt).endswith(
         f"{needs}, and this opt model has no role map (role maps exist for bert, gemma, gpt2, llama, mistral, "
         "qwen2); add surgery/arch/data/opt.json")
+
+
+# ------------------------------------------------------------------------------------- wrappers
+
+
+@pytest.mark.parametrize("wrap, where, advice", [
+    (lambda m: __import__("peft").get_peft_model(m, __import__("peft").LoraConfig(r=2, target_modules=["q_proj"])),
+     "PeftModel (the model itself is at 'base_model.model'", "plan on model.get_base_model()"),
+    (torch.compile, "OptimizedModule (the model itself is at '_orig_mod'", "plan on the original module"),
+])
+def test_a_wrapped_model_is_explained_not_did_you_meant(wrap, where, advice):
+    # It was "selector 'attn.v' matches nothing (did you mean 'attn.v'?)".
+    from surgery.errors import ModelError
+
+    with pytest.raises(ModelError) as info:
+        plan("attn.v: lora(r=2)", wrap(tiny("llama")))
+    assert f"this llama model is wrapped in {where}" in str(info.value) and advice in str(info.value)
+
+
+def test_a_role_without_its_module_says_so():
+    model = tiny("llama")
+    for layer in model.model.layers:
+        del layer.self_attn.v_proj
+    assert only_error("attn.v: lora(r=2)", model).endswith(
+        "error: selector 'attn.v' names roles of the llama role map (attn.v at model.layers.N.self_attn.v_proj), "
+        "but this model has no such module there")

@@ -188,6 +188,12 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
         for i in layer_ids:
             sites += [Site(p, role, i) for p in index.layer_role_paths(role, i)]
     if not sites:
+        mapped = _match_roles(pattern, sorted(index.arch.layer))
+        if mapped:  # the role exists, its module does not: suggesting the same name would be no help
+            where = ", ".join(f"{role} at {index.layers_path}.N.{rel}" for role in mapped[:3]
+                              for rel in index.arch.layer_paths(role))
+            raise SpecError(f"selector {str(selector)!r} names roles of the {index.arch.name} role map ({where}), "
+                            "but this model has no such module there", span)
         raise SpecError(
             f"selector {str(selector)!r} matches nothing in this {index.arch.name} model"
             f"{index.suggest('.'.join(pattern))}",
