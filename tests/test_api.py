@@ -98,3 +98,16 @@ def test_low_precision_models_are_verified_in_float32_and_stay_low_precision(dty
     assert model.model.layers[0].mlp.down_proj.adapter[0].lora_A.weight.dtype == dtype
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 128, (1, 20))).logits).all()
+
+
+def test_parse_tells_spec_text_from_a_path(tmp_path, monkeypatch):
+    # Spec text that mentions a .surg file is text, not a path to read.
+    assert surgery.parse("attn.q: lora  # see x.surg").rules[0].expr.name == "lora"
+    assert len(surgery.parse("attn.q: lora; mlp.down: ia3 # x.surg").rules) == 2
+    path = tmp_path / "spec"  # an existing file is read whatever its name
+    path.write_text("mlp.down: ia3\n")
+    monkeypatch.chdir(tmp_path)
+    for spec in (str(path), path, "spec", " spec "):
+        assert surgery.parse(spec).rules[0].expr.name == "ia3"
+    with pytest.raises(surgery.SpecError, match="cannot read spec missing.surg"):
+        surgery.parse("missing.surg")
