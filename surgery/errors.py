@@ -59,9 +59,10 @@ SHOWN_WIDTH = 100
 
 
 def _cells(text: str) -> int:
-    """How many terminal cells `text` takes: wide (W/F) characters two, combining marks none."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-               for c in text)
+    """How many terminal cells `text` takes: wide (W/F) characters two; combining marks, variation
+    selectors and zero-width joiners none."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me", "Cf") else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -241,13 +241,6 @@ def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
 # ------------------------------------------------------------------------- model-free checks
 
 
-def leaves(expr: ast.Expr):
-    """The calls of a rule's expression in written order (a `let` constant used twice: twice)."""
-    calls: list[ast.Call] = []
-    shape(expr, calls)
-    return iter(calls)
-
-
 def shape(expr: ast.Expr, calls: list[ast.Call]) -> Tree:
     """`expr` as a composition tree over call *positions*, appending its calls to `calls` in order.
 

@@ -19,6 +19,7 @@ def test_caret_counts_wide_characters_as_two_cells():
     # A wide span gets two carets per character; a combining accent none.
     assert render('x: "日本"', "日本")[2] == "  " + " " * 4 + "^^^^"
     assert render('x: "e\u0301" + lorra', "lorra")[2] == "  " + " " * len('x: "e" + ') + "^^^^^"
+    assert render('x: "\u2764\ufe0f\u200d" + lorra', "lorra")[2] == "  " + " " * len('x: "_" + ') + "^^^^^"
 
 
 def test_tabs_stay_tabs_under_the_line():
