@@ -237,14 +237,15 @@ class _Budget:
     """Expression nodes left once constants are substituted; an error at the node that overdraws it."""
 
     def __init__(self, what: str):
-        self.used, self.what = 0, what
+        self.used, self.what, self.substituted = 0, what, False
 
     def spend(self, n: int, span: Span, name: str | None = None) -> None:
         self.used += n
+        self.substituted |= name is not None
         if self.used > MAX_NODES:
             alone = f" ('{name}' alone has {n:,})" if name else ""
-            raise SpecError(f"{self.what} holds more than {MAX_NODES:,} expression nodes once let constants "
-                            f"are substituted{alone}", span)
+            once = " once let constants are substituted" if self.substituted else ""
+            raise SpecError(f"{self.what} holds more than {MAX_NODES:,} expression nodes{once}{alone}", span)
 
 
 def _substitute(expr, constants: dict[str, _Expanded], budget: _Budget) -> _Expanded:

@@ -272,6 +272,9 @@ def test_let_is_bounded_in_size_without_writing_it_out():
     # Within the bound per constant, the rules together are bounded too: the second use overdraws.
     assert error(_chain(13, "|") + "attn: A12\nmlp: A12").startswith("<spec>:15:6\n  mlp: A12\n       ^^^\n")
     assert len(parse(_chain(13, "|") + "attn: A12").rules) == 1
+    # Written out, the same bound (a spec that size is a mistake): without a constant, no mention of one.
+    assert error("attn: " + " + ".join(["lora"] * (MAX_NODES + 1))).endswith(
+        f"error: this spec holds more than {MAX_NODES:,} expression nodes")
 
 
 # -------------------------------------------------------------------------------------- errors
