@@ -40,11 +40,7 @@ class Span:
         start = self.column - 1
         end = self.end_column - 1 if self.end_line == self.line else len(text)
         end = max(end, start + 1)
-        # A window of the line around the span's start (characters: the cells are counted below).
-        first = max(0, min(start - SHOWN_WIDTH // 3, len(text) - SHOWN_WIDTH))
-        last = min(len(text), first + SHOWN_WIDTH)
-        while last > start + 1 and _cells(text[first:last]) > SHOWN_WIDTH:  # wide characters: shrink
-            last -= 1
+        first, last = _window(text, start)
         shown = ("…" if first else "") + text[first:last] + ("…" if last < len(text) else "")
         lead = 1 if first else 0  # the "…" takes one cell
         before = text[first:start] + " " * max(0, start - len(text))  # a span past the end (EOF)
@@ -56,6 +52,25 @@ class Span:
 
 # A source line longer than this many terminal cells is shown as a window around the span.
 SHOWN_WIDTH = 100
+
+
+def _window(text: str, start: int) -> tuple[int, int]:
+    """Character bounds of at most SHOWN_WIDTH cells of `text`, with `start` in its first third."""
+    if _cells(text) <= SHOWN_WIDTH:
+        return 0, len(text)
+    first, cells = min(start, len(text)), 0
+    while first > 0 and cells + _cells(text[first - 1]) <= SHOWN_WIDTH // 3:
+        first -= 1
+        cells += _cells(text[first])
+    last = first
+    cells = 0
+    while last < len(text) and cells + _cells(text[last]) <= SHOWN_WIDTH:
+        cells += _cells(text[last])
+        last += 1
+    while first > 0 and cells + _cells(text[first - 1]) <= SHOWN_WIDTH:  # the line ended early: fill
+        first -= 1
+        cells += _cells(text[first])
+    return first, last
 
 
 def _cells(text: str) -> int:

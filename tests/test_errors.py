@@ -49,3 +49,11 @@ def test_many_errors_are_summarised():
     assert rendered.count("error: ") == MAX_SHOWN_ERRORS
     assert rendered.endswith(f"… and {500 - MAX_SHOWN_ERRORS} more error(s) (3 distinct message(s))")
     assert str(SpecErrors([SpecError("a"), SpecError("b")])) == "a\n\nb"
+
+
+def test_a_long_line_of_wide_characters_keeps_the_span_in_its_window():
+    source = "attn: lora(init='" + "日" * 100000 + "') + lorra"
+    _, line, caret = render(source, "lorra")
+    assert line.endswith("日') + lorra") and line.startswith("  …")
+    cells = sum(2 if c == "日" else 1 for c in line)
+    assert cells <= SHOWN_WIDTH + 3 and caret.endswith("^^^^^") and len(caret) == cells

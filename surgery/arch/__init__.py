@@ -62,8 +62,10 @@ def detect(model: nn.Module) -> Architecture:
     if model_type in known:
         return known[model_type]
     if not model_type:
-        raise ModelError(f"{type(model).__name__} is not a transformers model (its config has no model_type); "
-                         "surgery works on transformers models")
+        inner = next((p for p, m in model.named_modules() if getattr(getattr(m, "config", None), "model_type", None)),
+                     None)
+        where = f", but it wraps one at {inner!r}: plan on that module" if inner else ""
+        raise ModelError(f"{type(model).__name__} is not a transformers model (it has no config.model_type){where}")
     return Architecture(name=model_type, model_types=[], layers="", layer={}, model={}, head={})
 
 

@@ -203,3 +203,5 @@ def test_model_without_role_map_is_reached_by_quoted_paths():
         'quoted path, e.g. "model.decoder.layers.*.self_attn.k_proj"')
     with pytest.raises(ModelError, match="Linear is not a transformers model"):
         detect(torch.nn.Linear(2, 2))
+    with pytest.raises(ModelError, match="DataParallel is not a transformers model .*, but it wraps one at 'module'"):
+        detect(torch.nn.DataParallel(model))
