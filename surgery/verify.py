@@ -158,7 +158,7 @@ def _per_position_logits(model: nn.Module) -> Callable[[nn.Module], list]:
     the pooled logits are among those, so comparing them all proves at least as much. A classifier
     whose head sees a pooled vector (BERT's) keeps its pooled logits.
     """
-    ids = torch.zeros(1, 2, dtype=torch.long)
+    ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
     captured: dict[str, torch.Tensor] = {}
     try:
         with torch.no_grad():
