@@ -17,9 +17,17 @@ from surgery.verify import Report, verify
 
 
 def parse(spec: str | Path) -> ast.Spec:
-    """Parse a spec given as text, or as a path to a ``.surg`` file."""
-    if isinstance(spec, Path) or (isinstance(spec, str) and spec.strip().endswith(".surg") and "\n" not in spec):
+    """Parse a spec given as text, or as a path to a ``.surg`` file.
+
+    A :class:`~pathlib.Path` is a file. A string is a file only when it cannot be spec text — no
+    ``:`` (every rule has one), no ``;`` and no newline — and it names an existing file or ends in
+    ``.surg``; anything else is spec text, so ``"attn.q: lora  # see x.surg"`` is a rule.
+    """
+    if isinstance(spec, Path):
         return parse_file(spec)
+    name = spec.strip()
+    if not any(c in name for c in ":;\n") and (name.endswith(".surg") or Path(name).is_file()):
+        return parse_file(name)
     return parse_text(spec)
 
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from surgery.errors import ModelError, SpecErrors, SurgeryError
+from surgery.errors import ModelError, SurgeryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A declarative model-surgery compiler for Hugging Face models.")
@@ -126,25 +126,11 @@ def _report_table(report) -> Table:
 
 @app.command()
 def check(spec: Path = typer.Argument(..., help="a .surg file")):
-    """Check a spec without a model: syntax, transform names, arguments."""
-    from surgery.plan import leaves, validate_params
-    from surgery.transforms.registry import lookup
+    """Check a spec without a model: every check of `plan` that needs no model."""
+    from surgery.plan import check as check_spec
 
     parsed = _spec(spec)
-    errors = []
-    for rule in parsed.rules:
-        try:
-            calls = list(leaves(rule.expr))
-        except SurgeryError as e:
-            errors.append(e)
-            continue
-        for call in calls:
-            try:
-                validate_params(lookup(call.name, call.span), call)
-            except SurgeryError as e:
-                errors.append(e)
-    if errors:
-        raise SpecErrors(errors)
+    check_spec(parsed)
     out.print(f"[green]ok[/]: {spec} — {len(parsed.rules)} rule(s)")
 
 

@@ -5,9 +5,18 @@ Resolution rules:
 * Each call in a rule's expression is one :class:`Step`; it attaches to every anchor of its kind
   inside the regions the rule's selectors name. A step with no anchor there is an error that names
   the nearest candidates; all semantic errors of a spec are collected and raised together.
+* A call is identified by its position in its rule (the n-th call, see :func:`shape`), never by
+  its AST node: a ``let`` constant used twice is one node but two calls, as if written out.
+* Anchor kinds in one expression: each kind's composition is the expression *projected* onto that
+  kind's calls. ``a + b`` across kinds applies each at its own anchors, in written order (as
+  ``rope(…) + window(…)`` does); ``a | b`` sums contributions at one anchor, so a ``|`` group whose
+  calls have different anchor kinds is a :class:`SpecError` at the group naming the kinds.
 * Linear-anchored steps are composed per layer into a tree (``("seq", …)``, ``("par", …)``, step
-  index) that mirrors the expression; rules on the same layer compose in rule order. The same
-  transform twice on one anchor is a conflict reported with both spans.
+  index): the rule's linear projection pruned to the steps that attach there; rules on the same
+  layer compose in rule order. The same transform twice on one anchor is a conflict reported
+  with both spans. A transform that replaces the layer (quantize) must be innermost.
+* :func:`check` holds every rule check that needs no model (names, arguments, composition, an
+  empty spec); :func:`build_plan` runs the same function, so ``surgery check`` and planning agree.
 * Planning works on a meta-device model: no weights are read, so it takes seconds for any size.
 """
 
@@ -19,7 +28,7 @@ from typing import Any, Union, get_args
 from pydantic import ValidationError
 from torch import nn
 
-from surgery.arch import Architecture, detect
+from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.errors import ModelError, SpecError, SpecErrors, Span, SurgeryError, did_you_mean
 from surgery.layers import is_linear
@@ -168,7 +177,7 @@ def find_targets(spec: TransformSpec, params: Params, regions: list[Region], ind
     impl = spec.instance()
     targets: list[Target] = []
     if spec.anchor is Anchor.LINEAR:
-        heads = {p for role in index.arch.head for p in index.model_roles.get(role, [])}
+        heads = index.head_paths
         for path, module in index.modules.items():
             if not is_linear(module):
                 continue
@@ -219,35 +228,145 @@ def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
     except SurgeryError:
         anywhere = []
     roles = sorted({t.role for t in anywhere if t.role})
-    if not roles:
-        return f"; this {index.arch.name} model has no {spec.anchor.value} anchor for {spec.name} anywhere"
-    return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(roles[:6])
+    if roles:
+        return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(roles[:6])
+    if anywhere:  # anchors without roles: a model without a role map
+        return f"; it attaches to {spec.anchor.value} anchors, e.g. " + ", ".join(repr(t.path) for t in anywhere[:3])
+    if not index.arch.mapped:
+        # Attention blocks, the rotary embedding, the input embeddings, IA3's k/v/down: all found by role.
+        return f"; {spec.name} finds its {spec.anchor.value} anchors by role, and {no_role_map(index.arch)}"
+    return f"; this {index.arch.name} model has no {spec.anchor.value} anchor for {spec.name} anywhere"
+
+
+# ------------------------------------------------------------------------- model-free checks
+
+
+def shape(expr: ast.Expr, calls: list[ast.Call]) -> Tree:
+    """`expr` as a composition tree over call *positions*, appending its calls to `calls` in order.
+
+    Identity is positional (the n-th call of the rule), never the node object: a `let` constant
+    used twice is one shared node, but two calls, exactly as if it had been written out twice.
+    """
+    if isinstance(expr, ast.Call):
+        calls.append(expr)
+        return len(calls) - 1
+    if isinstance(expr, (ast.Seq, ast.Par)):
+        return ("seq" if isinstance(expr, ast.Seq) else "par", [shape(e, calls) for e in expr.items])
+    raise SpecError("expected a transform, e.g. lora(r=16), not a value", expr.span)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One call of a rule with its transform and validated parameters."""
+
+    call: ast.Call
+    spec: TransformSpec
+    params: Params
+
+
+@dataclass
+class CheckedRule:
+    """What a rule says without a model: its calls in written order, validated, and its tree.
+
+    ``tree`` is over call positions (see :func:`shape`), None when the expression is not a
+    transform; ``leaves`` maps a position to its validated call (calls with an error are absent).
+    """
+
+    rule: ast.Rule
+    calls: list[ast.Call] = field(default_factory=list)
+    tree: Tree | None = None
+    leaves: dict[int, Leaf] = field(default_factory=dict)
+    errors: list[SurgeryError] = field(default_factory=list)
+
+
+def _mixed_parallel(expr: ast.Expr, tree: Tree, leaves: dict[int, Leaf]) -> tuple[set[Anchor], list[SpecError]]:
+    """The anchor kinds under `expr`, and an error for each innermost ``|`` whose calls mix kinds."""
+    if isinstance(tree, int):
+        leaf = leaves.get(tree)
+        return ({leaf.spec.anchor} if leaf else set()), []
+    kinds: set[Anchor] = set()
+    errors: list[SpecError] = []
+    by_kind: dict[Anchor, list[str]] = {}
+    for item, sub in zip(expr.items, tree[1]):
+        item_kinds, item_errors = _mixed_parallel(item, sub, leaves)
+        kinds |= item_kinds
+        errors += item_errors
+    if tree[0] == "par" and len(kinds) > 1 and not errors:
+        for position in _leaves_of(tree):
+            if position in leaves:
+                by_kind.setdefault(leaves[position].spec.anchor, []).append(leaves[position].call.name)
+        which = "; ".join(f"{kind.value}: {', '.join(dict.fromkeys(names))}" for kind, names in by_kind.items())
+        errors.append(SpecError(
+            f"'|' sums its branches' contributions at one anchor, but these branches attach to "
+            f"different anchor kinds ({which}); use '+' to apply each at its own anchors",
+            expr.span,
+        ))
+    return kinds, errors
+
+
+def check_rule(rule: ast.Rule) -> CheckedRule:
+    """Every check of `rule` that needs no model: transform names, arguments, composition."""
+    checked = CheckedRule(rule)
+    try:
+        checked.tree = shape(rule.expr, checked.calls)
+    except SurgeryError as e:
+        checked.errors.append(e)
+        return checked
+    for position, call in enumerate(checked.calls):
+        try:
+            tspec = lookup(call.name, call.span)
+            checked.leaves[position] = Leaf(call, tspec, validate_params(tspec, call))
+        except SurgeryError as e:
+            checked.errors.append(e)
+    # `|` runs at one anchor: its calls must share an anchor kind. `+` across kinds applies each
+    # at its own anchors, in order; each kind's tree is the expression projected onto its calls.
+    checked.errors += _mixed_parallel(rule.expr, checked.tree, checked.leaves)[1]
+    # A transform that replaces the layer must be innermost in the rule's linear tree.
+    linear = prune_tree(checked.tree, {i for i, leaf in checked.leaves.items() if leaf.spec.anchor is Anchor.LINEAR})
+    for position, leaf in checked.leaves.items():
+        if hasattr(leaf.spec.cls, "replace_base") and not _is_innermost(linear, position):
+            checked.errors.append(SpecError(
+                f"{leaf.call.name} replaces the layer itself, so it must come first in a sequence "
+                f"and not be a branch of '|' (e.g. {leaf.call.name}(…) + lora(…))",
+                leaf.call.span,
+            ))
+    return checked
+
+
+def _require_rules(spec: ast.Spec) -> None:
+    if not spec.rules:
+        raise SpecError("the spec has no rules", Span(spec.file, 1, 1, 1, 2, spec.source))
+
+
+def check(spec: ast.Spec) -> list[CheckedRule]:
+    """Every check :func:`build_plan` makes that needs no model; raises :class:`SpecErrors`.
+
+    ``surgery check`` runs exactly this, so a spec it accepts fails planning only for reasons
+    that depend on the model (selectors, anchors, conflicts between rules).
+    """
+    _require_rules(spec)
+    checked = [check_rule(rule) for rule in spec.rules]
+    errors = [e for c in checked for e in c.errors]
+    if errors:
+        raise SpecErrors(errors)
+    return checked
 
 
 # ---------------------------------------------------------------------------------------- plan
 
 
-def leaves(expr: ast.Expr):
-    if isinstance(expr, ast.Call):
-        yield expr
-    elif isinstance(expr, (ast.Seq, ast.Par)):
-        for item in expr.items:
-            yield from leaves(item)
-    else:
-        raise SpecError("expected a transform, e.g. lora(r=16), not a value", expr.span)
-
-
-def _tree(expr: ast.Expr, step_of: dict[int, int], path: str, targets_of: dict[int, set[str]]) -> Tree | None:
-    if isinstance(expr, ast.Call):
-        step = step_of.get(id(expr))
-        return step if step is not None and path in targets_of[step] else None
-    items = [t for t in (_tree(e, step_of, path, targets_of) for e in expr.items) if t is not None]
+def _relabel(tree: Tree, step_at: list[int | None]) -> Tree | None:
+    """A position tree as a tree of step indices, without the calls that became no step."""
+    if isinstance(tree, int):
+        return step_at[tree]
+    kind, items = tree
+    items = [t for t in (_relabel(t, step_at) for t in items) if t is not None]
     if not items:
         return None
-    return items[0] if len(items) == 1 else ("seq" if isinstance(expr, ast.Seq) else "par", items)
+    return items[0] if len(items) == 1 else (kind, items)
 
 
-def _is_innermost(tree: Tree, i: int) -> bool:
+def _is_innermost(tree: Tree | None, i: int) -> bool:
     """Whether step `i` is applied first and alone: the head of (nested) sequences, never a branch."""
     while isinstance(tree, tuple):
         kind, items = tree
@@ -272,36 +391,57 @@ def _refuse_surgered(model: nn.Module) -> None:
             )
 
 
+# Modules that wrap the model a spec is written for, and what to do instead.
+WRAPPERS = {
+    "PeftModel": "it carries PEFT adapters: plan on model.get_base_model() (or merge them first with "
+                 "merge_and_unload())",
+    "OptimizedModule": "it was compiled by torch.compile: plan on the original module (model._orig_mod), "
+                       "then compile the result",
+}
+
+
+def _refuse_wrapped(model: nn.Module, index: RoleIndex) -> None:
+    """A mapped model whose layers are not where its role map says is usually wrapped: say so."""
+    if not index.arch.mapped or index.num_layers:
+        return
+    inner = next((path for path, module in model.named_modules()
+                  if path and getattr(getattr(module, "config", None), "model_type", None) in index.arch.model_types
+                  and RoleIndex(module, index.arch).num_layers), None)
+    if inner is None:
+        return
+    why = next((WRAPPERS[c.__name__] for c in type(model).__mro__ if c.__name__ in WRAPPERS),
+               "plan on that module")
+    raise ModelError(f"this {index.arch.name} model is wrapped in {type(model).__name__} (the model itself is at "
+                     f"{inner!r}, so its roles are not where the role map says); {why}")
+
+
 def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = None) -> Plan:
     """Resolve `spec` against `model` (meta-device is fine). Raises :class:`SpecErrors`."""
     arch = arch or detect(model)
     _refuse_surgered(model)
     index = RoleIndex(model, arch)
+    _refuse_wrapped(model, index)
     errors: list[SurgeryError] = []
     steps: list[Step] = []
-    step_of: dict[int, int] = {}
-    rule_steps: list[tuple[ast.Rule, list[int]]] = []
-    if not spec.rules:
-        raise SpecError("the spec has no rules", Span(spec.file, 1, 1, 1, 2, spec.source))
-    for r, rule in enumerate(spec.rules):
+    rule_trees: list[tuple[Tree | None, list[int]]] = []  # each rule's tree over step indices, its steps
+    _require_rules(spec)
+    for r, checked in enumerate(check_rule(rule) for rule in spec.rules):
         regions = []
-        for selector in rule.selectors:
+        for selector in checked.rule.selectors:
             try:
                 regions.append(resolve(selector, index))
             except SurgeryError as e:
                 errors.append(e)
-        try:
-            calls = list(leaves(rule.expr))
-        except SurgeryError as e:
-            errors.append(e)
+        errors += checked.errors
+        if checked.tree is None:
             continue
         ids = []
-        for call in calls:
+        step_at: list[int | None] = [None] * len(checked.calls)
+        for position, leaf in checked.leaves.items():
+            call, tspec, params = leaf.call, leaf.spec, leaf.params
+            if not regions:
+                continue
             try:
-                tspec = lookup(call.name, call.span)
-                params = validate_params(tspec, call)
-                if not regions:
-                    continue
                 targets = find_targets(tspec, params, regions, index)
                 if not targets:
                     where = ", ".join(str(r.selector) for r in regions)
@@ -312,10 +452,10 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 errors.append(e)
                 continue
             step = Step(len(steps), r, call.name, params, tuple(targets), call.span)
-            step_of[id(call)] = step.index
+            step_at[position] = step.index
             steps.append(step)
             ids.append(step.index)
-        rule_steps.append((rule, ids))
+        rule_trees.append((_relabel(checked.tree, step_at), ids))
     if errors:
         raise SpecErrors(errors)
 
@@ -334,10 +474,14 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
     # Linear composition trees.
     linear: dict[str, Tree] = {}
     targets_of = {s.index: {t.path for t in s.targets} for s in steps if s.spec.anchor is Anchor.LINEAR}
-    for rule, ids in rule_steps:
+    for rule_tree, ids in rule_trees:
         paths = sorted({p for i in ids if i in targets_of for p in targets_of[i]})
+        projected: dict[frozenset[int], Tree | None] = {}  # layers with the same steps share a tree
         for path in paths:
-            tree = _tree(rule.expr, step_of, path, targets_of)
+            keep = frozenset(i for i in ids if path in targets_of.get(i, ()))
+            if keep not in projected:
+                projected[keep] = prune_tree(rule_tree, set(keep))
+            tree = projected[keep]
             if tree is None:
                 continue
             if path in linear:

@@ -4,6 +4,9 @@ Each step is checked in isolation: a copy of the untouched model gets only that 
 same seed the real application uses), and the step's obligations compare that copy
 (``check.surgered``) with the untouched model (``check.original``) on seeded random inputs.
 The model being verified is never modified; a bf16/fp16 model is checked as a float32 copy.
+Obligations compare logits at every position; a model without them (a backbone, a sequence
+classifier) shows its per-position outputs instead (:func:`_per_position_logits`). A model on the
+meta device has no outputs to compare, so checking it is refused up front.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from surgery.apply import apply_plan, get_module
+from surgery.arch import backbone_prefix
+from surgery.errors import ModelError
 from surgery.layers import SurgeryLinear
 from surgery.plan import Plan, Step
 
@@ -59,9 +65,11 @@ class Report:
 class Check:
     """What an obligation sees: the untouched model, a copy with only this step, and seeded inputs."""
 
-    def __init__(self, original: nn.Module, surgered: nn.Module, step: Step, seed: int):
+    def __init__(self, original: nn.Module, surgered: nn.Module, step: Step, seed: int,
+                 per_position: Callable[[nn.Module], list] = lambda model: []):
         self.original, self.surgered, self.step, self.seed = original, surgered, step, seed
         self.config = getattr(original, "config", None)
+        self.per_position = per_position  # see _per_position_logits
 
     @property
     def targets(self):
@@ -82,7 +90,14 @@ class Check:
 
     @torch.no_grad()
     def logits(self, model: nn.Module, input_ids=None, **kwargs) -> torch.Tensor:
-        out = model(input_ids=input_ids, **kwargs)
+        """`model`'s logits at every position (a backbone's last hidden state; a classifier's
+        logits before pooling), also for a model an obligation built itself."""
+        handles = self.per_position(model)
+        try:
+            out = model(input_ids=input_ids, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
     def linear_layers(self):
@@ -173,18 +188,68 @@ def _in_float32(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).float()
 
 
+def _per_position_logits(model: nn.Module) -> Callable[[nn.Module], list]:
+    """How to make `model(...).logits` per position, as obligations compare it (token by token,
+    prefill against decode); returns a function that installs that on a model (hook handles).
+
+    A causal or masked LM already has per-position logits: nothing to do. A backbone without a head
+    (``LlamaModel``) has none: its whole output, the last hidden state at every position, is shown
+    as ``.logits``. A sequence classifier pools its head's logits at one position: its head (a child
+    module outside the backbone applied at every position, e.g. ``score``) is shown before pooling —
+    the pooled logits are among those, so comparing them all proves at least as much. A classifier
+    whose head sees a pooled vector (BERT's) keeps its pooled logits.
+    """
+    ids = torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)
+    captured: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids)
+    except Exception:  # a model that needs more than token ids: its obligations report why they fail
+        return lambda m: []
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        return lambda m: []
+    backbone = model.get_submodule(backbone_prefix(model).rstrip("."))
+    heads = [name for name, child in model.named_children() if child is not backbone]
+
+    def install(m: nn.Module) -> list:
+        def keep(module, args, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 3:
+                captured["head"] = output
+
+        def show(module, args, output):
+            per_position = captured.pop("head", None)
+            if per_position is None and logits is None:
+                per_position = output.last_hidden_state
+            if per_position is not None:
+                output["logits"] = per_position
+            return output
+
+        handles = [m.get_submodule(name).register_forward_hook(keep) for name in heads]
+        return handles + [m.register_forward_hook(show)]
+
+    return install
+
+
 def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Report:
     """Check every step's obligations; `model` is left untouched."""
+    if any(p.is_meta for p in model.parameters()):
+        # Every obligation measures outputs; a meta tensor has none, so each would report "inf".
+        raise ModelError("this model is on the meta device (no weights), so its obligations cannot be checked; "
+                         "load its weights, or plan without checking (surgery.plan, compile(check=False))")
     report = Report()
     was_training = model.training
     model.eval()
     reference = _in_float32(model)
+    per_position = _per_position_logits(reference)
+    handles: list = []
     try:
         for step in plan.steps:
             surgered = copy.deepcopy(reference)
             apply_plan(plan.restricted({step.index}), surgered, seed=seed)
             surgered.eval()
-            check = Check(reference, surgered, step, seed)
+            handles = per_position(reference) + per_position(surgered)  # after the copy: it gets its own
+            check = Check(reference, surgered, step, seed, per_position)
             impl = step.spec.instance()
             for ob in step.spec.obligations:
                 if progress:
@@ -197,7 +262,12 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
                                                            math.inf, ob.tol))
                     continue
                 report.measurements.append(Measurement(step.index, step.transform, ob.name, error, ob.tol))
+            for handle in handles:
+                handle.remove()
+            handles = []
             del surgered
     finally:
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     return report

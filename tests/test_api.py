@@ -141,3 +141,16 @@ def test_ctrl_c_during_compile_leaves_the_model_bit_identical(where, monkeypatch
     assert all(torch.equal(after[k], v) for k, v in before.items())
     monkeypatch.undo()
     assert surgery.compile(model, spec, check=False).plan.counts.added > 0  # not "already surgered"
+
+
+def test_parse_tells_spec_text_from_a_path(tmp_path, monkeypatch):
+    # Spec text that mentions a .surg file is text, not a path to read.
+    assert surgery.parse("attn.q: lora  # see x.surg").rules[0].expr.name == "lora"
+    assert len(surgery.parse("attn.q: lora; mlp.down: ia3 # x.surg").rules) == 2
+    path = tmp_path / "spec"  # an existing file is read whatever its name
+    path.write_text("mlp.down: ia3\n")
+    monkeypatch.chdir(tmp_path)
+    for spec in (str(path), path, "spec", " spec "):
+        assert surgery.parse(spec).rules[0].expr.name == "ia3"
+    with pytest.raises(surgery.SpecError, match="cannot read spec missing.surg"):
+        surgery.parse("missing.surg")

@@ -63,6 +63,19 @@ def test_check_reports_every_argument_error(tmp_path, capsys, monkeypatch):
     assert f"{path}:3:8" in err and "did you mean 'prompt_tuning'" in err
 
 
+@pytest.mark.parametrize("text, message", [
+    ("# nothing yet\n", "the spec has no rules"),
+    ("attn.*: lora(r=4) | window(8)\n", "different anchor kinds (linear: lora; attention: window)"),
+    ("mlp.down: lora(r=4) + quantize\n", "must come first in a sequence"),
+])
+def test_check_refuses_what_plan_refuses_without_a_model(tmp_path, model_dir, capsys, monkeypatch, text, message):
+    path = spec(tmp_path, text)
+    code, _, err = run(["check", path], capsys, monkeypatch)
+    assert code == 2 and message in err and "Traceback" not in err
+    code, _, plan_err = run(["plan", path, model_dir], capsys, monkeypatch)
+    assert code == 2 and message in plan_err
+
+
 def test_plan_verify_diff_apply(tmp_path, model_dir, capsys, monkeypatch):
     before = tree_hash(model_dir)
     path = spec(tmp_path, "attn.*: lora(r=4)\nmlp.down: lora(r=4) | ia3\n")

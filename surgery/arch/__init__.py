@@ -29,6 +29,11 @@ class Architecture(BaseModel):
     head: dict[str, str]
     causal: bool = True
 
+    @property
+    def mapped(self) -> bool:
+        """Whether roles are known; an unmapped model is reached by quoted module paths only."""
+        return bool(self.model_types)
+
     def layer_paths(self, role: str) -> list[str]:
         value = self.layer[role]
         return [value] if isinstance(value, str) else list(value)
@@ -46,17 +51,28 @@ def architectures() -> dict[str, Architecture]:
 
 
 def detect(model: nn.Module) -> Architecture:
-    """The role map for `model`, chosen by ``config.model_type``."""
+    """The role map for `model`, chosen by ``config.model_type``.
+
+    A transformers model whose type has no role map gets an empty one (``mapped`` is False): quoted
+    module paths still select its modules, and whatever needs a role says so when it is used.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     known = architectures()
-    if model_type not in known:
-        # A model's type is a fact, not a typo: list what is supported rather than guess.
-        raise ModelError(
-            f"no role map for model type {model_type!r} (role maps exist for {', '.join(sorted(known))}); "
-            "add a JSON file to surgery/arch/data/ or use quoted module paths"
-        )
-    return known[model_type]
+    if model_type in known:
+        return known[model_type]
+    if not model_type:
+        inner = next((p for p, m in model.named_modules() if getattr(getattr(m, "config", None), "model_type", None)),
+                     None)
+        where = f", but it wraps one at {inner!r}: plan on that module" if inner else ""
+        raise ModelError(f"{type(model).__name__} is not a transformers model (it has no config.model_type){where}")
+    return Architecture(name=model_type, model_types=[], layers="", layer={}, model={}, head={})
+
+
+def no_role_map(arch: Architecture) -> str:
+    """Why a role cannot be found in a model of an unmapped architecture, and what to do."""
+    return (f"this {arch.name} model has no role map (role maps exist for {', '.join(sorted(architectures()))}); "
+            f"add surgery/arch/data/{arch.name}.json")
 
 
 def backbone_prefix(model: nn.Module) -> str:

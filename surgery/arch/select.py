@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from dataclasses import dataclass
 
 from torch import nn
 
-from surgery.arch import Architecture, backbone_prefix
+from surgery.arch import Architecture, backbone_prefix, no_role_map
 from surgery.errors import SpecError, did_you_mean
 from surgery.syntax import ast
 
@@ -49,7 +50,7 @@ class RoleIndex:
         self.order = {path: i for i, path in enumerate(self.modules)}
         prefix = backbone_prefix(model)
         self.layers_path = prefix + arch.layers
-        layers = self.modules.get(self.layers_path)
+        layers = self.modules.get(self.layers_path) if arch.mapped else None
         self.num_layers = len(layers) if layers is not None else 0
         self.model_roles: dict[str, list[str]] = {"model": [""]}
         for role, rel in arch.model.items():
@@ -67,6 +68,21 @@ class RoleIndex:
             for role in arch.layer:
                 for p in self.layer_role_paths(role, i):
                     self.role_of[p] = (role, i)
+
+    @property
+    def head_paths(self) -> set[str]:
+        """The output head(s): the mapped head roles, and the model's output embeddings."""
+        heads = {p for role in self.arch.head for p in self.model_roles.get(role, [])}
+        get = getattr(self.model, "get_output_embeddings", None)
+        output = get() if callable(get) else None
+        return heads | {p for p, m in self.modules.items() if output is not None and m is output}
+
+    def example_path(self) -> str:
+        """A quoted selector for this model: its first linear layer's path, layer number globbed."""
+        from surgery.layers import is_linear
+
+        path = next((p for p, m in self.modules.items() if is_linear(m) and p not in self.head_paths), "")
+        return re.sub(r"\.\d+\.", ".*.", path, count=1)
 
     def layer_role_paths(self, role: str, i: int) -> list[str]:
         return [f"{self.layers_path}.{i}.{rel}" for rel in self.arch.layer_paths(role)
@@ -148,6 +164,10 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
     span = selector.span
     if segments[0].name == "*" and len(segments) == 1:
         return Region(selector, (Site("", "model"),))
+    if not index.arch.mapped and str(selector) != "model":
+        example = index.example_path()
+        raise SpecError(f"role selector {str(selector)!r} needs a role map: {no_role_map(index.arch)}, or select "
+                        "modules by quoted path" + (f', e.g. "{example}"' if example else ""), span)
     layer_ids = list(range(index.num_layers))
     if segments[0].name == "layers":
         layer_ids = _layer_ids(segments[0].index, index.num_layers, span)
@@ -168,6 +188,12 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
         for i in layer_ids:
             sites += [Site(p, role, i) for p in index.layer_role_paths(role, i)]
     if not sites:
+        mapped = _match_roles(pattern, sorted(index.arch.layer))
+        if mapped:  # the role exists, its module does not: suggesting the same name would be no help
+            where = ", ".join(f"{role} at {index.layers_path}.N.{rel}" for role in mapped[:3]
+                              for rel in index.arch.layer_paths(role))
+            raise SpecError(f"selector {str(selector)!r} names roles of the {index.arch.name} role map ({where}), "
+                            "but this model has no such module there", span)
         raise SpecError(
             f"selector {str(selector)!r} matches nothing in this {index.arch.name} model"
             f"{index.suggest('.'.join(pattern))}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -153,8 +154,12 @@ _VALUE_START = {"NAME", "SIGNED_INT", "SIGNED_FLOAT", "STRING", "LSQB", "ARGS_OP
 _VALUE_SIDE = _VALUE_START | {"TRUE", "FALSE"}
 
 # Parentheses, calls and lists nest at most this deep: the tree builder recurses, and a spec nested
-# deeper than this is a mistake, not a model.
+# deeper than this is a mistake, not a model. The same bound holds after `let` substitution.
 MAX_NESTING = 32
+# The rules of a spec hold at most this many expression nodes once `let` constants are substituted
+# (a let value alone too): a constant used twice in the next one doubles, so without a bound a few
+# lines could stand for an exponential spec. Real specs hold tens of nodes.
+MAX_NODES = 10_000
 
 
 def _expected_names(expected) -> list[str]:
@@ -220,16 +225,69 @@ def _check_separators(items, source: str, file: str) -> None:
         previous_end = item.span.end_line
 
 
-def _substitute(expr, constants: dict):
-    """Replace bare words naming a ``let`` constant by the constant's value."""
+@dataclass(frozen=True)
+class _Expanded:
+    """An expression with ``let`` constants substituted, and what it would be written out.
+
+    ``size`` counts its nodes and ``nest`` its nesting as the parser counts it (a call's or list's
+    brackets, and a group around a ``+``/``|`` chain that is an operand of another chain), both
+    as if every constant had been written out in place. Constants share their nodes, so these
+    are computed per constant once, never by walking the (possibly exponential) written-out tree.
+    ``via`` names the constant use that brought the deepest nesting, for the error.
+    """
+
+    expr: ast.Expr
+    size: int
+    nest: int
+    via: tuple[str, Span, int] | None = None  # (constant, where it is used, its own nesting)
+
+
+class _Budget:
+    """Expression nodes left once constants are substituted; an error at the node that overdraws it."""
+
+    def __init__(self, what: str):
+        self.used, self.what, self.substituted = 0, what, False
+
+    def spend(self, n: int, span: Span, name: str | None = None) -> None:
+        self.used += n
+        self.substituted |= name is not None
+        if self.used > MAX_NODES:
+            alone = f" ('{name}' alone has {n:,})" if name else ""
+            once = " once let constants are substituted" if self.substituted else ""
+            raise SpecError(f"{self.what} holds more than {MAX_NODES:,} expression nodes{once}{alone}", span)
+
+
+def _substitute(expr, constants: dict[str, _Expanded], budget: _Budget) -> _Expanded:
+    """Replace bare words naming a ``let`` constant by the constant's value, within the limits."""
+    if isinstance(expr, ast.Call) and not expr.has_parens and not expr.args and expr.name in constants:
+        value = constants[expr.name]
+        budget.spend(value.size, expr.span, expr.name)
+        return _Expanded(value.expr, value.size, value.nest, (expr.name, expr.span, value.nest) if value.nest else None)
+    budget.spend(1, expr.span)
     if isinstance(expr, ast.Call):
-        if not expr.has_parens and not expr.args and expr.name in constants:
-            return constants[expr.name]
-        args = tuple(ast.Arg(a.key, _substitute(a.value, constants), a.span) for a in expr.args)
-        return ast.Call(expr.name, args, expr.span, expr.has_parens)
+        args = [(a, _substitute(a.value, constants, budget)) for a in expr.args]
+        new = ast.Call(expr.name, tuple(ast.Arg(a.key, x.expr, a.span) for a, x in args), expr.span, expr.has_parens)
+        return _nested(new, [x for _, x in args], 1 if expr.has_parens else 0)
     if isinstance(expr, (ast.Seq, ast.Par, ast.ListValue)):
-        return type(expr)(tuple(_substitute(i, constants) for i in expr.items), expr.span)
-    return expr
+        items = [_substitute(i, constants, budget) for i in expr.items]
+        new = type(expr)(tuple(x.expr for x in items), expr.span)
+        if isinstance(expr, ast.ListValue):
+            return _nested(new, items, 1)
+        # A chain inside a chain is written in parentheses: one level more.
+        return _nested(new, [_Expanded(x.expr, x.size, x.nest + isinstance(x.expr, (ast.Seq, ast.Par)), x.via)
+                             for x in items], 0)
+    return _Expanded(expr, 1, 0)
+
+
+def _nested(node, children: list[_Expanded], own: int) -> _Expanded:
+    deepest = max(children, key=lambda x: x.nest, default=None)
+    nest = own + (deepest.nest if deepest else 0)
+    via = deepest.via if deepest else None
+    if nest > MAX_NESTING:
+        brought = f" ('{via[0]}' alone nests {via[2]})" if via else ""
+        raise SpecError(f"expressions nest more than {MAX_NESTING} levels deep once let constants are "
+                        f"substituted{brought}", via[1] if via else node.span)
+    return _Expanded(node, 1 + sum(x.size for x in children), nest, via)
 
 
 def parse(text: str, file: str = "<spec>") -> ast.Spec:
@@ -249,17 +307,18 @@ def parse(text: str, file: str = "<spec>") -> ast.Spec:
             raise SpecError(f"number too long: at most {limit} digits", _span(e.obj.meta, text, file)) from None
         raise
     _check_separators(items, text, file)
-    constants: dict = {}
+    constants: dict[str, _Expanded] = {}
     rules = []
+    spec_budget = _Budget("this spec")  # the rules together, as if written out
     for item in items:
         if isinstance(item, Token):
             continue
         if isinstance(item, ast.Let):
             if item.name in constants:
                 raise SpecError(f"'{item.name}' is already defined", item.span)
-            constants[item.name] = _substitute(item.value, constants)
+            constants[item.name] = _substitute(item.value, constants, _Budget(f"'{item.name}'"))
         else:
-            rules.append(ast.Rule(item.selectors, _substitute(item.expr, constants), item.span))
+            rules.append(ast.Rule(item.selectors, _substitute(item.expr, constants, spec_budget).expr, item.span))
     return ast.Spec(tuple(rules), text, file)
 
 

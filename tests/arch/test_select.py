@@ -180,16 +180,28 @@ def test_only_layers_takes_an_index(models):
     assert "only 'layers' takes an index" in failure(models["llama"], "layers[0].mlp[1]")
 
 
-def test_model_without_role_map_is_a_model_error():
-    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+def tiny_opt(device="cpu"):
+    """A transformers architecture without a role map."""
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)
-    with torch.device("meta"):
-        model = transformers.OPTForCausalLM(config)
-    with pytest.raises(ModelError) as info:
-        detect(model)
-    message = str(info.value)
-    assert message.startswith("no role map for model type 'opt'")
-    assert "(role maps exist for bert, gemma, gpt2, llama, mistral, qwen2)" in message
-    assert "add a JSON file to surgery/arch/data/" in message
-    with pytest.raises(ModelError, match="no role map for model type None"):
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.OPTForCausalLM(config).eval()
+
+
+def test_model_without_role_map_is_reached_by_quoted_paths():
+    model = tiny_opt("meta")
+    arch = detect(model)
+    assert (arch.name, arch.mapped) == ("opt", False)
+    assert paths(model, '"model.decoder.layers.*.self_attn.q_proj"') == [
+        "model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.1.self_attn.q_proj"]
+    assert paths(model, "*") == [""]  # the whole model needs no role either
+    assert failure(model, "attn.q") == (
+        "<spec>:1:1\n  attn.q: x\n  ^^^^^^\n"
+        "error: role selector 'attn.q' needs a role map: this opt model has no role map (role maps exist for "
+        "bert, gemma, gpt2, llama, mistral, qwen2); add surgery/arch/data/opt.json, or select modules by "
+        'quoted path, e.g. "model.decoder.layers.*.self_attn.k_proj"')
+    with pytest.raises(ModelError, match="Linear is not a transformers model"):
         detect(torch.nn.Linear(2, 2))
+    with pytest.raises(ModelError, match="DataParallel is not a transformers model .*, but it wraps one at 'module'"):
+        detect(torch.nn.DataParallel(model))

@@ -7,7 +7,7 @@ import pytest
 
 from surgery.errors import SpecError
 from surgery.syntax import ast, parse, parse_file
-from surgery.syntax.parser import MAX_NESTING
+from surgery.syntax.parser import MAX_NESTING, MAX_NODES
 
 DESIGN_CARD = "attn.*: rope(ntk_dynamic, scale=4) + window(4096, sinks=4); mlp.down: lora(r=16) | ia3"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "language.md"
@@ -235,6 +235,46 @@ def test_let_redefinition_is_an_error():
         "  ^^^^^^^^^\n"
         "error: 'R' is already defined"
     )
+
+
+def _chain(n: int, op: str) -> str:
+    """``let A0 = lora`` and n−1 constants, each built from the previous: ``A{i} = A{i-1} op …``."""
+    rhs = "{prev} + ia3" if op == "+" else "{prev} | {prev}"
+    return "let A0 = lora\n" + "".join(f"let A{i} = " + rhs.format(prev=f"A{i - 1}") + "\n" for i in range(1, n))
+
+
+def test_let_is_bounded_in_depth_as_if_written_out():
+    # Each link nests the chain one level deeper, as ((lora + ia3) + ia3) + … would written out.
+    ok = parse(_chain(MAX_NESTING + 2, "+") + f"attn: A{MAX_NESTING + 1}")
+    assert shape(ok.rules[0].expr)[0] == "seq"
+    # Thousands of links were a RecursionError; the error points at the use that goes too deep.
+    message = error(_chain(3000, "+") + "attn: A2999")
+    assert message.startswith(f"<spec>:{MAX_NESTING + 3}:11\n  let A{MAX_NESTING + 2} = A{MAX_NESTING + 1} + ia3\n"
+                              "            ^^^\n")
+    assert message.endswith(f"error: expressions nest more than {MAX_NESTING} levels deep once let constants "
+                            f"are substituted ('A{MAX_NESTING + 1}' alone nests {MAX_NESTING})")
+    # A rule that goes too deep with a constant that does not: the error points at the use.
+    message = error(_chain(MAX_NESTING + 1, "+") + f"attn: lora + (A{MAX_NESTING} + ia3)")
+    assert message.startswith(f"<spec>:{MAX_NESTING + 2}:15\n")
+    assert message.endswith(f"('A{MAX_NESTING}' alone nests {MAX_NESTING - 1})")
+
+
+def test_let_is_bounded_in_size_without_writing_it_out():
+    # A constant used twice in the next doubles: 20 links stand for 2^20 calls, 60 for 2^60.
+    for n in (20, 60):
+        assert error(_chain(n, "|") + f"attn: A{n - 1}") == (
+            "<spec>:14:17\n"
+            "  let A13 = A12 | A12\n"
+            "                  ^^^\n"
+            f"error: 'A13' holds more than {MAX_NODES:,} expression nodes once let constants are substituted "
+            "('A12' alone has 8,191)"
+        )
+    # Within the bound per constant, the rules together are bounded too: the second use overdraws.
+    assert error(_chain(13, "|") + "attn: A12\nmlp: A12").startswith("<spec>:15:6\n  mlp: A12\n       ^^^\n")
+    assert len(parse(_chain(13, "|") + "attn: A12").rules) == 1
+    # Written out, the same bound (a spec that size is a mistake): without a constant, no mention of one.
+    assert error("attn: " + " + ".join(["lora"] * (MAX_NODES + 1))).endswith(
+        f"error: this spec holds more than {MAX_NODES:,} expression nodes")
 
 
 # -------------------------------------------------------------------------------------- errors
