@@ -234,12 +234,21 @@ class Diff:
         stack = node.stack or (("", ""),)
         here, owner = stack[0][0], stack[0][1]
         unit = self._graph_key(here, side)
+        via = ""
         for path, transform in stack[1:]:
             key = self._graph_key(path, side)
             if not (here == "" or path.startswith(here + ".") or key == unit or key.startswith(unit + ".")):
-                return unit, path, owner
+                via = path
+                break
             here, unit, owner = path, key, transform or owner
-        return unit, "", owner
+        # A transform's module may run its children without being called itself (no stack entry):
+        # its place in the tree still says whose node this is.
+        tree = (self.after_tree if side == "after" else self.before_tree).modules
+        for path in reversed(_ancestors(here)):
+            if path in tree and tree[path].transform:
+                owner = tree[path].transform
+                break
+        return unit, via, owner
 
     def _rules_of(self, node: GraphNode, via: str, owner: str) -> tuple[str, ...]:
         """The plan steps behind a changed node: those whose target module contains the node's module

@@ -60,6 +60,7 @@ class ModuleInfo:
     trainable: int                  # trainable parameters in the subtree
     hooks: tuple[str, ...] = ()     # forward (pre-)hooks, as "pre-hook NAME" / "hook NAME"
     settings: tuple[str, ...] = ()  # surgery_* attributes a transform attached (e.g. surgery_window)
+    transform: str = ""             # the surgery transform whose module this is (``lora`` for a LoraAdapter)
 
     @property
     def frozen(self) -> int:
@@ -108,7 +109,10 @@ def snapshot_tree(model: nn.Module) -> TreeSnapshot:
         hooks = tuple([f"pre-hook {_hook_name(h)}" for h in module._forward_pre_hooks.values()]
                       + [f"hook {_hook_name(h)}" for h in module._forward_hooks.values()])
         settings = tuple(sorted(k for k in vars(module) if k.startswith("surgery_")))
-        modules[path] = ModuleInfo(path, type(module).__name__, id(module), own, total, trainable, hooks, settings)
+        where = type(module).__module__.split(".")
+        transform = where[2] if where[:2] == ["surgery", "transforms"] and len(where) > 2 else ""
+        modules[path] = ModuleInfo(path, type(module).__name__, id(module), own, total, trainable, hooks, settings,
+                                   transform)
     total, trainable = _count(model.parameters())
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return TreeSnapshot(type(model).__name__, modules, total, trainable, attention)
