@@ -610,6 +610,7 @@ li.replaced > span, li.replaced > details > summary {{ background: #fff1d6; }}
 li.wrapped > span, li.wrapped > details > summary {{ background: #ddf4ff; }}
 li.changed > span, li.changed > details > summary,
 li.moved > span, li.moved > details > summary {{ background: #fbefff; }}
+table.graph td, table.graph th {{ text-align: left; }}
 table.graph {{ font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }}
 tr.mod th {{ background: #f6f8fa; text-align: left; }}
 tr.add td {{ background: #dafbe1; }} tr.rem td {{ background: #ffebe9; }} tr.same td {{ color: #59636e; }}
@@ -622,7 +623,7 @@ pre.code .rem {{ background: #ffebe9; display: inline-block; min-width: 100%; }}
 pre.code .hunk {{ color: #0550ae; }} pre.code .file {{ color: #59636e; font-weight: bold; }}
 section.picture {{ margin: 1em 0 2em; }}
 div.sides {{ display: flex; gap: 1em; align-items: flex-start; overflow-x: auto; }}
-div.sides figure {{ margin: 0; border: 1px solid #d1d9e0; border-radius: 6px; padding: .4em; overflow: auto; max-height: 2400px; }}
+div.sides figure {{ flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid #d1d9e0; border-radius: 6px; padding: .4em; overflow: auto; max-height: 2400px; }}
 figcaption {{ font-weight: bold; color: #59636e; }}
 svg.flow text {{ font: 12px ui-monospace, Menlo, Consolas, monospace; fill: #1f2328; }}
 .k {{ padding: 0 .4em; border-radius: .4em; border: 1px solid; }}

@@ -114,6 +114,7 @@ class UnitDiff:
     inputs_before: dict[str, str]       # rendered input name → where it comes from
     inputs_after: dict[str, str]
     returns: tuple[list[str], list[str]]  # names handed out before / after
+    shown: tuple[dict[str, str], dict[str, str]]  # edge source name → name in that side's code
     edges_before: set[tuple[str, str, str]]
     edges_after: set[tuple[str, str, str]]
     rules: tuple[str, ...] = ()
@@ -337,6 +338,7 @@ def unit_diff(path: str, m: _Matcher,
         entries.append(Entry(name, before.nodes[b] if b else None, after.nodes[a] if a else None, ""))
 
     inputs: list[dict[str, str]] = [{}, {}]
+    names_shown: list[dict[str, str]] = [{}, {}]
     input_names: dict[tuple, str] = {}
 
     def display(side: _Side, names: dict[str, str], i: int, src: str) -> tuple[str, str]:
@@ -349,7 +351,9 @@ def unit_diff(path: str, m: _Matcher,
             return src, src
         if node.kind != "call":
             shown = _relative(node.target, path)
-            return shown, _relative(side.ttarget[src], path)
+            edge_name = _relative(side.ttarget[src], path)
+            names_shown[i][edge_name] = shown
+            return shown, edge_name
         key = m.ref(i == 1, src, path)
         if key[-1] is None:
             key = (*key, src)   # a new value: its own input
@@ -404,7 +408,7 @@ def unit_diff(path: str, m: _Matcher,
         if e.status != "same":
             side, node = (after, e.after) if e.after is not None else (before, e.before)
             e.rules = rules_of(node, side.via[node.name], side.owner[node.name])
-    unit = UnitDiff(path, entries, inputs[0], inputs[1], returns, edges[0], edges[1])
+    unit = UnitDiff(path, entries, inputs[0], inputs[1], returns, (names_shown[0], names_shown[1]), edges[0], edges[1])
     unit.hunks = _hunks(unit)
     unit.rules = tuple(dict.fromkeys(r for h in unit.hunks for r in h["rules"]))
     return unit

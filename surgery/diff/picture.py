@@ -54,10 +54,14 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
     # Sources: whatever an edge reads that is not a node of this unit.
     sources = list(dict.fromkeys(s for s, _, _ in sorted(mine, key=lambda e: _pos(entries, e[1])) if s not in status))
     inputs = unit.inputs_before if side == "before" else unit.inputs_after
+    shown = unit.shown[0 if side == "before" else 1]
     for s in sources:
         status[s] = "source"
-        label[s] = s if len(s) <= MAX_LABEL else "…" + s[-(MAX_LABEL - 1):]
-        title[s] = f"{s} = {inputs[s]}" if s in inputs else s
+        name = shown.get(s, s)
+        # A parameter by its last two path segments (``lora_A.weight``): the tooltip has the rest.
+        short = ".".join(name.removeprefix("self.").split(".")[-2:])
+        label[s] = short if len(short) <= MAX_LABEL else "…" + short[-(MAX_LABEL - 1):]
+        title[s] = f"{name} = {inputs[s]}" if s in inputs else name
     names = sources + [e.name for e in entries] + (["return"] if returned or unit.returns != ([], []) else [])
     parents: dict[str, list[str]] = {n: [] for n in names}
     for s, d, _ in mine:
@@ -82,8 +86,12 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
     for n in names:
         if n not in rank:
             depth(n)
+    # An input sits just above its first reader, not at the top: short edges, branches side by side.
+    for s in sources:
+        readers = [rank[d] for src, d, _ in mine if src == s and d in rank and d not in sources]
+        rank[s] = max(0, min(readers, default=1) - 1)
     if "return" in rank:
-        rank["return"] = max(rank.values()) + (0 if len(rank) == 1 else 1)
+        rank["return"] = max((r for n, r in rank.items() if n != "return"), default=-1) + 1
     ranks: dict[int, list[str]] = {}
     for n in names:
         ranks.setdefault(rank[n], []).append(n)
