@@ -463,3 +463,48 @@ def test_cli_diff_code_and_json(tmp_path, capsys, monkeypatch):
     assert code == 0 and "HTML diff written" in err
     data = json.loads(out)   # stdout is the JSON and nothing else
     assert data["graph"]["changed_paths"] == Q and data["summary"]["added_params"] == 1024
+
+
+@pytest.fixture(scope="module")
+def smollm2_card():
+    from surgery.api import compile as run
+    from surgery.models import load_model, smollm2_dir
+    from surgery.syntax import parse_file
+
+    model = load_model(smollm2_dir())
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    return run(model, parse_file(Path("specs/demo_design_card.surg")), check=False, graph_inputs=ids).diff()
+
+
+@pytest.mark.slow
+def test_smollm2_design_card_code_and_picture(smollm2_card, tmp_path):
+    """The issue's bar: down_proj shows the base projection plus the LoRA and IA3 branches, the attention
+    shows where the window (4096) and the sinks (4) enter, each under its rule; the picture shows the same."""
+    diff = smollm2_card
+    spec = "specs/demo_design_card.surg"
+    groups = {g["label"]: g for g in diff.graph_groups()}
+    down = groups["model.layers.{0-29}.mlp.down_proj"]
+    lines = down["code"].splitlines()
+    assert " linear = aten.linear(mlp, self.base.weight)" in lines
+    assert "+linear_1 = aten.linear(mlp, self.adapter.0.lora_A.weight)" in lines
+    assert "+linear_2 = aten.linear(linear_1, self.adapter.0.lora_B.weight)" in lines
+    assert "+mul_1 = aten.mul(mlp, self.adapter.1.ia3_l)" in lines
+    assert "+linear_3 = aten.linear(mul_1, self.base.weight)" in lines
+    assert lines[2].endswith(f"  lora(r=16) at {spec}:4:71; ia3 at {spec}:4:84")
+
+    attention = [g for label, g in groups.items() if label.endswith("self_attn")]
+    assert sorted(p for g in attention for p in g["paths"]) == sorted(f"model.layers.{i}.self_attn" for i in range(30))
+    for g in attention:
+        added = [line for line in g["code"].splitlines() if line.startswith("+")]
+        assert any(line.endswith(" = aten.lt(sub, 4092)") for line in added)               # i − j < W − S
+        assert any(" = aten.lt(" in line and line.endswith(", 4)") for line in added)       # j < S: the sinks
+        assert f"window(4096, sinks=4) at {spec}:4:38" in g["unit"].rules
+    assert len(groups) <= 6   # one entry per distinct change, not one per layer
+
+    page = tmp_path / "diff.html"
+    page.write_text(diff.html(), encoding="utf-8")
+    png, dom = _browse(page, tmp_path)
+    assert len(png) > 20_000 and _png_colours(png) > 50
+    assert dom.count('class="flow"') == 2 * len(groups)
+    assert 'data-name="self.adapter.0.lora_A.weight"' in dom and 'data-name="self.adapter.1.ia3_l"' in dom
+    assert ">lt(·, 4092)</text>" in dom and ">lt(·, 4)</text>" in dom

@@ -1,18 +1,6 @@
-"""Before/after view of a surgered model, for code review: the module tree and the computation graph.
+""":class:`Diff`: what surgery changed, for code review — the module tree, the runtime, the graph.
 
-Two cheap snapshots are compared:
-
-* :func:`snapshot_tree` records, per module path, the class, the module's identity (``id``), its own
-  parameters (name, shape, dtype, trainable) and its subtree's parameter counts. It reads no
-  weights, so it works on meta-device models of any size.
-* :func:`capture_graph` exports the model with ``torch.export.export(..., strict=False)``
-  (transformers 5 models are not ``symbolic_trace``-able) and records, for every
-  ``call_function``/``call_method`` node, its op and the innermost module that ran it, read from
-  ``node.meta["nn_module_stack"]``. In torch 2.13 that is an ordered dict from an export key
-  (``'L__self__model.layers.0.self_attn'``) to ``(dotted module path, qualified class name)``; the
-  path is taken from the value, so the export prefix never reaches the diff.
-
-:class:`Diff` classifies the tree change:
+The snapshots it compares come from :mod:`surgery.diff.snapshot`. The tree change is classified:
 
 * **wrapped** — the module object that lived at ``p`` now lives below ``p`` (``q_proj`` →
   ``q_proj.base``) and ``p`` holds its wrapper. Detected by object identity, confirmed by class and
@@ -24,11 +12,17 @@ Two cheap snapshots are compared:
 * **added** / **removed** — paths only after / only before (relocation targets excluded).
 * **frozen** / **unfrozen** — modules whose own parameters lost / gained ``requires_grad``.
 
-The graph diff groups nodes by module so that a change reads where the review reads it: a node is
-charged to its innermost module, translated back through relocations (``q_proj.base`` → ``q_proj``),
-and, when that module is not a stable one (present on both sides, same class), rolled up to its
-shallowest changed ancestor. So LoRA on ``q_proj`` shows as ``q_proj: linear 1 → 3, +1 mul, +1 add``
-rather than as ops scattered over ``q_proj.base`` and ``q_proj.adapter.lora_A``.
+The graph diff (:mod:`surgery.diff.graph`) is read per *unit*, where the review reads it: a node is
+charged to the module that ran it, translated back through relocations (``q_proj.base`` →
+``q_proj``), and, when that module is not a stable one (present on both sides, same class), rolled
+up to its shallowest changed ancestor; a module called from outside its parent counts as part of its
+caller (:meth:`Diff._provenance`). So LoRA on ``q_proj`` is one unit, ``q_proj``, whose code gains
+the ``lora_A``/``lora_B`` branch, rather than ops scattered over ``q_proj.base`` and
+``q_proj.adapter.lora_A``. Units whose change reads the same once layer indices are written ``{i}``
+are one entry (``model.layers.{0-29}.mlp.down_proj``): in the text, the code (``--code``), the
+pictures and the JSON. With the plan, each change names the spec rule behind it
+(``lora(r=16) at spec.surg:4:71``): the steps whose target module contains the changed node's module,
+narrowed to the transform whose module ran it when the tree says so.
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from surgery.diff.graph import UnitDiff, structural_diff
-from surgery.diff.grouping import _grouped, _ranges, group_label, layer_free  # noqa: F401 (re-exported)
+from surgery.diff.grouping import _grouped, group_label, layer_free
 from surgery.diff.picture import pictures_html
 from surgery.diff.snapshot import GraphNode, GraphSnapshot, ModuleInfo, TreeSnapshot
 

@@ -95,30 +95,24 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
     ranks: dict[int, list[str]] = {}
     for n in names:
         ranks.setdefault(rank[n], []).append(n)
-    slot: dict[str, float] = {}
-    for r in sorted(ranks):
-        row = ranks[r]
-        if r:
-            code = {n: i for i, n in enumerate(row)}
-            row.sort(key=lambda n: (sum(slot[p] for p in parents[n]) / len(parents[n]) if parents[n] else code[n], code[n]))
-        for i, n in enumerate(row):
-            slot[n] = i
-
+    # Rank by rank: order by the mean centre of a node's inputs (code order for ties), then place each
+    # node under that centre, pushed right only as far as its left neighbour needs.
     width = {n: max(48.0, CHAR * len(label[n]) + 16) for n in names}
     x: dict[str, float] = {}
+    code = {n: i for i, n in enumerate(names)}
     widest = 0.0
-    for r, row in ranks.items():
+    for r in sorted(ranks):
+        row = ranks[r]
+        want = {n: (sum(x[p] + width[p] / 2 for p in parents[n] if p in x) / max(1, sum(p in x for p in parents[n]))
+                    if any(p in x for p in parents[n]) else None) for n in row}
+        # Sources (no placed input) go left to right in code order, ahead of their readers.
+        row.sort(key=lambda n: (want[n] is not None, want[n] or 0.0, code[n]))
         cursor = GAP
         for n in row:
-            x[n] = cursor
-            cursor += width[n] + GAP
+            target = want[n] - width[n] / 2 if want[n] is not None else cursor
+            x[n] = max(cursor, target)
+            cursor = x[n] + width[n] + GAP
         widest = max(widest, cursor)
-    # Centre each rank under the widest.
-    for r, row in ranks.items():
-        used = sum(width[n] + GAP for n in row) + GAP
-        shift = (widest - used) / 2
-        for n in row:
-            x[n] += shift
     height = (max(ranks) + 1) * ROW + GAP if ranks else ROW
     uid = f"g{next(_ids)}"
 
