@@ -86,9 +86,10 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
     for n in names:
         if n not in rank:
             depth(n)
-    # An input sits just above its first reader, not at the top: short edges, branches side by side.
-    for s in sources:
-        readers = [rank[d] for src, d, _ in mine if src == s and d in rank and d not in sources]
+    # An input, or a node that reads nothing (``arange``, ``zeros``), sits just above its first reader,
+    # not at the top: short edges, branches side by side. Later ones first, so chains of them settle.
+    for s in reversed([n for n in names if n != "return" and not parents[n]]):
+        readers = [rank[d] for src, d, _ in mine if src == s and d in rank and d != s]
         rank[s] = max(0, min(readers, default=1) - 1)
     if "return" in rank:
         rank["return"] = max((r for n, r in rank.items() if n != "return"), default=-1) + 1
