@@ -26,3 +26,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_plan_meta.py
 	$(PY) benchmarks/bench_lora_train.py
 	$(PY) benchmarks/bench_merged_inference.py
+	$(PY) benchmarks/bench_diff.py

@@ -90,7 +90,7 @@ class Result:
         from surgery.diff import Diff, capture_graph, snapshot_tree
 
         after_graph = capture_graph(self.model, self.graph_inputs) if self.graph_inputs is not None else None
-        return Diff(self.before_tree, snapshot_tree(self.model), self.before_graph, after_graph)
+        return Diff(self.before_tree, snapshot_tree(self.model), self.before_graph, after_graph, plan=self.plan)
 
     def save(self, out_dir: str | Path, *, merge: bool = False) -> Path:
         """Write the surgered model to `out_dir` (whole or not at all); see :mod:`surgery.io`."""

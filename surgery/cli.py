@@ -177,8 +177,12 @@ def _example_ids(model, n: int = 12):
 def diff(spec: Path = typer.Argument(..., help="a .surg file"),
          model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
          html: Optional[Path] = typer.Option(None, "--html", help="also write the diff as an HTML page"),
-         graph: bool = typer.Option(True, help="include the torch.export computation-graph diff")):
+         graph: bool = typer.Option(True, help="include the torch.export computation-graph diff"),
+         code: bool = typer.Option(False, "--code", help="show each changed module's computation as a code diff"),
+         as_json: bool = typer.Option(False, "--json", help="print the whole diff as JSON (nothing else on stdout)")):
     """Show the module-tree and computation-graph diff the spec makes (verification is skipped)."""
+    import json
+
     from surgery.api import compile as run
 
     parsed = _spec(spec)
@@ -188,13 +192,19 @@ def diff(spec: Path = typer.Argument(..., help="a .surg file"),
     with _status("applying and capturing graphs"):
         result = run(model, parsed, check=False, graph_inputs=_example_ids(model) if graph else None)
         d = result.diff()
-    out.print(d.text(), markup=False, highlight=False)
+    if as_json:
+        # Plain print: rich would wrap or highlight, and CI parses this.
+        sys.stdout.write(json.dumps(d.to_json(), indent=1) + "\n")
+    else:
+        out.print(d.text(), markup=False, highlight=False)
+        if code:
+            out.print(d.code(), markup=False, highlight=False)
     if html:
         try:
             html.write_text(d.html(), encoding="utf-8")
         except OSError as e:
             raise SurgeryError(f"cannot write {html}: {e.strerror or e}") from None
-        out.print(f"HTML diff written to {html}")
+        (err if as_json else out).print(f"HTML diff written to {html}")
 
 
 @app.command()

@@ -1,6 +1,13 @@
 """surgery.diff: module-tree and computation-graph diffs of a model before and after surgery."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,7 +92,10 @@ def test_graph_snapshot_paths_are_real_module_paths(llama_lora):
     graph = capture_graph(model, ids)
     assert isinstance(graph, GraphSnapshot)
     modules = dict(model.named_modules())
-    assert all(path in modules for path, _ in graph.nodes)
+    assert all(node.path in modules and all(p in modules for p, _ in node.stack) for node in graph.calls)
+    # Parameters enter as placeholders under their module path, not the export's mangled name.
+    params = {n.target for n in graph.nodes if n.kind == "param"}
+    assert params == {name for name, _ in model.named_parameters()}
     ops = graph.ops()
     assert ops[f"{Q[0]}.adapter.lora_A"] == {"linear": 1}
     assert ops[f"{Q[0]}.base"] == {"linear": 1}
@@ -111,7 +121,7 @@ def test_text_groups_layers_and_marks_changes(llama_lora):
     assert "~ model.layers.{0-1}.self_attn.q_proj  wrapped: Linear → SurgeryLinear" in text
     assert sum(line.startswith("+ model.layers.{0-1}.self_attn.q_proj.adapter") for line in lines) == 4
     assert "total 90,432 → 91,456 (+1,024)" in text
-    assert any(line.startswith("~ model.layers.{0-1}.self_attn.q_proj  ops 1 → ") and "+2 linear" in line
+    assert any(line.startswith("~ model.layers.{0-1}.self_attn.q_proj  nodes 1 → 5; added 4 (2 linear, 1 add, 1 mul)")
                for line in lines)
     flat = diff.text(group=False)
     for path in diff.added:
@@ -254,3 +264,248 @@ def test_runtime_changes_outside_the_tree_are_shown():
     ]
     assert "~ model.layers.1.self_attn  +pre-hook before_attention, +surgery_window" in diff.text()
     assert "<h2>Runtime</h2>" in diff.html() and diff.to_json()["runtime"][0]["where"] == "config"
+
+
+# ------------------------------------------------------------------------------------ structural graph diff
+
+CARD = "attn.*: rope(ntk_dynamic, scale=4) + window(16, sinks=2); mlp.down: lora(r=4) | ia3"
+
+
+@pytest.fixture(scope="module")
+def card():
+    """The design card's shape on the tiny Llama, through the public API (so the plan names the rules)."""
+    from surgery.api import compile as run
+
+    model = tiny("llama")
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    return run(model, parse(CARD), check=False, graph_inputs=ids).diff()
+
+
+def _group(diff, label):
+    return next(g for g in diff.graph_groups() if g["label"] == label)
+
+
+def test_lora_code_diff_is_the_branch_and_nothing_else(llama_lora):
+    _, _, diff = llama_lora
+    groups = diff.graph_groups()
+    assert [g["label"] for g in groups] == ["model.layers.{0-1}.self_attn.q_proj"]
+    unit = groups[0]["unit"]
+    assert [(e.status, e.after.op) for e in unit.added] == [("added", "linear"), ("added", "linear"),
+                                                             ("added", "mul"), ("added", "add")]
+    assert unit.removed == [] and unit.rewired == []
+    assert unit.added_edges == [("add", "return", "0"), ("input_layernorm", "linear_1", "0"),
+                                ("linear", "add", "0"), ("linear_1", "linear_2", "0"), ("linear_2", "mul", "0"),
+                                ("mul", "add", "1"), ("self.adapter.lora_A.weight", "linear_1", "1"),
+                                ("self.adapter.lora_B.weight", "linear_2", "1")]
+    assert unit.removed_edges == [("linear", "return", "0")]
+    assert groups[0]["code"].splitlines()[2:] == [
+        "@@ -1,3 +1,7 @@",   # no plan given to this Diff: no rule to name
+        " # input_layernorm = model.layers.{i}.input_layernorm: mul",
+        " linear = aten.linear(input_layernorm, self.base.weight)",
+        "+linear_1 = aten.linear(input_layernorm, self.adapter.lora_A.weight)",
+        "+linear_2 = aten.linear(linear_1, self.adapter.lora_B.weight)",
+        "+mul = aten.mul(linear_2, 1.0)",   # alpha / r with alpha defaulting to r
+        "+add = aten.add(linear, mul)",
+        "-return linear",
+        "+return add",
+    ]
+    # Only q_proj: k_proj and v_proj read the same normed input as before (no-op casts are not nodes),
+    # and the attention reads "q_proj's output" both times, so it is not rewired.
+    assert diff.to_json()["graph"]["changed_paths"] == Q
+
+
+def test_noop_cast_is_not_a_node():
+    """The bug: LoRA's ``x.to(float32)`` on a float32 x returns x itself; export then routes k_proj's
+    and v_proj's reads of x through that node, which read as rewiring two untouched projections."""
+    model = tiny("llama")
+    ids = torch.randint(0, 128, (1, 6))
+    bt, bg = snapshot_tree(model), capture_graph(model, ids)
+    apply_plan(build_plan(parse("attn.q: lora(r=2)"), model), model)
+    diff = Diff(bt, snapshot_tree(model), bg, capture_graph(model, ids))
+    assert [u.path for u in diff.units if u.changed] == Q
+    k = next(u for u in diff.units if u.path == "model.layers.0.self_attn.k_proj")
+    assert k.code("after") == k.code("before") == (
+        "# input_layernorm = model.layers.0.input_layernorm: mul\nlinear = aten.linear(input_layernorm, self.weight)\n"
+        "return linear")
+
+
+def test_design_card_down_proj_shows_base_lora_and_ia3_with_their_rules(card):
+    g = _group(card, "model.layers.{0-1}.mlp.down_proj")
+    assert len(g["paths"]) == 2
+    lines = g["code"].splitlines()
+    assert " linear = aten.linear(mlp, self.base.weight)" in lines          # the base projection, unchanged
+    added = [line for line in lines if line.startswith("+") and not line.startswith("+++")]
+    assert added == ["+linear_1 = aten.linear(mlp, self.adapter.0.lora_A.weight)",      # LoRA: B(A(x)) · α/r
+                     "+linear_2 = aten.linear(linear_1, self.adapter.0.lora_B.weight)",
+                     "+mul = aten.mul(linear_2, 1.0)",
+                     "+add = aten.add(linear, mul)",
+                     "+mul_1 = aten.mul(mlp, self.adapter.1.ia3_l)",                    # IA3: W(l ⊙ x) − W x
+                     "+linear_3 = aten.linear(mul_1, self.base.weight)",
+                     "+sub = aten.sub(linear_3, linear)",
+                     "+add_1 = aten.add(add, sub)",
+                     "+return add_1"]
+    assert lines[-2:] == ["-return linear", "+return add_1"]
+    unit = g["unit"]
+    assert unit.removed == [] and unit.rewired == []
+    lora, ia3 = "lora(r=4) at <spec>:1:69", "ia3 at <spec>:1:81"
+    assert unit.rules == (lora, ia3)
+    by_name = {e.name: e.rules for e in unit.added}
+    # The transform whose module ran a node names it; the parallel composition's own adds name both.
+    assert by_name["linear_1"] == by_name["linear_2"] == (lora,) and by_name["mul_1"] == by_name["linear_3"] == (ia3,)
+    assert by_name["add_1"] == (lora, ia3)
+    assert lines[2] == f"@@ -1,3 +1,11 @@  {lora}; {ia3}" and sum(line.startswith("@@") for line in lines) == 1
+
+
+def test_design_card_attention_shows_where_window_and_sinks_enter(card):
+    groups = {g["label"]: g for g in card.graph_groups()}
+    assert list(groups) == ["model.layers.{0-1}.self_attn", "model.layers.{0-1}.mlp.down_proj", "model.rotary_emb"]
+    for label in ("model.layers.{0-1}.self_attn",):
+        g = groups[label]
+        added = [line for line in g["code"].splitlines() if line.startswith("+")]
+        assert any(line.endswith(" = aten.lt(sub, 14)") for line in added)        # i − j < W − S = 16 − 2
+        assert any(" = aten.lt(" in line and line.endswith(", 2)") for line in added)   # j < S: the sinks
+        assert any("# in model.rotary_emb" in line for line in added)        # keys re-rotated with the model's rope
+        assert "-scaled_dot_product_attention = aten.scaled_dot_product_attention(" in g["code"]
+        # The window's hunk, and rope's for the rotary module the window calls.
+        assert g["unit"].rules == ("window(16, sinks=2) at <spec>:1:38", "rope(ntk_dynamic, scale=4) at <spec>:1:9")
+    rope = groups["model.rotary_emb"]
+    assert rope["unit"].rules == ("rope(ntk_dynamic, scale=4) at <spec>:1:9",)
+    # The rotary module called from each attention belongs to that attention, not to rotary_emb.
+    assert sum(1 for e in rope["unit"].entries if e.after is not None) < 40
+
+
+def test_design_card_json_names_exactly_the_changed_modules(card):
+    data = json.loads(json.dumps(card.to_json()))
+    graph = data["graph"]
+    assert graph["changed_paths"] == ["model.layers.0.self_attn", "model.layers.0.mlp.down_proj",
+                                      "model.layers.1.self_attn", "model.layers.1.mlp.down_proj", "model.rotary_emb"]
+    down = next(c for c in graph["changes"] if c["label"] == "model.layers.{0-1}.mlp.down_proj")
+    assert down["paths"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert len(down["added_nodes"]) == 8 and down["removed_nodes"] == [] and down["rewired_nodes"] == []
+    assert down["removed_edges"] == [["linear", "return", "0"]]
+    assert {n["op"] for n in down["added_nodes"]} == {"aten.linear", "aten.mul", "aten.add", "aten.sub"}
+
+
+def test_design_card_html_pictures(card):
+    page = card.html()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    assert page.count("<section class='picture'") == 3 == page.count("<svg class='flow' data-side='before'")
+    assert page.count("<svg class='flow' data-side='after'") == 3
+    down = page[page.index("data-unit='model.layers.{0-1}.mlp.down_proj'"):]
+    down = down[:down.index("</section>")]
+    assert "data-name='self.adapter.0.lora_A.weight'" in down and "data-name='self.adapter.1.ia3_l'" in down
+    assert down.count("<g class='node added'") == 8
+    assert "<g class='node removed'" in page and "text-decoration='line-through'" in page
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail("chromium is missing: CI must run the picture test (.ci/run installs it)")
+        pytest.skip("chromium not installed (CI installs it)")
+    return exe
+
+
+def _browse(page: Path, tmp_path: Path) -> tuple[bytes, str]:
+    """(PNG screenshot, DOM as Chromium parsed it) of `page`, offline."""
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "shot.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1400,2000", page.as_uri()],
+                   capture_output=True, timeout=180, check=True)
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], capture_output=True, timeout=180, check=True).stdout
+    return shot.read_bytes(), dom.decode()
+
+
+def _png_colours(png: bytes) -> int:
+    """How many distinct byte values the image data holds (a blank page has one or two)."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    data, i = b"", 8
+    while i < len(png):
+        n = int.from_bytes(png[i:i + 4], "big")
+        if png[i + 4:i + 8] == b"IDAT":
+            data += png[i + 8:i + 8 + n]
+        i += 12 + n
+    return len(set(zlib.decompress(data)))
+
+
+def test_design_card_picture_in_headless_chromium(card, tmp_path):
+    page = tmp_path / "diff.html"
+    page.write_text(card.html(), encoding="utf-8")
+    png, dom = _browse(page, tmp_path)
+    assert len(png) > 20_000 and _png_colours(png) > 50
+    assert dom.count('class="flow"') == 6
+    assert 'data-name="self.adapter.0.lora_A.weight"' in dom and 'data-name="self.adapter.1.ia3_l"' in dom
+    assert dom.count('<g class="node added"') > 100 and ">lt(·, 14)</text>" in dom
+
+
+def test_cli_diff_code_and_json(tmp_path, capsys, monkeypatch):
+    from surgery import cli
+
+    model_dir = tmp_path / "tiny"
+    tiny("llama").save_pretrained(model_dir)
+    spec = tmp_path / "s.surg"
+    spec.write_text("attn.q: lora(r=4)\n")
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["surgery", "diff", str(spec), str(model_dir), *args])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        captured = capsys.readouterr()
+        return info.value.code, captured.out, captured.err
+
+    code, out, _ = run("--code")
+    assert code == 0
+    assert f"@@ -1,3 +1,7 @@  lora(r=4) at {spec}:1:9" in out
+    assert "+linear_1 = aten.linear(input_layernorm, self.adapter.lora_A.weight)" in out
+    code, out, err = run("--json", "--html", str(tmp_path / "d.html"))
+    assert code == 0 and "HTML diff written" in err
+    data = json.loads(out)   # stdout is the JSON and nothing else
+    assert data["graph"]["changed_paths"] == Q and data["summary"]["added_params"] == 1024
+
+
+@pytest.fixture(scope="module")
+def smollm2_card():
+    from surgery.api import compile as run
+    from surgery.models import load_model, smollm2_dir
+    from surgery.syntax import parse_file
+
+    model = load_model(smollm2_dir())
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    return run(model, parse_file(Path("specs/demo_design_card.surg")), check=False, graph_inputs=ids).diff()
+
+
+@pytest.mark.slow
+def test_smollm2_design_card_code_and_picture(smollm2_card, tmp_path):
+    """The issue's bar: down_proj shows the base projection plus the LoRA and IA3 branches, the attention
+    shows where the window (4096) and the sinks (4) enter, each under its rule; the picture shows the same."""
+    diff = smollm2_card
+    spec = "specs/demo_design_card.surg"
+    groups = {g["label"]: g for g in diff.graph_groups()}
+    down = groups["model.layers.{0-29}.mlp.down_proj"]
+    lines = down["code"].splitlines()
+    assert " linear = aten.linear(mlp, self.base.weight)" in lines
+    assert "+linear_1 = aten.linear(mlp, self.adapter.0.lora_A.weight)" in lines
+    assert "+linear_2 = aten.linear(linear_1, self.adapter.0.lora_B.weight)" in lines
+    assert "+mul_1 = aten.mul(mlp, self.adapter.1.ia3_l)" in lines
+    assert "+linear_3 = aten.linear(mul_1, self.base.weight)" in lines
+    assert lines[2].endswith(f"  lora(r=16) at {spec}:4:71; ia3 at {spec}:4:84")
+
+    attention = [g for label, g in groups.items() if label.endswith("self_attn")]
+    assert sorted(p for g in attention for p in g["paths"]) == sorted(f"model.layers.{i}.self_attn" for i in range(30))
+    for g in attention:
+        added = [line for line in g["code"].splitlines() if line.startswith("+")]
+        assert any(line.endswith(" = aten.lt(sub, 4092)") for line in added)               # i − j < W − S
+        assert any(" = aten.lt(" in line and line.endswith(", 4)") for line in added)       # j < S: the sinks
+        assert f"window(4096, sinks=4) at {spec}:4:38" in g["unit"].rules
+    assert len(groups) <= 6   # one entry per distinct change, not one per layer
+
+    page = tmp_path / "diff.html"
+    page.write_text(diff.html(), encoding="utf-8")
+    png, dom = _browse(page, tmp_path)
+    assert len(png) > 20_000 and _png_colours(png) > 50
+    assert dom.count('class="flow"') == 2 * len(groups)
+    assert 'data-name="self.adapter.0.lora_A.weight"' in dom and 'data-name="self.adapter.1.ia3_l"' in dom
+    assert re.search(r">lt(_\d+)?\(·, 4092\)</text>", dom) and re.search(r">lt(_\d+)?\(·, 4\)</text>", dom)

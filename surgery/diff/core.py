@@ -1,18 +1,6 @@
-"""Before/after view of a surgered model, for code review: the module tree and the computation graph.
+""":class:`Diff`: what surgery changed, for code review — the module tree, the runtime, the graph.
 
-Two cheap snapshots are compared:
-
-* :func:`snapshot_tree` records, per module path, the class, the module's identity (``id``), its own
-  parameters (name, shape, dtype, trainable) and its subtree's parameter counts. It reads no
-  weights, so it works on meta-device models of any size.
-* :func:`capture_graph` exports the model with ``torch.export.export(..., strict=False)``
-  (transformers 5 models are not ``symbolic_trace``-able) and records, for every
-  ``call_function``/``call_method`` node, its op and the innermost module that ran it, read from
-  ``node.meta["nn_module_stack"]``. In torch 2.13 that is an ordered dict from an export key
-  (``'L__self__model.layers.0.self_attn'``) to ``(dotted module path, qualified class name)``; the
-  path is taken from the value, so the export prefix never reaches the diff.
-
-:class:`Diff` classifies the tree change:
+The snapshots it compares come from :mod:`surgery.diff.snapshot`. The tree change is classified:
 
 * **wrapped** — the module object that lived at ``p`` now lives below ``p`` (``q_proj`` →
   ``q_proj.base``) and ``p`` holds its wrapper. Detected by object identity, confirmed by class and
@@ -24,198 +12,30 @@ Two cheap snapshots are compared:
 * **added** / **removed** — paths only after / only before (relocation targets excluded).
 * **frozen** / **unfrozen** — modules whose own parameters lost / gained ``requires_grad``.
 
-The graph diff groups nodes by module so that a change reads where the review reads it: a node is
-charged to its innermost module, translated back through relocations (``q_proj.base`` → ``q_proj``),
-and, when that module is not a stable one (present on both sides, same class), rolled up to its
-shallowest changed ancestor. So LoRA on ``q_proj`` shows as ``q_proj: linear 1 → 3, +1 mul, +1 add``
-rather than as ops scattered over ``q_proj.base`` and ``q_proj.adapter.lora_A``.
+The graph diff (:mod:`surgery.diff.graph`) is read per *unit*, where the review reads it: a node is
+charged to the module that ran it, translated back through relocations (``q_proj.base`` →
+``q_proj``), and, when that module is not a stable one (present on both sides, same class), rolled
+up to its shallowest changed ancestor; a module called from outside its parent counts as part of its
+caller (:meth:`Diff._provenance`). So LoRA on ``q_proj`` is one unit, ``q_proj``, whose code gains
+the ``lora_A``/``lora_B`` branch, rather than ops scattered over ``q_proj.base`` and
+``q_proj.adapter.lora_A``. Units whose change reads the same once layer indices are written ``{i}``
+are one entry (``model.layers.{0-29}.mlp.down_proj``): in the text, the code (``--code``), the
+pictures and the JSON. With the plan, each change names the spec rule behind it
+(``lora(r=16) at spec.surg:4:71``): the steps whose target module contains the changed node's module,
+narrowed to the transform whose module ran it when the tree says so.
 """
 
 from __future__ import annotations
 
 import html
-import inspect
-import re
-import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping
 
-import torch
-from torch import nn
-
-# ------------------------------------------------------------------------------------ snapshots
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    trainable: bool
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    def describe(self) -> str:
-        return f"{self.name} [{', '.join(map(str, self.shape))}] {self.dtype}"
-
-
-@dataclass(frozen=True)
-class ModuleInfo:
-    path: str
-    cls: str
-    ident: int                      # id(module) when snapshotted
-    params: tuple[ParamInfo, ...]   # the module's own parameters (not its children's)
-    total: int                      # parameters in the subtree (shared tensors once)
-    trainable: int                  # trainable parameters in the subtree
-    hooks: tuple[str, ...] = ()     # forward (pre-)hooks, as "pre-hook NAME" / "hook NAME"
-    settings: tuple[str, ...] = ()  # surgery_* attributes a transform attached (e.g. surgery_window)
-
-    @property
-    def frozen(self) -> int:
-        return self.total - self.trainable
-
-    @property
-    def own(self) -> int:
-        return sum(p.numel for p in self.params)
-
-    @property
-    def own_trainable(self) -> int:
-        return sum(p.numel for p in self.params if p.trainable)
-
-    @property
-    def signature(self) -> tuple:
-        return self.cls, tuple((p.name, p.shape, p.dtype) for p in self.params)
-
-
-@dataclass(frozen=True)
-class TreeSnapshot:
-    model: str
-    modules: Mapping[str, ModuleInfo]   # in ``named_modules`` (pre-)order; the root is ""
-    total: int
-    trainable: int
-    attention: str | None = None        # config._attn_implementation
-
-    @property
-    def frozen(self) -> int:
-        return self.total - self.trainable
-
-
-def _count(params) -> tuple[int, int]:
-    seen: dict[int, torch.Tensor] = {id(p): p for p in params}
-    return sum(p.numel() for p in seen.values()), sum(p.numel() for p in seen.values() if p.requires_grad)
-
-
-def snapshot_tree(model: nn.Module) -> TreeSnapshot:
-    """Module path → class, identity, own parameters and subtree counts. Reads no weight values."""
-    modules = {}
-    for path, module in model.named_modules():
-        own = tuple(
-            ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.requires_grad)
-            for name, p in module._parameters.items() if p is not None
-        )
-        total, trainable = _count(module.parameters())
-        hooks = tuple([f"pre-hook {_hook_name(h)}" for h in module._forward_pre_hooks.values()]
-                      + [f"hook {_hook_name(h)}" for h in module._forward_hooks.values()])
-        settings = tuple(sorted(k for k in vars(module) if k.startswith("surgery_")))
-        modules[path] = ModuleInfo(path, type(module).__name__, id(module), own, total, trainable, hooks, settings)
-    total, trainable = _count(model.parameters())
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return TreeSnapshot(type(model).__name__, modules, total, trainable, attention)
-
-
-def _hook_name(hook) -> str:
-    return getattr(hook, "__name__", type(hook).__name__).lstrip("_")
-
-
-@dataclass(frozen=True)
-class GraphSnapshot:
-    """The exported graph as (innermost module path, op name) per call node, in graph order."""
-
-    nodes: tuple[tuple[str, str], ...]
-    seconds: float
-
-    def ops(self) -> dict[str, Counter]:
-        out: dict[str, Counter] = {}
-        for path, op in self.nodes:
-            out.setdefault(path, Counter())[op] += 1
-        return out
-
-
-_GETATTR = re.compile(r"getattr\((.*?), '([^']*)'\)")
-
-
-def _module_path(raw: str) -> str:
-    """A dotted module path from an ``nn_module_stack`` path (plain in torch 2.13; older releases
-    spelled it ``L['self'].model.layers[0]`` or ``getattr(L['self'].model.layers, '0')``)."""
-    path = raw
-    while _GETATTR.search(path):
-        path = _GETATTR.sub(r"\1.\2", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"@\d+$", "", path)  # a module called more than once
-    for prefix in ("L['self']", "L__self__", "self"):
-        if path == prefix:
-            return ""
-        if path.startswith(prefix + "."):
-            path = path[len(prefix) + 1:]
-    return path
-
-
-# Nodes torch.export adds to check its own assumptions (dtype/device of a tensor, a symbolic size),
-# not computation of the model: counting them would make every ``.to(dtype)`` look like two ops.
-_BOOKKEEPING = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size",
-                "_assert_async", "_set_grad_enabled"}
-
-
-def _op_name(node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__   # aten.linear.default → linear
-    if isinstance(target, str):
-        return target                           # call_method
-    return getattr(target, "__name__", str(target))
-
-
-def _reason(error: Exception) -> str:
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    message = lines[0] if lines else ""
-    if len(message) > 300:
-        message = message[:297] + "..."
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-def capture_graph(model: nn.Module, input_ids: torch.Tensor) -> GraphSnapshot | str:
-    """The model's computation graph on `input_ids` via ``torch.export`` (non-strict), or the
-    reason it could not be captured. Never raises for a model that does not export."""
-    kwargs = {"input_ids": input_ids}
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False  # no cache objects in the graph
-    start = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exported = torch.export.export(model, args=(), kwargs=kwargs, strict=False)
-        nodes = []
-        for node in exported.graph.nodes:
-            if node.op not in ("call_function", "call_method"):
-                continue
-            op = _op_name(node)
-            if op in _BOOKKEEPING:
-                continue
-            stack = node.meta.get("nn_module_stack") or {}
-            path = _module_path(list(stack.values())[-1][0]) if stack else ""
-            nodes.append((path, op))
-    except Exception as e:  # export fails in many model-specific ways; the diff reports the reason
-        return _reason(e)
-    return GraphSnapshot(tuple(nodes), time.perf_counter() - start)
-
+from surgery.diff.graph import UnitDiff, structural_diff
+from surgery.diff.grouping import _grouped, group_label, layer_free
+from surgery.diff.picture import pictures_html
+from surgery.diff.snapshot import GraphNode, GraphSnapshot, ModuleInfo, TreeSnapshot
 
 # ------------------------------------------------------------------------------------ the diff
 
@@ -250,12 +70,24 @@ def _ancestors(path: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
+def _rule_label(step) -> str:
+    """``lora(r=16) at spec.surg:4:71``: the call as written, where it is written."""
+    span = step.span
+    lines = span.source.split("\n")
+    text = step.transform
+    if span.line == span.end_line and 0 < span.line <= len(lines):
+        text = lines[span.line - 1][span.column - 1:span.end_column - 1] or text
+    return f"{text} at {span.file}:{span.line}:{span.column}"
+
+
 class Diff:
     """What surgery changed: the module tree (always) and the exported graph (when both captured)."""
 
     def __init__(self, before_tree: TreeSnapshot, after_tree: TreeSnapshot,
-                 before_graph: GraphSnapshot | str | None = None, after_graph: GraphSnapshot | str | None = None):
+                 before_graph: GraphSnapshot | str | None = None, after_graph: GraphSnapshot | str | None = None,
+                 plan=None):
         self.before_tree, self.after_tree = before_tree, after_tree
+        self.plan = plan                          # the Plan applied, to name the rule behind a change
         self.before_graph, self.after_graph = before_graph, after_graph
         self.wrapped_at: dict[str, str] = {}     # path → where the original object lives now
         self.moved_to: dict[str, str] = {}
@@ -267,10 +99,13 @@ class Diff:
         self.frozen: list[str] = []               # before paths whose own parameters were frozen
         self.unfrozen: list[str] = []
         self._classify()
+        self._back = {now: old for old, now in self._relocated.items()}
+        self._anchors: set[str] = set()
         self._order, self._children = self._union_tree()
         self._statuses = {p: st for p in self._order if (st := self._status(p))}
         self.runtime = self._runtime()
         self.graph: list[OpDelta] | None = None
+        self.units: list[UnitDiff] | None = None  # the structural diff of every unit (module computation)
         self.graph_error: str | None = None   # why there is no graph diff
         self.graph_failed = False             # True when an export failed (not merely not requested)
         self._diff_graph()
@@ -357,13 +192,19 @@ class Diff:
 
     # ----------------------------------------------------------------- graph
 
-    def _graph_key(self, path: str, side: str, back: dict[str, str], anchors: set[str]) -> str:
+    def _translate(self, path: str) -> str:
+        """An after path in before terms, through relocations, longest prefix first: ``q_proj.base`` → ``q_proj``."""
+        for prefix in reversed(_ancestors(path)):
+            if prefix in self._back:
+                return self._back[prefix] + path[len(prefix):]
+        return path
+
+    def _graph_key(self, path: str, side: str) -> str:
+        """The unit a node of `path` is charged to: its module in before terms if that module is stable
+        (present on both sides, same class, not wrapped), else the shallowest changed ancestor."""
         if side == "after":
-            # Translate through relocations, longest prefix first: q_proj.base → q_proj.
-            for prefix in reversed(_ancestors(path)):
-                if prefix in back:
-                    path = back[prefix] + path[len(prefix):]
-                    break
+            path = self._translate(path)
+        anchors = self._anchors
         stable = path in self.before_tree.modules and path in self.after_tree.modules and path not in anchors
         if not stable:
             for ancestor in _ancestors(path):
@@ -376,6 +217,49 @@ class Diff:
             return f"the computation graph could not be captured ({self.graph_error}); only the module tree is compared"
         return f"the computation graph was not captured ({self.graph_error})"
 
+    def _provenance(self, node: GraphNode, side: str) -> tuple[str, str, str]:
+        """(unit, foreign module it ran in or "", surgery transform whose module ran it or "").
+
+        Down the node's module stack, each callee is the new place of the node, unless it is
+        *foreign*: neither inside its caller nor charged to the caller's unit (``model.rotary_emb``
+        called by a ``self_attn``). A foreign call is part of its caller's computation, so the node
+        stays with the caller (``down_proj.base`` called by ``down_proj.adapter.1`` is not foreign:
+        both count as ``down_proj``)."""
+        stack = node.stack or (("", ""),)
+        here, owner = stack[0][0], stack[0][1]
+        unit = self._graph_key(here, side)
+        via = ""
+        for path, transform in stack[1:]:
+            key = self._graph_key(path, side)
+            if not (here == "" or path.startswith(here + ".") or key == unit or key.startswith(unit + ".")):
+                via = path
+                break
+            here, unit, owner = path, key, transform or owner
+        # A transform's module may run its children without being called itself (no stack entry):
+        # its place in the tree still says whose node this is.
+        tree = (self.after_tree if side == "after" else self.before_tree).modules
+        for path in reversed(_ancestors(here)):
+            if path in tree and tree[path].transform:
+                owner = tree[path].transform
+                break
+        return unit, via, owner
+
+    def _rules_of(self, node: GraphNode, via: str, owner: str) -> tuple[str, ...]:
+        """The plan steps behind a changed node: those whose target module contains the node's module
+        (or the foreign module it ran in), narrowed to the transform whose module ran it when one did."""
+        if self.plan is None:
+            return ()
+        paths = [p for p in (node.path, via) if p]
+        paths = [self._translate(p) for p in paths] + paths
+
+        def covers(target: str) -> bool:
+            return any(p == target or p.startswith(target + ".") for p in paths)
+
+        steps = [s for s in self.plan.steps if any(covers(t.path) for t in s.targets)]
+        if owner and not via and any(s.transform == owner for s in steps):
+            steps = [s for s in steps if s.transform == owner]
+        return tuple(_rule_label(s) for s in steps)
+
     def _diff_graph(self) -> None:
         sides = (("before", self.before_graph), ("after", self.after_graph))
         reasons = [f"{side}: {g}" for side, g in sides if isinstance(g, str)]
@@ -386,16 +270,38 @@ class Diff:
         if self.before_graph is None or self.after_graph is None:
             self.graph_error = "no graph given for " + " and ".join(side for side, g in sides if g is None)
             return
-        back = {now: old for old, now in self._relocated.items()}
-        anchors = set(self._added) | set(self._removed) | set(self._replaced) | set(self.wrapped_at)
+        self._back = {now: old for old, now in self._relocated.items()}
+        self._anchors = set(self._added) | set(self._removed) | set(self._replaced) | set(self.wrapped_at)
         counts: dict[str, tuple[Counter, Counter]] = {}
         for i, (side, graph) in enumerate(sides):
-            for path, op in graph.nodes:
-                key = self._graph_key(path, side, back, anchors)
-                counts.setdefault(key, (Counter(), Counter()))[i][op] += 1
+            for node in graph.calls:
+                key = self._provenance(node, side)[0]
+                counts.setdefault(key, (Counter(), Counter()))[i][node.op] += 1
         order = {p: i for i, p in enumerate(self._order)}
-        self.graph = [OpDelta(path, dict(b), dict(a))
-                      for path, (b, a) in sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))]
+
+        def rank(path: str) -> tuple:
+            return order.get(path, len(order)), path
+
+        self.graph = [OpDelta(path, dict(b), dict(a)) for path, (b, a) in sorted(counts.items(), key=lambda kv: rank(kv[0]))]
+        self.units = structural_diff(self.before_graph, self.after_graph,
+                                     lambda n: self._provenance(n, "before"), lambda n: self._provenance(n, "after"),
+                                     self._translate, self._rules_of, rank)
+
+    def graph_groups(self, group: bool = True) -> list[dict]:
+        """The changed units, those whose change reads the same (layer index aside) merged:
+        ``{"label": "model.layers.{0-29}.mlp.down_proj", "paths": [...], "unit": UnitDiff, "code": str}``
+        where ``code`` is the unified diff with layer indices written ``{i}``."""
+        groups: dict[tuple, dict] = {}
+        for unit in self.units or []:
+            if not unit.changed:
+                continue
+            code = layer_free(unit.unified(), unit.path) if group else unit.unified()
+            shape = tuple(None if part.isdigit() else part for part in unit.path.split(".")) if group else unit.path
+            entry = groups.setdefault((shape, code), {"paths": [], "unit": unit, "code": code})
+            entry["paths"].append(unit.path)
+        for entry in groups.values():
+            entry["label"] = group_label(entry["paths"]) if entry["paths"][0] else "(model)"
+        return list(groups.values())
 
     def graph_changes(self) -> dict[str, dict[str, int]]:
         """Module path → {op: after − before} for every module whose ops changed."""
@@ -488,6 +394,8 @@ class Diff:
             graph["modules"] = [{"path": d.path, "before": dict(d.before), "after": dict(d.after), "changes": d.changes}
                                 for d in self.graph if d.changed]
             graph["unchanged_modules"] = sum(1 for d in self.graph if not d.changed)
+            graph["changes"] = [_unit_json(g) for g in self.graph_groups()]
+            graph["changed_paths"] = [u.path for u in self.units if u.changed]
         return {
             "summary": self.summary(),
             "added": [{"path": p, **info(after[p])} for p in self._added],
@@ -529,13 +437,30 @@ class Diff:
             out += ["", "computation graph (torch.export)"]
             out.append(f"  {self._graph_message()}")
         else:
-            out += ["", f"computation graph (torch.export, {len(self.before_graph.nodes)} → "
-                        f"{len(self.after_graph.nodes)} op nodes)"]
-            rows = [("~", d.path or "(model)", d.describe()) for d in self.graph if d.changed]
-            out += [f"{sign} {label}  {desc}" for sign, label, desc in _grouped(rows, group)] or ["  (no op changed)"]
-            unchanged = sum(1 for d in self.graph if not d.changed)
-            out.append(f"  {unchanged} module(s) with unchanged ops")
+            out += ["", f"computation graph (torch.export, {len(self.before_graph.calls)} → "
+                        f"{len(self.after_graph.calls)} op nodes; matched by module, op and data flow)"]
+            groups = self.graph_groups(group)
+            for g in groups:
+                unit = g["unit"]
+                out.append(f"~ {g['label']}  {unit.describe()}")
+                if unit.rules:
+                    out.append(f"    from {'; '.join(unit.rules)}")
+            if not groups:
+                out.append("  (no node or edge changed)")
+            unchanged = sum(1 for u in self.units if not u.changed)
+            out.append(f"  {unchanged} module(s) with unchanged computation" + ("; --code shows the changed code" if groups else ""))
         return "\n".join(out) + "\n"
+
+    def code(self, group: bool = True) -> str:
+        """Each distinct changed module's computation, before → after, as a unified diff of Python
+        (one line per graph node); each hunk names the spec rule behind it."""
+        if self.graph is None:
+            return f"{self._graph_message()}\n"
+        blocks = []
+        for g in self.graph_groups(group):
+            head = f"# {g['label']}" + (f"  ({len(g['paths'])} modules changed alike)" if len(g["paths"]) > 1 else "")
+            blocks.append(head + "\n" + g["code"] + "\n")
+        return "\n".join(blocks) if blocks else "no module's computation changed\n"
 
     def _trainability(self, paths: list[str], word: str) -> str:
         before = self.before_tree.modules
@@ -602,24 +527,39 @@ class Diff:
         e = html.escape
         if self.graph is None:
             return f"<p class='{'error' if self.graph_failed else 'note'}'>{e(self._graph_message())}</p>"
-        changed = [d for d in self.graph if d.changed]
-        body = []
-        for d in changed:
-            ops = list(dict.fromkeys([*d.before, *d.after]))
-            body.append(f"<tbody><tr class='mod'><th colspan='4'>{e(d.path or '(model)')}"
-                        f" <span class='num'>{e(d.describe())}</span></th></tr>")
-            for op in ops:
-                nb, na = d.before.get(op, 0), d.after.get(op, 0)
-                body.append(f"<tr class='{_sign_class(na - nb)}'><td>{e(op)}</td><td>{nb}</td><td>{na}</td>"
-                            f"<td>{na - nb:+d}</td></tr>")
-            body.append("</tbody>")
-        table = ("<table class='graph'><thead><tr><th>op</th><th>before</th><th>after</th><th>Δ</th></tr></thead>"
-                 + "".join(body) + "</table>") if changed else "<p>No op changed.</p>"
-        unchanged = [d for d in self.graph if not d.changed]
-        rows = "".join(f"<tr><td>{e(d.path or '(model)')}</td>"
-                       f"<td>{e(', '.join(f'{n} {op}' for op, n in d.after.items()))}</td></tr>" for d in unchanged)
-        return (table + f"<details><summary>{len(unchanged)} module(s) with unchanged ops</summary>"
-                f"<table class='graph'><tbody>{rows}</tbody></table></details>")
+        groups = self.graph_groups()
+        if not groups:
+            return "<p>No module's computation changed.</p>"
+        rows = "".join(f"<tr><td><a href='#code-{i}'>{e(g['label'])}</a></td><td>{e(g['unit'].describe())}</td>"
+                       f"<td>{e('; '.join(g['unit'].rules))}</td></tr>" for i, g in enumerate(groups))
+        code = []
+        for i, g in enumerate(groups):
+            lines = []
+            for line in g["code"].split("\n"):
+                css = ("hunk" if line.startswith("@@") else "file" if line.startswith(("---", "+++"))
+                       else "add" if line.startswith("+") else "rem" if line.startswith("-") else "ctx")
+                lines.append(f"<span class='{css}'>{e(line)}</span>")
+            code.append(f"<h4 id='code-{i}'>{e(g['label'])}</h4><pre class='code'>" + "\n".join(lines) + "</pre>")
+        unchanged = sum(1 for u in self.units if not u.changed)
+        return (f"<table class='graph'><thead><tr><th>module</th><th>change</th><th>rule</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table><p class='note'>{unchanged} module(s) with unchanged computation</p>"
+                + pictures_html(groups) + "<h3>Code</h3>" + "".join(code))
+
+
+def _unit_json(g: dict) -> dict:
+    unit: UnitDiff = g["unit"]
+
+    def nodes(entries, side):
+        return [{"name": x.name, "op": (x.after or x.before).target,
+                 "code": x.after_line if side == "after" else x.before_line, "rules": list(x.rules)} for x in entries]
+
+    return {"label": g["label"], "paths": g["paths"], "rules": list(unit.rules),
+            "added_nodes": nodes(unit.added, "after"), "removed_nodes": nodes(unit.removed, "before"),
+            "rewired_nodes": [{"name": x.name, "op": x.after.target, "status": x.status, "before": x.before_line,
+                               "after": x.after_line, "rules": list(x.rules)} for x in unit.rewired],
+            "added_edges": [list(edge) for edge in unit.added_edges],
+            "removed_edges": [list(edge) for edge in unit.removed_edges],
+            "code": g["code"]}
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -635,40 +575,6 @@ def _delta(before: int, after: int) -> str:
 
 def _sign_class(d: int) -> str:
     return "add" if d > 0 else "rem" if d < 0 else "same"
-
-
-def _ranges(values: list[int]) -> str:
-    values = sorted(set(values))
-    runs: list[list[int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1][1] = v
-        else:
-            runs.append([v, v])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def _grouped(rows: list[tuple[str, str, str]], group: bool) -> list[tuple[str, str, str]]:
-    """Merge rows whose paths differ only in numeric segments and whose descriptions are equal."""
-    if not group:
-        return rows
-    groups: dict[tuple, list[list[str]]] = {}
-    for sign, path, desc in rows:
-        parts = path.split(".")
-        shape = tuple(None if part.isdigit() else part for part in parts)
-        groups.setdefault((sign, shape, desc), []).append(parts)
-    out = []
-    for (sign, shape, desc), members in groups.items():
-        label = []
-        for i, part in enumerate(shape):
-            if part is not None:
-                label.append(part)
-            else:
-                values = [int(m[i]) for m in members]
-                text = _ranges(values)
-                label.append(text if len(set(values)) == 1 else "{" + text + "}")
-        out.append((sign, ".".join(label), desc))
-    return out
 
 
 _PAGE = """<!DOCTYPE html>
@@ -698,11 +604,25 @@ li.replaced > span, li.replaced > details > summary {{ background: #fff1d6; }}
 li.wrapped > span, li.wrapped > details > summary {{ background: #ddf4ff; }}
 li.changed > span, li.changed > details > summary,
 li.moved > span, li.moved > details > summary {{ background: #fbefff; }}
+table.graph td, table.graph th {{ text-align: left; }}
 table.graph {{ font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }}
 tr.mod th {{ background: #f6f8fa; text-align: left; }}
 tr.add td {{ background: #dafbe1; }} tr.rem td {{ background: #ffebe9; }} tr.same td {{ color: #59636e; }}
 td.add {{ color: #1a7f37; }} td.rem {{ color: #d1242f; }}
 .error {{ padding: .6em 1em; background: #ffebe9; border: 1px solid #ff8182; border-radius: 6px; }}
+pre.code {{ font: 12px/1.4 ui-monospace, Menlo, Consolas, monospace; background: #f6f8fa; padding: .6em;
+  overflow-x: auto; border: 1px solid #d1d9e0; border-radius: 6px; }}
+pre.code .add {{ background: #dafbe1; display: inline-block; min-width: 100%; }}
+pre.code .rem {{ background: #ffebe9; display: inline-block; min-width: 100%; }}
+pre.code .hunk {{ color: #0550ae; }} pre.code .file {{ color: #59636e; font-weight: bold; }}
+section.picture {{ margin: 1em 0 2em; }}
+div.sides {{ display: flex; gap: 1em; align-items: flex-start; overflow-x: auto; }}
+div.sides figure {{ flex: 1 1 0; min-width: 0; margin: 0; border: 1px solid #d1d9e0; border-radius: 6px; padding: .4em; overflow: auto; max-height: 2400px; }}
+figcaption {{ font-weight: bold; color: #59636e; }}
+svg.flow text {{ font: 12px ui-monospace, Menlo, Consolas, monospace; fill: #1f2328; }}
+.k {{ padding: 0 .4em; border-radius: .4em; border: 1px solid; }}
+.k.added {{ background: #dafbe1; border-color: #1a7f37; }} .k.removed {{ background: #ffebe9; border-color: #d1242f; text-decoration: line-through; }}
+.k.rewired {{ background: #fff8c5; border-color: #9a6700; }} .k.source {{ background: #ddf4ff; border-color: #54aeff; }}
 </style>
 </head>
 <body>
