@@ -182,7 +182,7 @@ def test_a_prompt_that_fills_the_position_table_is_refused_by_name():
 # ---------------------------------------------------------------------------- save and PEFT
 
 
-@pytest.mark.parametrize("arch, encoder", [("llama", "lstm"), ("gpt2", "mlp")])
+@pytest.mark.parametrize("arch, encoder", [("llama", "lstm"), ("gpt2", "mlp"), ("bert", "mlp")])
 def test_save_load_is_bit_exact_and_peft_loads_the_export(tmp_path, arch, encoder):
     import peft
 
