@@ -28,7 +28,7 @@ prompt encoder's ``embedding`` table and uses that table as the prompt, so its o
 as with PEFT's own saves, the encoder weights are not part of that format (resuming training in
 PEFT starts a new encoder over the saved output).
 
-Obligations (prompt tuning's, on the encoder's output):
+Obligations (prompt tuning's, on the encoder's output, and the export's):
 
 * length 0 is the identity: an encoder of n = 0 (no virtual token, f not run) under the same hooks,
   on a batch with a left-padded row.
@@ -36,6 +36,8 @@ Obligations (prompt tuning's, on the encoder's output):
   [f(U); e(x)]``, unpadded and with a left-padded row placed as [padding, f(U), e(x)].
 * prefill + token-by-token decode with the KV cache equals the full forward.
 * left-padded batch equals each row alone (:meth:`surgery.verify.Check.padded_rows_error`).
+* the exported embeddings reproduce the outputs: the PEFT export put in place of the encoder (as a
+  prompt-tuning prompt, which is what PEFT runs) gives the same logits, on a left-padded batch.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from surgery.transforms.prompt_tuning import VirtualTokens, VirtualTokenSteps, find_prompt
-from surgery.transforms.registry import Anchor, Params, transform
+from surgery.transforms.prompt_tuning import PromptEmbedding, VirtualTokens, VirtualTokenSteps, find_prompt, swapped
+from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 
 class PTuningParams(Params):
@@ -132,3 +134,14 @@ class PTuning(VirtualTokenSteps):
                 return {"prompt_embeddings": encoder.embeddings().detach().clone()}
         finally:
             encoder.train(was_training)
+
+    @obligation("the exported embeddings reproduce the outputs", tol=1e-6)
+    def export_reproduces(self, p, check) -> float:
+        """Prompt tuning's module holding the PEFT export, in place of the encoder: what PEFT runs."""
+        ids = check.tokens(length=self._length(check, 16))
+        mask = self._padded_mask(ids)
+        encoder = find_prompt(check.surgered)
+        exported = PromptEmbedding(self.peft_tensors(check.surgered)["prompt_embeddings"], encoder.max_positions)
+        with swapped(check.surgered, exported):
+            theirs = check.logits(check.surgered, ids, attention_mask=mask)
+        return check.max_abs(theirs, check.logits(check.surgered, ids, attention_mask=mask))

@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
@@ -264,6 +265,18 @@ def find_prompt(model: nn.Module) -> VirtualTokens:
     return found[0]
 
 
+@contextmanager
+def swapped(model: nn.Module, tokens: VirtualTokens):
+    """`model` with `tokens` in place of its virtual tokens (under the same hooks), for an obligation."""
+    backbone = model.get_submodule(backbone_prefix(model).rstrip("."))
+    kept = getattr(backbone, ATTRIBUTE)
+    setattr(backbone, ATTRIBUTE, tokens)
+    try:
+        yield model
+    finally:
+        setattr(backbone, ATTRIBUTE, kept)
+
+
 class VirtualTokenSteps:
     """What every virtual-token technique shares: attaching its :class:`VirtualTokens` module and the
     hooks to the backbone, and the obligations. A technique implements ``virtual_tokens(p, embed,
@@ -320,16 +333,12 @@ class VirtualTokenSteps:
     def length_zero(self, p, check) -> float:
         ids = check.tokens()
         mask = self._padded_mask(ids)
-        backbone = check.surgered.get_submodule(backbone_prefix(check.surgered).rstrip("."))
-        kept = getattr(backbone, ATTRIBUTE)
+        kept = find_prompt(check.surgered)
         with torch.random.fork_rng(devices=[]):  # the technique's own module, built with no virtual token
             empty = self.virtual_tokens(p.model_copy(update={"length": 0}),
                                         check.module(check.targets[0].path), kept.max_positions)
-        setattr(backbone, ATTRIBUTE, empty)  # the same hooks, with no virtual token to add
-        try:
+        with swapped(check.surgered, empty):  # the same hooks, with no virtual token to add
             ours = check.logits(check.surgered, ids, attention_mask=mask)
-        finally:
-            setattr(backbone, ATTRIBUTE, kept)
         return check.max_abs(ours, check.logits(check.original, ids, attention_mask=mask))
 
     @obligation("equals feeding the virtual embeddings by hand", tol=1e-5)

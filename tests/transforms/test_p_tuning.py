@@ -19,7 +19,8 @@ from surgery.verify import verify
 
 N = 4  # virtual tokens
 OBLIGATIONS = {"length 0 is the identity", "equals feeding the virtual embeddings by hand",
-               "prefill + decode equals the full forward", "left-padded batch equals each row alone"}
+               "prefill + decode equals the full forward", "left-padded batch equals each row alone",
+               "the exported embeddings reproduce the outputs"}
 
 
 def surgered(arch, text=f"embed: p_tuning({N})"):
@@ -70,6 +71,13 @@ def test_obligations_catch_an_lstm_run_on_no_virtual_token(monkeypatch):
 
     monkeypatch.setattr(ptu.PromptEncoder, "embeddings", unguarded)
     assert failures() == {"length 0 is the identity"}
+
+
+def test_obligations_catch_an_export_of_the_encoder_inputs(monkeypatch):
+    # What PEFT's own inference-mode save writes (its ``embedding`` table): U, not f(U).
+    monkeypatch.setattr(ptu.PTuning, "peft_tensors",
+                        lambda self, model: {"prompt_embeddings": pt.find_prompt(model).embedding.weight.detach()})
+    assert failures("gpt2") == {"the exported embeddings reproduce the outputs"}
 
 
 def test_obligations_catch_a_prompt_prepended_on_decode_steps_too(monkeypatch):
