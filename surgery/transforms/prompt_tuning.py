@@ -261,7 +261,8 @@ def learned_positions(model: nn.Module) -> tuple[str, int] | None:
 def find_prompt(model: nn.Module) -> VirtualTokens:
     found = [m for m in model.modules() if isinstance(m, VirtualTokens)]
     if len(found) != 1:
-        raise ModelError(f"expected one set of virtual tokens (prompt tuning, p-tuning) in the model, found {len(found)}")
+        raise ModelError("expected one set of virtual tokens (prompt tuning, p-tuning) in the model, "
+                         f"found {len(found)}")
     return found[0]
 
 

@@ -153,8 +153,8 @@ LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def linear_biases(model, names=LINEARS):
-    return {f"model.layers.{i}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{n}.bias"
-            for i in range(model.config.num_hidden_layers) for n in names}
+    block = {n: "self_attn" if n in {"q_proj", "k_proj", "v_proj", "o_proj"} else "mlp" for n in LINEARS}
+    return {f"model.layers.{i}.{block[n]}.{n}.bias" for i in range(model.config.num_hidden_layers) for n in names}
 
 
 def ids(seed=0):
