@@ -212,11 +212,13 @@ def merged_steps(plan: Plan, model: nn.Module) -> set[int]:
     return out
 
 
-def _plain_representable(step, merged: set[int], config) -> bool:
+def _plain_representable(step, merged: set[int], model: nn.Module) -> bool:
     """Whether plain transformers reproduces this step: merged weights, config, or trained biases."""
     impl = step.spec.instance()
     if hasattr(impl, "rope_parameters"):
-        return impl.rope_parameters(step.params, config) is not None
+        return impl.rope_parameters(step.params, model.config) is not None
+    if hasattr(impl, "config_fields") and impl.config_fields(step.params, model) is None:
+        return False  # e.g. added biases that no config switch builds
     return step.index in merged or step.spec.anchor is Anchor.PARAMETERS
 
 
@@ -337,7 +339,7 @@ def _write(result, tmp: Path, merge: bool) -> None:
     merged = merged_steps(plan, model) if merge else set()
     # Plain transformers whenever it reproduces every step (rope scaling, trained biases, merged
     # adapters): then `from_pretrained` alone loads the result.
-    plain = all(_plain_representable(s, merged, model.config) for s in plan.steps)
+    plain = all(_plain_representable(s, merged, model) for s in plan.steps)
     to_save = _merged_model(model, plan, merged) if plain or merged else model
     meta = {
         "format": FORMAT,
@@ -360,6 +362,9 @@ def _write(result, tmp: Path, merge: bool) -> None:
             impl = step.spec.instance()
             if hasattr(impl, "rope_parameters"):
                 config.rope_parameters = impl.rope_parameters(step.params, config)
+            if hasattr(impl, "config_fields"):  # e.g. bitfit(add=true) on Llama: attention_bias, mlp_bias
+                for key, value in impl.config_fields(step.params, model).items():
+                    setattr(config, key, value)
         to_save.config = config
         with torch.no_grad():
             # The rotary module was swapped; the config now says how transformers rebuilds it.

@@ -14,14 +14,20 @@ region's bias tensors are trainable; outputs unchanged at initialisation.
 
 from __future__ import annotations
 
+import copy
+from itertools import combinations
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 
 class BitFitParams(Params):
-    """BitFit has no hyper-parameters: the selector chooses which biases train."""
+    """The selector chooses which biases train; ``add`` gives bias-free linear layers a zero bias first."""
+
+    add: bool = Field(False, description="add a zero bias to each selected linear layer that has none")
 
 
 def is_bias(name: str) -> bool:
@@ -34,6 +40,25 @@ def biases(module: nn.Module) -> list[torch.Tensor]:
     return [p for name, p in module.named_parameters() if is_bias(name)]
 
 
+def missing_biases(model: nn.Module, regions: list[str]) -> list[str]:
+    """Paths of the ``nn.Linear`` layers inside `regions` (paths in `model`) that have no bias; the
+    output embedding (the LM head) only where a region is that module itself."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    out: list[str] = []
+    for region in regions:
+        for name, module in model.get_submodule(region).named_modules():
+            path = f"{region}.{name}" if region and name else region or name
+            if (isinstance(module, nn.Linear) and module.bias is None and path not in out
+                    and (module is not head or name == "")):
+                out.append(path)
+    return out
+
+
+def _bias_flags(config) -> list[str]:
+    return sorted(k for k, v in config.to_dict().items() if k.endswith("_bias") and v is False)
+
+
 @transform("bitfit", params=BitFitParams, anchor=Anchor.PARAMETERS, reference="https://arxiv.org/abs/2106.10199")
 class BitFit:
     """BitFit: train only the bias terms of the selected region (no new modules)."""
@@ -41,10 +66,17 @@ class BitFit:
     freezes_base = True
 
     def accepts(self, p: BitFitParams, target, module: nn.Module) -> bool:
-        # A region without biases (any Llama region) is dropped, so planning reports "finds no anchor".
-        return any(is_bias(name) for name, _ in module.named_parameters())
+        # A region without biases (any Llama region) is dropped, so planning reports "finds no anchor";
+        # with add=true a region with a bias-free linear layer has somewhere to put one.
+        return any(is_bias(name) for name, _ in module.named_parameters()) or bool(
+            p.add and missing_biases(module, [""]))
 
     def apply(self, p: BitFitParams, model: nn.Module, targets, edit) -> None:
+        for path in missing_biases(model, [t.path for t in targets]) if p.add else []:
+            layer = model.get_submodule(path)
+            weight = layer.weight
+            edit.set_attr(layer, "bias", nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype,
+                                                                  device=weight.device)))
         seen: set[int] = set()
         for target in targets:  # get_submodule("") is the model itself
             for param in biases(model.get_submodule(target.path)):
@@ -52,14 +84,33 @@ class BitFit:
                     seen.add(id(param))
                     edit.requires_grad(param, True)
 
-    @obligation("no new modules: module tree and parameter names unchanged", tol=0)
+    def config_fields(self, p: BitFitParams, model: nn.Module) -> dict | None:
+        """The config switches under which transformers builds `model`'s tensors (``{}`` when nothing
+        was added), or None when no switches do: then only the surgery format holds the added biases."""
+        if not p.add:
+            return {}
+        flags, keys = _bias_flags(model.config), set(model.state_dict())
+        for k in range(len(flags) + 1):
+            for chosen in combinations(flags, k):
+                config = copy.deepcopy(model.config)
+                for flag in chosen:
+                    setattr(config, flag, True)
+                with torch.device("meta"):
+                    built = type(model)._from_config(config)
+                if set(built.state_dict()) == keys:
+                    return dict.fromkeys(chosen, True)
+        return None
+
+    @obligation("no new modules: module tree unchanged, parameter names but for the added biases", tol=0)
     def no_new_modules(self, p, check) -> float:
         def tree(model: nn.Module):
             return ({(name, type(m)) for name, m in model.named_modules()},
                     {name for name, _ in model.named_parameters(remove_duplicate=False)})
 
         (mods, params), (mods0, params0) = tree(check.surgered), tree(check.original)
-        return float(len(mods ^ mods0) + len(params ^ params0))
+        added = {f"{path}.bias" for path in missing_biases(check.original, [t.path for t in check.targets])} \
+            if p.add else set()
+        return float(len(mods ^ mods0) + len(params ^ (params0 | added)))
 
     @obligation("only the region's bias tensors are trainable", tol=0)
     def only_biases(self, p, check) -> float:

@@ -22,6 +22,11 @@ the virtual keys/values, so only the mask and positions change. A forward hook s
 positions of ``last_hidden_state`` (and of ``hidden_states`` when requested; ``attentions`` keep the
 virtual columns). A 2-D ``token_type_ids`` gets n zeros in front at prefill.
 
+The hooks ask the attached :class:`VirtualTokens` module for its length n and its embeddings [n, d];
+prompt tuning stores P (:class:`PromptEmbedding`), p-tuning computes it with a prompt encoder
+(:mod:`surgery.transforms.p_tuning`), and both share these hooks and obligations
+(:class:`VirtualTokenSteps`).
+
 Padding. A left-padded row x with p pads is computed as the untouched model computes the row
 [padding, P, x]: P goes between the padding and the tokens. Given ``position_ids`` (``generate()``
 passes cumsum(mask) − 1) are shifted by n as above, which is exactly that. Without them the model
@@ -47,7 +52,8 @@ PEFT also drops given ``position_ids`` for prompt tuning; here they are kept and
 
 Obligations (inputs shortened to fit a learned position table after the prompt):
 
-* length 0 is the identity: the prompt sliced to 0 rows, on a batch with a left-padded row.
+* length 0 is the identity: the technique's own module built with n = 0, put in place of the
+  prompt under the same hooks, on a batch with a left-padded row.
 * equals feeding the virtual embeddings by hand: the original fed ``inputs_embeds = [P; e(x)]``,
   on the real positions; and a batch with a left-padded row against the original fed
   [padding, P, e(x)] (relative to the logits' scale, since the column order differs).
@@ -62,6 +68,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
@@ -90,17 +97,41 @@ class PromptTuningParams(Params):
         return self
 
 
-class PromptEmbedding(nn.Module):
-    """The virtual-token embeddings P ∈ ℝ^{n×d} (float32, like PEFT's; cast to the model's dtype)."""
+class VirtualTokens(nn.Module):
+    """What the backbone hooks attach and ask: n virtual tokens and their embeddings [n, d].
 
-    def __init__(self, weight: torch.Tensor, max_positions: int | None = None):
+    Prompt tuning stores the embeddings (:class:`PromptEmbedding`); p-tuning computes them with its
+    prompt encoder (:mod:`surgery.transforms.p_tuning`). Everything else — where they go, masks,
+    positions, padding, the cache, cutting the outputs — is the hooks' and the same for both."""
+
+    technique = "prompt tuning"  # how errors name it
+
+    def __init__(self, max_positions: int | None = None):
         super().__init__()
-        self.prompt_embeddings = nn.Parameter(weight)
         self.max_positions = max_positions  # rows of a learned position table (GPT-2, BERT); None: no limit
 
     @property
     def length(self) -> int:
+        raise NotImplementedError
+
+    def embeddings(self) -> torch.Tensor:
+        """The virtual tokens' embeddings, [n, d], in the space of the embedding module's output."""
+        raise NotImplementedError
+
+
+class PromptEmbedding(VirtualTokens):
+    """The virtual-token embeddings P ∈ ℝ^{n×d} (float32, like PEFT's; cast to the model's dtype)."""
+
+    def __init__(self, weight: torch.Tensor, max_positions: int | None = None):
+        super().__init__(max_positions)
+        self.prompt_embeddings = nn.Parameter(weight)
+
+    @property
+    def length(self) -> int:
         return self.prompt_embeddings.shape[0]
+
+    def embeddings(self) -> torch.Tensor:
+        return self.prompt_embeddings
 
 
 def _initial_prompt(p: PromptTuningParams, embed: nn.Module, hidden: int) -> torch.Tensor:
@@ -143,7 +174,7 @@ def positions_after_padding(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([virtual, n + torch.arange(mask.shape[1], device=mask.device).expand_as(mask)], dim=1)
 
 
-def _check_room(prompt: "PromptEmbedding", positions: torch.Tensor | None, default_end: int) -> None:
+def _check_room(prompt: VirtualTokens, positions: torch.Tensor | None, default_end: int) -> None:
     """A clear error, not an IndexError, for an input that runs past a learned position table.
     `positions`: the position ids passed on (virtual tokens included); else the model counts up to
     `default_end`."""
@@ -152,7 +183,7 @@ def _check_room(prompt: "PromptEmbedding", positions: torch.Tensor | None, defau
         return
     end = int(positions.max()) + 1 if positions is not None and positions.numel() else default_end
     if end > limit:
-        raise ModelError(f"the model has {limit} learned positions and prompt tuning puts {prompt.length} "
+        raise ModelError(f"the model has {limit} learned positions and {prompt.technique} puts {prompt.length} "
                          f"virtual tokens first, so an input may hold at most {limit - prompt.length} "
                          f"tokens; this one needs {end - prompt.length}")
 
@@ -174,7 +205,7 @@ def _hooks():
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         if mask is not None:
             if mask.ndim != 2:
-                raise ModelError("prompt tuning extends a 2-D attention_mask [batch, tokens]; "
+                raise ModelError(f"{prompt.technique} extends a 2-D attention_mask [batch, tokens]; "
                                  f"got {mask.ndim}-D (pass the 2-D padding mask instead)")
             if positions is None and prefill and "position_ids" in inspect.signature(module.forward).parameters:
                 # The model numbers the columns [P, padding, x]; P would sit further from a padded
@@ -191,7 +222,7 @@ def _hooks():
             return (), kwargs
         if embeds is None:
             embeds = module.get_input_embeddings()(ids)
-        virtual = prompt.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        virtual = prompt.embeddings().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         full = torch.cat([virtual, embeds], dim=1)
         # Mark this tensor so the forward hook knows this call carried the prompt and how to answer.
         want_dict = kwargs.get("return_dict")
@@ -227,61 +258,57 @@ def learned_positions(model: nn.Module) -> tuple[str, int] | None:
     return (path, table.num_embeddings) if isinstance(table, nn.Embedding) else None
 
 
-def find_prompt(model: nn.Module) -> PromptEmbedding:
-    found = [m for m in model.modules() if isinstance(m, PromptEmbedding)]
+def find_prompt(model: nn.Module) -> VirtualTokens:
+    found = [m for m in model.modules() if isinstance(m, VirtualTokens)]
     if len(found) != 1:
-        raise ModelError(f"expected one prompt-tuning prompt in the model, found {len(found)}")
+        raise ModelError("expected one set of virtual tokens (prompt tuning, p-tuning) in the model, "
+                         f"found {len(found)}")
     return found[0]
 
 
-@transform("prompt_tuning", params=PromptTuningParams, anchor=Anchor.EMBEDDINGS, positional=("length",),
-           reference="https://arxiv.org/abs/2104.08691")
-class PromptTuning:
-    """Prompt tuning: trainable virtual tokens prepended to the input embeddings (base frozen)."""
+@contextmanager
+def swapped(model: nn.Module, tokens: VirtualTokens):
+    """`model` with `tokens` in place of its virtual tokens (under the same hooks), for an obligation."""
+    backbone = model.get_submodule(backbone_prefix(model).rstrip("."))
+    kept = getattr(backbone, ATTRIBUTE)
+    setattr(backbone, ATTRIBUTE, tokens)
+    try:
+        yield model
+    finally:
+        setattr(backbone, ATTRIBUTE, kept)
+
+
+class VirtualTokenSteps:
+    """What every virtual-token technique shares: attaching its :class:`VirtualTokens` module and the
+    hooks to the backbone, and the obligations. A technique implements ``virtual_tokens(p, embed,
+    max_positions)`` (its module, before any change is made) and its PEFT export. The registry reads a
+    class's own obligations, so each technique names the shared ones it promises in its class body."""
 
     freezes_base = True
 
-    def accepts(self, p: PromptTuningParams, target, module) -> bool:
-        vocab = module.weight.shape[0]
-        if p.token_ids and max(p.token_ids) >= vocab:
-            raise SpecError(f"prompt_tuning() token id {max(p.token_ids)} is out of range: "
-                            f"the vocabulary has {vocab} tokens (0..{vocab - 1})")
-        return True
+    def virtual_tokens(self, p, embed: nn.Module, max_positions: int | None) -> VirtualTokens:
+        raise NotImplementedError
 
-    def apply(self, p: PromptTuningParams, model: nn.Module, targets, edit) -> None:
+    def apply(self, p, model: nn.Module, targets, edit) -> None:
+        name = self.spec.name
         if len(targets) != 1:
-            raise ApplyError(f"prompt tuning attaches to one input embedding, got {len(targets)}")
+            raise ApplyError(f"{name} attaches to one input embedding, got {len(targets)}")
         embed = model.get_submodule(targets[0].path)
         backbone = model.get_submodule(backbone_prefix(model).rstrip("."))
         if not hasattr(backbone, "get_input_embeddings") or backbone.get_input_embeddings() is not embed:
             raise ApplyError(f"{targets[0].path} is not the input embedding of the model's backbone")
         if getattr(backbone, ATTRIBUTE, None) is not None:
-            raise ApplyError("the model already has a prompt-tuning prompt")
+            raise ApplyError(f"the model already has virtual tokens ({getattr(backbone, ATTRIBUTE).technique})")
         table = learned_positions(model)
         if table is not None and p.length >= table[1]:
-            name, rows = table
-            raise SpecError(f"{model.config.model_type} has {rows} learned positions ({name}); "
+            path, rows = table
+            raise SpecError(f"{model.config.model_type} has {rows} learned positions ({path}); "
                             f"{p.length} virtual tokens leave none for the input "
-                            f"(prompt_tuning needs a length of at most {rows - 1})")
-        hidden = embed.weight.shape[1]
-        prompt = PromptEmbedding(_initial_prompt(p, embed, hidden), table and table[1])
-        edit.set_attr(backbone, ATTRIBUTE, prompt)
+                            f"({name} needs a length of at most {rows - 1})")
+        edit.set_attr(backbone, ATTRIBUTE, self.virtual_tokens(p, embed, table and table[1]))
         before, after = _hooks()
         edit.hook(backbone.register_forward_pre_hook(before, with_kwargs=True))
         edit.hook(backbone.register_forward_hook(after, with_kwargs=True))
-
-    def peft(self, p: PromptTuningParams, targets) -> dict:
-        # token_dim / num_attention_heads / num_layers: PEFT fills them from the base model's config
-        # when it loads (``_prepare_prompt_learning_config``); task_type is the saver's (io) to set.
-        # PEFT has no token-id init; the init only matters before the saved weights are loaded.
-        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "tokens": "RANDOM"}[p.init]
-        return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": p.length, "token_dim": None,
-                "num_transformer_submodules": 1, "num_attention_heads": None, "num_layers": None,
-                "prompt_tuning_init": init, "inference_mode": True}
-
-    def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """PEFT's ``adapter_model.safetensors`` for prompt tuning: the one [n, d] tensor."""
-        return {"prompt_embeddings": find_prompt(model).prompt_embeddings.detach()}
 
     # ------------------------------------------------------------------------------ obligations
 
@@ -307,13 +334,12 @@ class PromptTuning:
     def length_zero(self, p, check) -> float:
         ids = check.tokens()
         mask = self._padded_mask(ids)
-        param = find_prompt(check.surgered).prompt_embeddings
-        kept = param.data
-        param.data = kept[:0]  # the same hooks, with no virtual token to add
-        try:
+        kept = find_prompt(check.surgered)
+        with torch.random.fork_rng(devices=[]):  # the technique's own module, built with no virtual token
+            empty = self.virtual_tokens(p.model_copy(update={"length": 0}),
+                                        check.module(check.targets[0].path), kept.max_positions)
+        with swapped(check.surgered, empty):  # the same hooks, with no virtual token to add
             ours = check.logits(check.surgered, ids, attention_mask=mask)
-        finally:
-            param.data = kept
         return check.max_abs(ours, check.logits(check.original, ids, attention_mask=mask))
 
     @obligation("equals feeding the virtual embeddings by hand", tol=1e-5)
@@ -323,7 +349,7 @@ class PromptTuning:
         embed = check.module(check.targets[0].path, surgered=False)
         with torch.no_grad():
             tokens = embed(ids)
-            virtual = find_prompt(check.surgered).prompt_embeddings.to(tokens.dtype)
+            virtual = find_prompt(check.surgered).embeddings().to(tokens.dtype)
         errors = []
         for mask in (torch.ones_like(ids), self._padded_mask(ids)):
             lead = (mask.cumsum(-1) == 0).sum(-1).tolist()  # each row's leading padding
@@ -372,3 +398,37 @@ class PromptTuning:
                 if check.padded_rows_error(check.original, lengths, **how) <= 1e-4:
                     errors.append(check.padded_rows_error(check.surgered, lengths, **how))
         return max(errors)
+
+
+@transform("prompt_tuning", params=PromptTuningParams, anchor=Anchor.EMBEDDINGS, positional=("length",),
+           reference="https://arxiv.org/abs/2104.08691")
+class PromptTuning(VirtualTokenSteps):
+    """Prompt tuning: trainable virtual tokens prepended to the input embeddings (base frozen)."""
+
+    length_zero = VirtualTokenSteps.length_zero
+    by_hand = VirtualTokenSteps.by_hand
+    cache_consistent = VirtualTokenSteps.cache_consistent
+    padded_rows = VirtualTokenSteps.padded_rows
+
+    def accepts(self, p: PromptTuningParams, target, module) -> bool:
+        vocab = module.weight.shape[0]
+        if p.token_ids and max(p.token_ids) >= vocab:
+            raise SpecError(f"prompt_tuning() token id {max(p.token_ids)} is out of range: "
+                            f"the vocabulary has {vocab} tokens (0..{vocab - 1})")
+        return True
+
+    def virtual_tokens(self, p: PromptTuningParams, embed: nn.Module, max_positions: int | None) -> PromptEmbedding:
+        return PromptEmbedding(_initial_prompt(p, embed, embed.weight.shape[1]), max_positions)
+
+    def peft(self, p: PromptTuningParams, targets) -> dict:
+        # token_dim / num_attention_heads / num_layers: PEFT fills them from the base model's config
+        # when it loads (``_prepare_prompt_learning_config``); task_type is the saver's (io) to set.
+        # PEFT has no token-id init; the init only matters before the saved weights are loaded.
+        init = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "tokens": "RANDOM"}[p.init]
+        return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": p.length, "token_dim": None,
+                "num_transformer_submodules": 1, "num_attention_heads": None, "num_layers": None,
+                "prompt_tuning_init": init, "inference_mode": True}
+
+    def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """PEFT's ``adapter_model.safetensors`` for prompt tuning: the one [n, d] tensor."""
+        return {"prompt_embeddings": find_prompt(model).prompt_embeddings.detach()}
