@@ -1,4 +1,4 @@
-"""Apply a :class:`~surgery.plan.Plan` to a module tree, transactionally.
+"""Apply a :class:`~surgery.planner.Plan` to a module tree, transactionally.
 
 Every change goes through an :class:`Edit`, which records how to undo it. If any step raises — or
 is interrupted: ``KeyboardInterrupt``, ``SystemExit``, any ``BaseException`` — the edit is rolled
@@ -19,7 +19,7 @@ from torch import nn
 
 from surgery.errors import ApplyError, SurgeryError
 from surgery.layers import Parallel, Sequential, SurgeryLinear
-from surgery.plan import Plan, Step, Tree, prune_tree
+from surgery.planner import Plan, Step, Tree, prune_tree
 from surgery.transforms.registry import Anchor
 
 _MISSING = object()

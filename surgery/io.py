@@ -55,7 +55,7 @@ from surgery.apply import apply_plan, get_module
 from surgery.errors import SaveError, SurgeryError
 from surgery.layers import SurgeryLinear
 from surgery.models import model_class
-from surgery.plan import Plan, build_plan
+from surgery.planner import Plan, build_plan
 from surgery.syntax import parse as parse_text
 from surgery.transforms.registry import Anchor
 

@@ -7,7 +7,7 @@ import surgery.apply as apply_mod
 from surgery.apply import apply_plan
 from surgery.errors import ApplyError, SurgeryError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 
 # Every anchor kind in one plan: linear (lora, ia3, quantize), rotary, attention, embeddings, parameters.

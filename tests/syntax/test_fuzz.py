@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from surgery.errors import SpecError, SpecErrors, SurgeryError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from test_parser import shape  # the span-free view of the AST, shared with the parser tests
 

@@ -11,7 +11,7 @@ from surgery.apply import apply_plan
 from surgery.errors import SpecError, SurgeryError
 from surgery.layers import SurgeryLinear, linear_weight
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.quantize import QuantLinear4bit, error_bound_ratio
 from surgery.verify import verify

@@ -13,7 +13,7 @@ import surgery
 from surgery.api import skeleton
 from surgery.errors import ModelError, SpecError, SpecErrors, SurgeryError
 from surgery.models import tiny
-from surgery.plan import _leaves_of, build_plan, check
+from surgery.planner import _leaves_of, build_plan, check
 from surgery.syntax import parse
 from surgery.transforms.registry import Anchor
 
@@ -513,3 +513,15 @@ def test_a_role_without_its_module_says_so():
     assert only_error("attn.v: lora(r=2)", model).endswith(
         "error: selector 'attn.v' names roles of the llama role map (attn.v at model.layers.N.self_attn.v_proj), "
         "but this model has no such module there")
+
+
+def test_the_planner_module_and_the_plan_function_have_different_names():
+    """`surgery.plan` is the API function; the module is `surgery.planner`, so neither shadows the other."""
+    import importlib
+    import types
+
+    import surgery.planner
+
+    assert isinstance(surgery.planner, types.ModuleType) and surgery.planner.build_plan is build_plan
+    assert callable(surgery.plan) and not isinstance(surgery.plan, types.ModuleType)
+    assert importlib.import_module("surgery.planner") is surgery.planner
