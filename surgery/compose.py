@@ -155,7 +155,7 @@ class Fuse(Group):
     pass
 
 
-Node = Union[Leaf, Seq, Par, Gate, Fuse]
+Node = Union[Leaf, Group]  # Group: Seq, Par, Gate, Fuse, or any combinator registered later
 
 
 def called(name: str) -> Combinator | None:

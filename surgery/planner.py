@@ -35,7 +35,7 @@ from surgery import anchors
 from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.compose import Group, Leaf, Node, Par, Seq, called
-from surgery.errors import ModelError, SpecError, SpecErrors, Span, SurgeryError, did_you_mean
+from surgery.errors import ModelError, Span, SpecError, SpecErrors, SurgeryError, did_you_mean
 from surgery.syntax import ast
 from surgery.transforms.registry import Accepts, Anchor, Params, ReplacesBase, Target, TransformSpec, lookup
 

@@ -6,14 +6,13 @@ import os
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import surgery
 from surgery.api import skeleton
+from surgery.compose import Leaf, Par, Seq
 from surgery.errors import ModelError, SpecError, SpecErrors, SurgeryError
 from surgery.models import tiny
-from surgery.compose import Leaf, Par, Seq
 from surgery.planner import build_plan, check
 from surgery.syntax import parse
 from surgery.transforms.registry import Anchor

@@ -224,11 +224,9 @@ def transform(
     def register(cls: T) -> T:
         if name in REGISTRY:
             raise RuntimeError(f"transform {name!r} registered twice")  # a programming error, not a user's
-        obligations = tuple(
-            ObligationSpec(*fn.__surgery_obligation__, method=attr)
-            for attr, fn in vars(cls).items()
-            if hasattr(fn, "__surgery_obligation__")
-        )
+        marked: dict[str, tuple[str, float]] = {
+            attr: fn.__surgery_obligation__ for attr, fn in vars(cls).items() if hasattr(fn, "__surgery_obligation__")}
+        obligations = tuple(ObligationSpec(ob_name, tol, attr) for attr, (ob_name, tol) in marked.items())
         if not obligations:
             raise RuntimeError(f"transform {name!r} declares no obligation")
         flags = {flag: getattr(cls, flag, False) for flag in ("freezes_base", "peft_base")}

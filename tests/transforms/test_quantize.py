@@ -157,8 +157,10 @@ def test_meta_model():
         assert layer.weight.device.type == "meta" and layer.weight.quant_state is None
         assert layer.weight.shape == real_layers[name].weight.shape
         assert layer.dequantized().shape == real_layers[name].dequantized().shape
-    count = lambda m: (sum(p.numel() for p in m.parameters()),
-                       sum(p.numel() for p in m.parameters() if p.requires_grad))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad)
+
     assert count(meta) == count(real)
     # LoRA r=4 on q (64→64), k and v (64→32), o (64→64) in 2 layers: r·(in + out) each
     assert count(real)[1] == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))
