@@ -213,16 +213,21 @@ def shape(expr: ast.Expr, calls: list[ast.Call]) -> Node:
     Identity is positional (the n-th call of the rule), never the node object: a `let` constant
     used twice is one shared node, but two calls, exactly as if it had been written out twice.
     A call of a combinator (``gate(…)``) is a node over its positional arguments; its keyword
-    arguments are its parameters, which a supported combinator validates (see :func:`check_rule`).
+    arguments are its parameters, validated here by its parameter model.
     """
     if isinstance(expr, ast.Call):
         combinator = called(expr.name)
         if combinator is None:
             calls.append(expr)
             return Leaf(len(calls) - 1)
+        if not combinator.supported:  # refused as a whole by check_rule, whatever its arguments are
+            n = len(calls)
+            try:
+                return combinator.node(tuple(shape(a.value, calls) for a in expr.args if a.key is None), expr.span)
+            except SpecError:  # operands that are not transforms (e.g. the paths fuse will read)
+                del calls[n:]
+                return combinator.node((), expr.span)
         operands = tuple(shape(a.value, calls) for a in expr.args if a.key is None)
-        if not combinator.supported:  # refused as a whole by check_rule, before its arguments
-            return combinator.node(operands, expr.span)
         keywords = tuple(a for a in expr.args if a.key is not None)
         return combinator.node(operands, expr.span, _validated(expr.name, combinator.params, (), keywords, expr.span))
     if isinstance(expr, ast.Seq):
@@ -324,14 +329,12 @@ def check_rule(rule: ast.Rule) -> CheckedRule:
 
 
 def _check_combinator(group: Group) -> SpecError | None:
-    """A combinator call's own check: supported, and its keyword arguments valid for it."""
+    """The error of a combinator the language has but the pipeline cannot build yet (gate, fuse)."""
     combinator = group.combinator
-    if not combinator.called or group.span is None:
-        return None  # an operator: nothing to validate
-    if not combinator.supported:
-        return SpecError(f"'{combinator.name}' ({combinator.summary}) is part of the language but not yet supported",
-                         group.span)
-    return None
+    if combinator.supported:
+        return None
+    return SpecError(f"'{combinator.name}' ({combinator.summary}) is part of the language but not yet supported",
+                     group.span)
 
 
 def _require_rules(spec: ast.Spec) -> None:

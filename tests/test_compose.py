@@ -54,6 +54,13 @@ def test_gate_and_fuse_plan_as_nodes_refused_at_their_call():
     assert sorted(checked.leaves) == [0]
 
 
+def test_a_fuse_of_values_is_refused_as_a_fuse_not_as_values():
+    checked = check_rule(parse('mlp: fuse("out/a", "out/b", tau=2) + lora').rules[0])
+    assert checked.tree == Seq((Fuse(()), Leaf(0))) and [c.name for c in checked.calls] == ["lora"]
+    (e,) = checked.errors
+    assert e.message == "'fuse' (AdapterFusion) is part of the language but not yet supported"
+
+
 class MixParams(Params):
     weight: float = 1.0
 
