@@ -203,12 +203,12 @@ def merged_steps(plan: Plan, model: nn.Module) -> set[int]:
     return {step.index for step in plan.steps if anchors.kind(step.spec.anchor).mergeable(step, model)}
 
 
-def _plain_representable(step: Step, merged: set[int], config) -> bool:
+def _plain_representable(step: Step, merged: set[int], model: nn.Module) -> bool:
     """Whether plain transformers reproduces this step: merged weights, config, or trained biases."""
     patch = step.spec.offers(ConfigPatch)
-    if patch is not None:
-        return patch.config_patch(step.params, config) is not None
-    return step.index in merged or anchors.kind(step.spec.anchor).in_place
+    if patch is not None and patch.config_fields(step.params, model) is None:
+        return False  # e.g. added biases that no config switch builds
+    return patch is not None or step.index in merged or anchors.kind(step.spec.anchor).in_place
 
 
 def _merged_model(model: nn.Module, plan: Plan, merged: set[int]) -> nn.Module:
@@ -314,7 +314,7 @@ def _write(result, tmp: Path, merge: bool) -> None:
     merged = merged_steps(plan, model) if merge else set()
     # Plain transformers whenever it reproduces every step (rope scaling, trained biases, merged
     # adapters): then `from_pretrained` alone loads the result.
-    plain = all(_plain_representable(s, merged, model.config) for s in plan.steps)
+    plain = all(_plain_representable(s, merged, model) for s in plan.steps)
     to_save = _merged_model(model, plan, merged) if plain or merged else model
     meta = {
         "format": FORMAT,
@@ -335,7 +335,7 @@ def _write(result, tmp: Path, merge: bool) -> None:
         config = copy.deepcopy(model.config)
         for step in plan.steps:
             patch = step.spec.offers(ConfigPatch)
-            fields = patch.config_patch(step.params, config) if patch else None
+            fields = patch.config_fields(step.params, model) if patch else None
             for key, value in (fields or {}).items():
                 setattr(config, key, value)
         to_save.config = config

@@ -111,10 +111,11 @@ class Installs(Protocol):
 
 @runtime_checkable
 class ConfigPatch(Protocol):
-    """The step as transformers config fields (e.g. ``{"rope_parameters": …}``), or None where the
-    config cannot express it; a plan of such steps saves as a plain transformers model."""
+    """The step applied to `model` as transformers config fields (e.g. ``{"rope_parameters": …}``;
+    ``{}``: none needed), or None where no config expresses it; a plan whose every step is expressed
+    (in the config, in merged weights, or in the model's own tensors) saves as a plain model."""
 
-    def config_patch(self, p: Any, config: Any) -> dict[str, Any] | None: ...
+    def config_fields(self, p: Any, model: nn.Module) -> dict[str, Any] | None: ...
 
 
 @runtime_checkable
