@@ -19,7 +19,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/surgery demo
 
+# Lint and type-check first (seconds): ruff on everything, mypy on the typed core (pyproject.toml).
 test: $(STAMP)
+	$(VENV)/bin/ruff check surgery tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -28,7 +28,7 @@ from surgery.apply import apply_plan
 from surgery.io import _merged_model, merged_steps
 from surgery.layers import SurgeryLinear
 from surgery.models import load_model, smollm2_dir
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 
 SPEC = "attn.*, mlp.*: lora(r=16)"
 TARGET, TOLERANCE = 1.00, 0.03

@@ -1,6 +1,6 @@
 """Plan + apply LoRA on every linear layer of a Llama-2-7B-shaped model on the meta device, vs PEFT.
 
-    ours:  surgery.plan.build_plan(surgery.parse("*: lora(r=16)"), model) + surgery.apply.apply_plan
+    ours:  surgery.planner.build_plan(surgery.parse("*: lora(r=16)"), model) + surgery.apply.apply_plan
     PEFT:  get_peft_model(model, LoraConfig(r=16, target_modules=[q,k,v,o,gate,up,down]),
                           low_cpu_mem_usage=True)
 
@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model
 import surgery
 from surgery.apply import apply_plan
 from surgery.layers import SurgeryLinear
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 
 SPEC = "*: lora(r=16)"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

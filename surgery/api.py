@@ -11,7 +11,7 @@ from torch import nn
 from surgery.apply import Edit, apply_plan
 from surgery.errors import ObligationError
 from surgery.models import model_class
-from surgery.plan import Counts, Plan, build_plan
+from surgery.planner import Counts, Plan, build_plan
 from surgery.syntax import ast, parse as parse_text, parse_file
 from surgery.verify import Report, verify
 

@@ -1,4 +1,4 @@
-"""Apply a :class:`~surgery.plan.Plan` to a module tree, transactionally.
+"""Apply a :class:`~surgery.planner.Plan` to a module tree, transactionally.
 
 Every change goes through an :class:`Edit`, which records how to undo it. If any step raises — or
 is interrupted: ``KeyboardInterrupt``, ``SystemExit``, any ``BaseException`` — the edit is rolled
@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from surgery import anchors
 from surgery.errors import ApplyError, SurgeryError
-from surgery.layers import Parallel, Sequential, SurgeryLinear
-from surgery.plan import Plan, Step, Tree, prune_tree
+from surgery.planner import Plan, Step
 from surgery.transforms.registry import Anchor
 
 _MISSING = object()
@@ -84,32 +84,14 @@ class Edit:
             self._undo.pop()()
 
 
-def _assemble(tree: Tree, modules: dict[int, nn.Module]) -> nn.Module | None:
-    tree = prune_tree(tree, set(modules))  # base replacements (quantize) have no adapter module
-    if tree is None:
-        return None
-    if isinstance(tree, int):
-        return modules[tree]
-    kind, items = tree
-    parts = [_assemble(t, modules) for t in items]
-    return (Sequential if kind == "seq" else Parallel)(parts)
-
-
-def _run_step(step: Step, model: nn.Module, edit: Edit, leaves: dict[str, dict[int, nn.Module]],
-              bases: dict[str, nn.Module], seed: int) -> None:
-    spec = step.spec
-    impl = spec.instance()
+def _run_step(step: Step, model: nn.Module, edit: Edit, installers: dict[Anchor, anchors.Installer],
+              seed: int) -> None:
+    anchor = step.spec.anchor
+    if anchor not in installers:
+        installers[anchor] = anchors.kind(anchor).installer(model, edit)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + step.index)
-        if spec.anchor is Anchor.LINEAR:
-            for target in step.targets:
-                base = bases.setdefault(target.path, get_module(model, target.path))
-                if hasattr(impl, "replace_base"):
-                    bases[target.path] = impl.replace_base(step.params, base, target)
-                else:
-                    leaves.setdefault(target.path, {})[step.index] = impl.adapter(step.params, base, target)
-        else:
-            impl.apply(step.params, model, list(step.targets), edit)
+        installers[anchor].add(step)
 
 
 def apply_plan(plan: Plan, model: nn.Module, *, seed: int = 0, edit: Edit | None = None) -> Edit:
@@ -124,14 +106,12 @@ def apply_plan(plan: Plan, model: nn.Module, *, seed: int = 0, edit: Edit | None
             for param in model.parameters():
                 if param.requires_grad:
                     edit.requires_grad(param, False)
-        leaves: dict[str, dict[int, nn.Module]] = {}
-        bases: dict[str, nn.Module] = {}
+        installers: dict[Anchor, anchors.Installer] = {}  # one per anchor kind, in order of first use
         for step in plan.steps:
-            _run_step(step, model, edit, leaves, bases, seed)
+            _run_step(step, model, edit, installers, seed)
         step = None
-        for path, tree in plan.linear.items():
-            adapter = _assemble(tree, leaves.get(path, {}))
-            edit.replace(path, SurgeryLinear(bases[path], adapter))
+        for anchor, installer in installers.items():  # wrappers are built once every step has run
+            installer.finish(plan.trees.get(anchor, {}))
     except BaseException as e:
         edit.rollback()
         if not isinstance(e, Exception):  # an interruption, not a failure of the step: pass it on as is

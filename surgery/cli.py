@@ -127,7 +127,7 @@ def _report_table(report) -> Table:
 @app.command()
 def check(spec: Path = typer.Argument(..., help="a .surg file")):
     """Check a spec without a model: every check of `plan` that needs no model."""
-    from surgery.plan import check as check_spec
+    from surgery.planner import check as check_spec
 
     parsed = _spec(spec)
     check_spec(parsed)
@@ -152,7 +152,7 @@ def verify(spec: Path = typer.Argument(..., help="a .surg file"),
            model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
            seed: int = typer.Option(0, **SEED)):
     """Run every step's equivalence obligations and print each with its error and tolerance."""
-    from surgery.plan import build_plan
+    from surgery.planner import build_plan
     from surgery.verify import verify as run
 
     parsed = _spec(spec)

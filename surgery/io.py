@@ -51,13 +51,15 @@ import transformers
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
+from surgery import anchors
+from surgery.anchors.linear import wrappers
 from surgery.apply import apply_plan, get_module
 from surgery.errors import SaveError, SurgeryError
 from surgery.layers import SurgeryLinear
 from surgery.models import model_class
-from surgery.plan import Plan, build_plan
+from surgery.planner import Plan, Step, build_plan
 from surgery.syntax import parse as parse_text
-from surgery.transforms.registry import Anchor
+from surgery.transforms.registry import ConfigPatch, PeftExport
 
 FORMAT = 2  # 2: a manifest of sha256 hashes and the dtypes; 1 had neither
 
@@ -184,10 +186,6 @@ def _default_permissions(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _linear_layers(model: nn.Module) -> dict[str, SurgeryLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SurgeryLinear)}
-
-
 def _plain_copy(layer: SurgeryLinear) -> nn.Module:
     """The base layer's class (Linear or GPT-2 Conv1D) holding the folded weights."""
     weight, bias = layer.merged_weights()
@@ -201,32 +199,23 @@ def _plain_copy(layer: SurgeryLinear) -> nn.Module:
 
 
 def merged_steps(plan: Plan, model: nn.Module) -> set[int]:
-    """Indices of linear steps whose every layer is mergeable."""
-    layers = _linear_layers(model)
-    out = set()
-    for step in plan.steps:
-        if step.spec.anchor is Anchor.LINEAR and all(
-            t.path in layers and layers[t.path].mergeable for t in step.targets
-        ):
-            out.add(step.index)
-    return out
+    """Indices of the steps that fold into the model's weights (every linear layer mergeable)."""
+    return {step.index for step in plan.steps if anchors.kind(step.spec.anchor).mergeable(step, model)}
 
 
-def _plain_representable(step, merged: set[int], model: nn.Module) -> bool:
+def _plain_representable(step: Step, merged: set[int], model: nn.Module) -> bool:
     """Whether plain transformers reproduces this step: merged weights, config, or trained biases."""
-    impl = step.spec.instance()
-    if hasattr(impl, "rope_parameters"):
-        return impl.rope_parameters(step.params, model.config) is not None
-    if hasattr(impl, "config_fields") and impl.config_fields(step.params, model) is None:
+    patch = step.spec.offers(ConfigPatch)
+    if patch is not None and patch.config_fields(step.params, model) is None:
         return False  # e.g. added biases that no config switch builds
-    return step.index in merged or step.spec.anchor is Anchor.PARAMETERS
+    return patch is not None or step.index in merged or anchors.kind(step.spec.anchor).in_place
 
 
 def _merged_model(model: nn.Module, plan: Plan, merged: set[int]) -> nn.Module:
     """A copy of `model` with every fully-mergeable linear folded back into its base class."""
     out = copy.deepcopy(model)
     mergeable_paths = {t.path for s in plan.steps if s.index in merged for t in s.targets}
-    for path, layer in _linear_layers(out).items():
+    for path, layer in wrappers(out).items():
         if path in mergeable_paths:
             parent, _, name = path.rpartition(".")
             setattr(get_module(out, parent), name, _plain_copy(layer))
@@ -237,10 +226,9 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
     """Write ``peft/`` if the plan is expressible as one PEFT adapter; returns what happened."""
     kinds = {}
     for step in plan.steps:
-        impl = step.spec.instance()
-        if getattr(impl, "peft_base", False):  # e.g. quantize: the PEFT user loads the base quantized
+        if step.spec.peft_base:  # e.g. quantize: the PEFT user loads the base quantized
             continue
-        if not hasattr(impl, "peft"):
+        if step.spec.offers(PeftExport) is None:
             return f"not written: {step.transform} has no PEFT equivalent"
         kinds.setdefault(step.transform, []).append(step)
     if len(kinds) != 1:
@@ -249,7 +237,9 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
     (name, steps), = kinds.items()
     # One PEFT config holds every step: they may differ in where they attach, and in the fields PEFT
     # allows per module (the transform's ``peft_patterns``, e.g. LoRA's rank_pattern).
-    impl = steps[0].spec.instance()
+    spec = steps[0].spec
+    impl = spec.offers(PeftExport)
+    assert impl is not None  # every step was checked above
     first = impl.peft(steps[0].params, ())
     patterns: dict[str, dict] = {}
     for step in steps[1:]:
@@ -257,30 +247,15 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
         for key in sorted(set(fields) | set(first)):
             if fields.get(key) == first.get(key):
                 continue
-            if key not in getattr(impl, "peft_patterns", {}):
+            if key not in spec.peft_patterns:
                 return f"not written: the {name} steps differ in {key!r}, which one PEFT config cannot hold"
-            patterns.setdefault(impl.peft_patterns[key], {}).update({t.path: fields[key] for t in step.targets})
-    layers = _linear_layers(model)
-    for path, layer in layers.items():
-        if isinstance(layer.adapter, nn.ModuleList):
-            return f"not written: {path} composes several transforms, which PEFT cannot express"
+            patterns.setdefault(spec.peft_patterns[key], {}).update({t.path: fields[key] for t in step.targets})
     all_targets = [t for s in steps for t in s.targets]
     config = {**impl.peft(steps[0].params, all_targets), **patterns}
-    targets = sorted({t.path for t in all_targets})
-    tensors: dict[str, torch.Tensor] = {}
-    if steps[0].spec.anchor is Anchor.LINEAR:
-        config.setdefault("target_modules", targets)
-        if any(type(layers[t].base).__name__ == "Conv1D" for t in targets):
-            config["fan_in_fan_out"] = True
-        for step in steps:
-            for target in step.targets:
-                adapter = layers[target.path].adapter
-                named = impl.peft_tensors(step.params, target, adapter) if hasattr(impl, "peft_tensors") \
-                    else adapter.state_dict()
-                for key, value in named.items():
-                    tensors[f"base_model.model.{target.path}.{key}"] = value.detach().contiguous().clone()
-    else:
-        tensors = {k: v.detach().contiguous().clone() for k, v in impl.peft_tensors(model).items()}
+    named = anchors.kind(spec.anchor).peft_tensors(steps, model, config)
+    if isinstance(named, str):
+        return named
+    tensors = {k: v.detach().contiguous().clone() for k, v in named.items()}
     config.setdefault("task_type", _task_type(model))
     config.setdefault("base_model_name_or_path", None)
     peft_dir = tmp / "peft"
@@ -359,12 +334,10 @@ def _write(result, tmp: Path, merge: bool) -> None:
     if plain:
         config = copy.deepcopy(model.config)
         for step in plan.steps:
-            impl = step.spec.instance()
-            if hasattr(impl, "rope_parameters"):
-                config.rope_parameters = impl.rope_parameters(step.params, config)
-            if hasattr(impl, "config_fields"):  # e.g. bitfit(add=true) on Llama: attention_bias, mlp_bias
-                for key, value in impl.config_fields(step.params, model).items():
-                    setattr(config, key, value)
+            patch = step.spec.offers(ConfigPatch)
+            fields = patch.config_fields(step.params, model) if patch else None
+            for key, value in (fields or {}).items():
+                setattr(config, key, value)
         to_save.config = config
         with torch.no_grad():
             # The rotary module was swapped; the config now says how transformers rebuilds it.

@@ -23,7 +23,7 @@ from surgery.apply import apply_plan, get_module
 from surgery.arch import backbone_prefix
 from surgery.errors import ModelError
 from surgery.layers import SurgeryLinear
-from surgery.plan import Plan, Step
+from surgery.planner import Plan, Step
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+import surgery.anchors.linear as linear_anchor
 import surgery.apply as apply_mod
 from surgery.apply import apply_plan
 from surgery.errors import ApplyError, SurgeryError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 
 # Every anchor kind in one plan: linear (lora, ia3, quantize), rotary, attention, embeddings, parameters.
@@ -77,7 +78,7 @@ def test_failure_at_every_step_rolls_back(arch, monkeypatch):
 
     # A failure after every step ran, while the linear wrappers are being put in place.
     monkeypatch.setattr(apply_mod, "_run_step", real_run_step)
-    real_linear = apply_mod.SurgeryLinear
+    real_linear = linear_anchor.SurgeryLinear
     calls = {"n": 0}
 
     def failing_linear(*args, **kwargs):
@@ -86,7 +87,7 @@ def test_failure_at_every_step_rolls_back(arch, monkeypatch):
             raise RuntimeError("injected failure while wrapping")
         return real_linear(*args, **kwargs)
 
-    monkeypatch.setattr(apply_mod, "SurgeryLinear", failing_linear)
+    monkeypatch.setattr(linear_anchor, "SurgeryLinear", failing_linear)
     with pytest.raises(ApplyError, match="injected failure while wrapping"):
         apply_plan(plan, model)
     assert_untouched(model, fp, st, ids, logits)

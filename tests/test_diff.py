@@ -16,7 +16,7 @@ from torch import nn
 from surgery.apply import apply_plan
 from surgery.diff import Diff, GraphSnapshot, _module_path, capture_graph, snapshot_tree
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 
 LAYERS = (0, 1)

@@ -2,7 +2,7 @@
 
 from surgery.errors import MAX_SHOWN_ERRORS, SHOWN_WIDTH, Span, SpecError, SpecErrors
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 
 

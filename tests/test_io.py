@@ -21,7 +21,7 @@ def perturb(model):
     """Move adapters away from their identity init so saving/merging is actually tested."""
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 

@@ -7,7 +7,7 @@ import transformers
 import surgery
 from surgery.errors import ModelError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.lora import LoraAdapter
 from surgery.verify import Check, _per_position_logits, verify

@@ -1,5 +1,6 @@
-"""Every technique, one module each; importing this package registers them all."""
+"""Every technique, one module each; :func:`register_all` registers them all."""
 
+import functools
 import importlib
 import logging
 import pkgutil
@@ -9,6 +10,12 @@ import pkgutil
 # the one the quantize obligations check.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-for _info in pkgutil.iter_modules(__path__):
-    if _info.name != "registry":
-        importlib.import_module(f"{__name__}.{_info.name}")
+
+
+@functools.cache
+def register_all() -> None:
+    """Import every transform module (each registers itself). Not done when this package is imported:
+    the registry lives here, and a transform's registration consults the anchor kinds, which use it."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{__name__}.{info.name}")

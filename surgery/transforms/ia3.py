@@ -112,7 +112,7 @@ class IA3:
     @obligation("merged == unmerged (vectors perturbed), relative", tol=1e-5)
     def merge_equal(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, original) in enumerate(check.linear_layers()):
+        for i, (_, layer, original) in enumerate(check.linear_layers()):
             x = check.randn(3, layer.in_features, salt=i)
             with self._perturbed(layer, check.generator(i)), torch.no_grad():
                 unmerged = layer(x)
@@ -128,7 +128,7 @@ class IA3:
     @obligation("unmerge restores the weights bit-exactly", tol=0.0)
     def unmerge_exact(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, original) in enumerate(check.linear_layers()):
+        for i, (_, layer, original) in enumerate(check.linear_layers()):
             x = check.randn(3, layer.in_features, salt=i)
             with self._perturbed(layer, check.generator(i)), torch.no_grad():
                 layer.merge()

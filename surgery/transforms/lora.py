@@ -93,7 +93,7 @@ class LoRA:
     @obligation("merged == unmerged (B perturbed)", tol=1e-4)
     def merge_equal(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, _) in enumerate(check.linear_layers()):
+        for i, (_, layer, _) in enumerate(check.linear_layers()):
             with torch.no_grad():
                 _perturb_b(layer, check.generator(i))
                 x = check.randn(3, layer.in_features, salt=i)
@@ -107,7 +107,7 @@ class LoRA:
     @obligation("unmerge restores the weights bit-exactly", tol=0.0)
     def unmerge_exact(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer, original) in enumerate(check.linear_layers()):
+        for i, (_, layer, original) in enumerate(check.linear_layers()):
             with torch.no_grad():
                 _perturb_b(layer, check.generator(i))
                 layer.merge()

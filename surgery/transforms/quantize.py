@@ -279,7 +279,7 @@ class Quantize:
     @obligation("quantised layer == float layer holding the dequantised weights", tol=1e-6)
     def layer_equal(self, p, check) -> float:
         errors = [0.0]
-        for i, (t, layer) in enumerate(self._layers(check)):
+        for i, (_, layer) in enumerate(self._layers(check)):
             x = check.randn(3, 5, layer.in_features, salt=i)
             with torch.no_grad():
                 out, ref = layer(x), _DequantizedLinear(layer.base)(x)

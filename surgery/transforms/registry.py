@@ -2,36 +2,25 @@
 
 A transform is a class decorated with :func:`transform`. The decorator records its name, its
 parameter model (a pydantic model: the schema *is* the validation), the kind of anchor it attaches
-to, the paper, and the methods marked :func:`obligation`. Adding a technique touches one file.
+to, the paper, the methods marked :func:`obligation`, and its *capabilities*: the protocols below
+that the class implements. Adding a technique touches one file.
 
-What the class implements depends on its anchor kind (see :class:`Anchor`):
+What a transform must implement is its anchor kind's business (:mod:`surgery.anchors`): each kind
+names the capabilities it requires, at least one of which a transform must offer, or registration
+fails. Today:
 
-``Anchor.LINEAR`` — attaches to ``nn.Linear`` / GPT-2 ``Conv1D`` modules. The pipeline wraps each
-such module once in a :class:`surgery.layers.SurgeryLinear` and composes every linear transform of
-the plan there (``a + b`` in sequence, ``a | b`` in parallel). The class implements
+* ``linear`` requires :class:`Adapter` or :class:`ReplacesBase` (composed in a ``SurgeryLinear``;
+  a base replacement must be innermost in a sequence);
+* every other kind requires :class:`Installs`: ``apply`` makes *all* its changes through ``edit``
+  (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
 
-* ``accepts(self, p, target, module) -> str | bool | None`` (optional, any anchor kind): keep or
-  drop a candidate anchor (default: keep all); a string keeps it and is stored as the target's
-  ``option`` (e.g. IA3's ``"in"``/``"out"``).
-* ``adapter(self, p, base, target) -> nn.Module`` whose ``forward(x, inner)`` computes the
-  transformed layer given ``inner`` (a callable computing the wrapped layer) and whose
-  ``merge(weight, bias) -> (weight, bias)`` (``weight`` in ``nn.Linear`` layout ``[out, in]``)
-  returns the folded weights, or which sets ``mergeable = False``; **or**
-* ``replace_base(self, p, base, target) -> nn.Module`` for transforms that swap the layer itself
-  (quantisation); such a transform must be innermost in a sequence.
-
-Every other anchor kind implements ``apply(self, p, model, targets, edit)`` and makes *all* its
-changes through ``edit`` (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
-
-Optional class attributes and hooks, read by :mod:`surgery.apply` and :mod:`surgery.io`:
+Optional capabilities, for any kind: :class:`Accepts` (keep or drop candidate anchors),
+:class:`ConfigPatch` (the step as transformers config fields, so a plain model expresses it) and
+:class:`PeftExport` (with the tensor protocol its anchor kind reads: :class:`AdapterPeftTensors` at
+linear anchors, :class:`ModelPeftTensors` elsewhere). Class attributes read once, at registration:
 
 * ``freezes_base = True``: a fine-tuning method; the pipeline freezes every original parameter
   before any step runs (new parameters stay trainable; BitFit then unfreezes biases).
-* ``rope_parameters(self, p, config) -> dict | None``: the step as transformers'
-  ``config.rope_parameters`` (None where transformers cannot express it).
-* ``peft(self, p, targets) -> dict``: the PEFT ``adapter_config.json`` fields of the step; with
-  ``peft_tensors(self, p, target, adapter)`` (linear; default: the adapter's state dict) or
-  ``peft_tensors(self, model)`` (other kinds) giving the tensors of ``adapter_model.safetensors``.
 * ``peft_patterns``: PEFT config fields that may differ per module, mapped to the config field
   holding the per-module values (LoRA: ``{"r": "rank_pattern", "lora_alpha": "alpha_pattern"}``).
 * ``peft_base = True``: the step changes the base, not the adapter (quantize), so a PEFT export of
@@ -44,16 +33,24 @@ only this step applied (``check.surgered``) against the untouched model (``check
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
+import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
-from surgery.errors import SpecError, did_you_mean
+from surgery.errors import Span, SpecError, did_you_mean
+
+if TYPE_CHECKING:
+    from surgery.apply import Edit
 
 
 class Anchor(str, Enum):
+    """The kinds of place a transform attaches to; each is a plugin in :mod:`surgery.anchors`."""
+
     LINEAR = "linear"            # nn.Linear / Conv1D modules, composed in a SurgeryLinear wrapper
     PARAMETERS = "parameters"    # the region's own parameters; no new modules
     ROTARY = "rotary"            # the model's rotary position embedding (shared by all layers)
@@ -77,6 +74,74 @@ class Target:
     option: str | None = None
 
 
+# ------------------------------------------------------------------------------- capabilities
+# Parameters are typed `Any`: each transform narrows them to its own Params model.
+
+
+@runtime_checkable
+class Accepts(Protocol):
+    """Keep or drop a candidate anchor (default: keep all); a string keeps it and is stored as the
+    target's ``option`` (e.g. IA3's ``"in"``/``"out"``)."""
+
+    def accepts(self, p: Any, target: Target, module: nn.Module) -> str | bool | None: ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """A module ``forward(x, inner)`` computing the transformed layer from ``inner`` (the wrapped
+    layer as a callable), with ``merge(weight, bias) -> (weight, bias)`` (``[out, in]`` layout)
+    folding it into the weights, or ``mergeable = False``."""
+
+    def adapter(self, p: Any, base: nn.Module, target: Target) -> nn.Module: ...
+
+
+@runtime_checkable
+class ReplacesBase(Protocol):
+    """Swap the layer itself (quantisation); innermost in any sequence, never a branch of ``|``."""
+
+    def replace_base(self, p: Any, base: nn.Module, target: Target) -> nn.Module: ...
+
+
+@runtime_checkable
+class Installs(Protocol):
+    """Change the model at `targets`, every change through `edit`, so a failed plan rolls back."""
+
+    def apply(self, p: Any, model: nn.Module, targets: list[Target], edit: Edit) -> None: ...
+
+
+@runtime_checkable
+class ConfigPatch(Protocol):
+    """The step applied to `model` as transformers config fields (e.g. ``{"rope_parameters": …}``;
+    ``{}``: none needed), or None where no config expresses it; a plan whose every step is expressed
+    (in the config, in merged weights, or in the model's own tensors) saves as a plain model."""
+
+    def config_fields(self, p: Any, model: nn.Module) -> dict[str, Any] | None: ...
+
+
+@runtime_checkable
+class PeftExport(Protocol):
+    """The PEFT ``adapter_config.json`` fields of the step (`targets` empty: the per-step fields)."""
+
+    def peft(self, p: Any, targets: Sequence[Target]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class AdapterPeftTensors(Protocol):
+    """PEFT's tensors of one linear adapter, keyed below the layer (default: its state dict)."""
+
+    def peft_tensors(self, p: Any, target: Target, adapter: nn.Module) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ModelPeftTensors(Protocol):
+    """PEFT's tensors of a step that is not at linear anchors, with their full keys."""
+
+    def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
+
+
+C = TypeVar("C")
+
+
 @dataclass(frozen=True)
 class ObligationSpec:
     name: str
@@ -93,9 +158,17 @@ class TransformSpec:
     reference: str
     positional: tuple[str, ...]
     obligations: tuple[ObligationSpec, ...] = field(default=())
+    capabilities: frozenset[type] = field(default=frozenset())
+    freezes_base: bool = False
+    peft_base: bool = False
+    peft_patterns: Mapping[str, str] = field(default_factory=dict)
 
     def instance(self) -> Any:
         return self.cls()
+
+    def offers(self, capability: type[C]) -> C | None:
+        """An instance as `capability` if the transform declared it at registration, else None."""
+        return cast(C, self.instance()) if capability in self.capabilities else None
 
     @property
     def summary(self) -> str:
@@ -104,47 +177,77 @@ class TransformSpec:
 
 REGISTRY: dict[str, TransformSpec] = {}
 
-# Names the language reserves for later transforms; they parse, and planning says so clearly.
-RESERVED = {"gate": "UniPELT's learned gates", "fuse": "AdapterFusion"}
+# Capabilities any anchor kind may use; anchor kinds add their own (`required`, `optional`).
+COMMON: tuple[type, ...] = (Accepts, ConfigPatch, PeftExport)
+
+F = TypeVar("F", bound=Callable[..., float])
 
 
-def obligation(name: str, tol: float) -> Callable:
+def obligation(name: str, tol: float) -> Callable[[F], F]:
     """Mark a transform method ``(self, p, check) -> float`` as an equivalence obligation."""
 
-    def mark(fn: Callable) -> Callable:
-        fn.__surgery_obligation__ = (name, tol)
+    def mark(fn: F) -> F:
+        fn.__surgery_obligation__ = (name, tol)  # type: ignore[attr-defined]
         return fn
 
     return mark
 
 
+T = TypeVar("T", bound=type)
+
+
+def capabilities_of(cls: type, anchor: Anchor) -> frozenset[type]:
+    """The capabilities `cls` implements among those its anchor kind reads; checks the required ones.
+
+    Raises RuntimeError (a programming error, found when the transform's module is imported) when
+    the class offers none of the capabilities its anchor kind requires.
+    """
+    from surgery.anchors import kind  # the anchor kinds import this module
+
+    anchor_kind = kind(anchor)
+    instance = cls()
+    offered = frozenset(c for c in (*anchor_kind.required, *anchor_kind.optional, *COMMON) if isinstance(instance, c))
+    if not offered & set(anchor_kind.required):
+        needs = " or ".join(f"{c.__name__} ({', '.join(_methods(c))})" for c in anchor_kind.required)
+        raise RuntimeError(f"{cls.__name__} is at {anchor.value} anchors, so it must implement {needs}")
+    return offered
+
+
+def _methods(protocol: type) -> list[str]:
+    return sorted(n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_"))
+
+
 def transform(
     name: str, *, params: type[Params], anchor: Anchor, reference: str, positional: tuple[str, ...] = ()
-) -> Callable[[type], type]:
+) -> Callable[[T], T]:
     """Register a transform class under `name` (see the module docstring for what it implements)."""
 
-    def register(cls: type) -> type:
+    def register(cls: T) -> T:
         if name in REGISTRY:
             raise RuntimeError(f"transform {name!r} registered twice")  # a programming error, not a user's
-        obligations = tuple(
-            ObligationSpec(*fn.__surgery_obligation__, method=attr)
-            for attr, fn in vars(cls).items()
-            if hasattr(fn, "__surgery_obligation__")
-        )
+        marked: dict[str, tuple[str, float]] = {
+            attr: fn.__surgery_obligation__ for attr, fn in vars(cls).items() if hasattr(fn, "__surgery_obligation__")}
+        obligations = tuple(ObligationSpec(ob_name, tol, attr) for attr, (ob_name, tol) in marked.items())
         if not obligations:
             raise RuntimeError(f"transform {name!r} declares no obligation")
-        REGISTRY[name] = TransformSpec(name, cls, params, anchor, reference, positional, obligations)
-        cls.spec = REGISTRY[name]
+        flags = {flag: getattr(cls, flag, False) for flag in ("freezes_base", "peft_base")}
+        if not all(isinstance(v, bool) for v in flags.values()):
+            raise RuntimeError(f"transform {name!r}: freezes_base and peft_base are True or False")
+        REGISTRY[name] = TransformSpec(
+            name, cls, params, anchor, reference, positional, obligations,
+            capabilities_of(cls, anchor), **flags, peft_patterns=dict(getattr(cls, "peft_patterns", {})),
+        )
+        cls.spec = REGISTRY[name]  # type: ignore[attr-defined]
         return cls
 
     return register
 
 
-def lookup(name: str, span=None) -> TransformSpec:
-    from surgery import transforms  # noqa: F401  (importing the package registers every transform)
+def lookup(name: str, span: Span | None = None) -> TransformSpec:
+    from surgery.transforms import register_all
+
+    register_all()
 
     if name in REGISTRY:
         return REGISTRY[name]
-    if name in RESERVED:
-        raise SpecError(f"'{name}' ({RESERVED[name]}) is part of the language but not yet supported", span)
     raise SpecError(f"unknown transform {name!r}{did_you_mean(name, REGISTRY)}", span)

@@ -227,6 +227,11 @@ class Rope:
             new = build_rope(p, original.config).to(original.inv_freq.device)
             edit.replace(target.path, new)
 
+    def config_fields(self, p: RopeParams, model: nn.Module) -> dict | None:
+        """The rope as transformers' config: its ``rope_parameters`` (None where they cannot express it)."""
+        params = self.rope_parameters(p, model.config)
+        return None if params is None else {"rope_parameters": params}
+
     def rope_parameters(self, p: RopeParams, config) -> dict | None:
         """transformers' ``config.rope_parameters`` reproducing this rope (None if not expressible)."""
         base, dim = rope_settings(config)

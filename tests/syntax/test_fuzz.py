@@ -10,13 +10,13 @@ must raise nothing but :class:`SurgeryError` subclasses, each error with a posit
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from surgery.errors import SpecError, SpecErrors, SurgeryError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
+
 from test_parser import shape  # the span-free view of the AST, shared with the parser tests
 
 # About 100 examples per property keeps the whole file near 20 s on a shared CPU.

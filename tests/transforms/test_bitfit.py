@@ -12,7 +12,7 @@ import surgery.transforms.bitfit as bitfit
 from surgery.apply import apply_plan
 from surgery.errors import SpecError, SurgeryError
 from surgery.models import load_model, tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.bitfit import BitFit
 from surgery.transforms.lora import LoRA

@@ -10,7 +10,7 @@ from surgery.apply import apply_plan
 from surgery.errors import SpecError
 from surgery.layers import SurgeryLinear, linear_weight
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.ia3 import IA3, IA3Adapter
 from surgery.transforms.lora import LoraAdapter

@@ -6,7 +6,7 @@ import torch
 
 from surgery.apply import apply_plan
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.lora import LoraAdapter, LoraParams
 from surgery.verify import verify

@@ -13,7 +13,7 @@ import surgery.transforms.prompt_tuning as pt
 from surgery.apply import apply_plan
 from surgery.errors import SpecError
 from surgery.models import load_model, tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.verify import verify
 

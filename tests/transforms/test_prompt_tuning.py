@@ -14,7 +14,7 @@ import surgery.transforms.prompt_tuning as pt
 from surgery.apply import apply_plan
 from surgery.errors import ModelError, SpecError
 from surgery.models import load_model, tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.verify import verify
 
@@ -209,7 +209,7 @@ def test_left_padded_loss_equals_the_rows_losses():
         labels[row, 9 - k] = -100  # a row's first token has no prediction alone; in the batch, a pad's
     loss = model(input_ids=padded, attention_mask=mask, labels=labels).loss
     alone = [model(input_ids=ids[r:r + 1, :k], labels=ids[r:r + 1, :k]).loss for r, k in enumerate(LENGTHS)]
-    weighted = sum(l * (k - 1) for l, k in zip(alone, LENGTHS)) / sum(k - 1 for k in LENGTHS)
+    weighted = sum(loss_r * (k - 1) for loss_r, k in zip(alone, LENGTHS)) / sum(k - 1 for k in LENGTHS)
     assert abs(loss.item() - weighted.item()) <= 1e-5
 
 

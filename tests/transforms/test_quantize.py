@@ -11,7 +11,7 @@ from surgery.apply import apply_plan
 from surgery.errors import SpecError, SurgeryError
 from surgery.layers import SurgeryLinear, linear_weight
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.quantize import QuantLinear4bit, error_bound_ratio
 from surgery.verify import verify
@@ -157,8 +157,10 @@ def test_meta_model():
         assert layer.weight.device.type == "meta" and layer.weight.quant_state is None
         assert layer.weight.shape == real_layers[name].weight.shape
         assert layer.dequantized().shape == real_layers[name].dequantized().shape
-    count = lambda m: (sum(p.numel() for p in m.parameters()),
-                       sum(p.numel() for p in m.parameters() if p.requires_grad))
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad)
+
     assert count(meta) == count(real)
     # LoRA r=4 on q (64→64), k and v (64→32), o (64→64) in 2 layers: r·(in + out) each
     assert count(real)[1] == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))

@@ -11,7 +11,7 @@ import torch
 from surgery.apply import Edit, apply_plan
 from surgery.errors import SpecError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms import rope as rope_module
 from surgery.transforms.rope import RescaledRope, Rope, build_rope, inverse_frequencies, rope_settings

@@ -6,7 +6,7 @@ import torch
 from surgery.apply import apply_plan
 from surgery.errors import SpecError
 from surgery.models import tiny
-from surgery.plan import build_plan
+from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.window import WindowLayer
 from surgery.verify import verify

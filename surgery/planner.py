@@ -11,10 +11,13 @@ Resolution rules:
   kind's calls. ``a + b`` across kinds applies each at its own anchors, in written order (as
   ``rope(…) + window(…)`` does); ``a | b`` sums contributions at one anchor, so a ``|`` group whose
   calls have different anchor kinds is a :class:`SpecError` at the group naming the kinds.
-* Linear-anchored steps are composed per layer into a tree (``("seq", …)``, ``("par", …)``, step
-  index): the rule's linear projection pruned to the steps that attach there; rules on the same
-  layer compose in rule order. The same transform twice on one anchor is a conflict reported
-  with both spans. A transform that replaces the layer (quantize) must be innermost.
+* At the anchor kinds that wrap (:mod:`surgery.anchors`; today linear layers) the steps compose
+  per target into a tree of :mod:`surgery.compose` nodes (``Seq``, ``Par``, ``Leaf(step)``): the
+  rule's projection onto that kind, pruned to the steps that attach there; rules on the same target
+  compose in rule order. The same transform twice on one anchor is a conflict reported with both
+  spans. A transform that replaces the base (quantize) must be innermost.
+* ``gate(…)`` and ``fuse(…)`` are combinators (:mod:`surgery.compose`): they parse and become
+  nodes, and a combinator not yet supported is an error at its call (its operands are not checked).
 * :func:`check` holds every rule check that needs no model (names, arguments, composition, an
   empty spec); :func:`build_plan` runs the same function, so ``surgery check`` and planning agree.
 * Planning works on a meta-device model: no weights are read, so it takes seconds for any size.
@@ -23,19 +26,18 @@ Resolution rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union, get_args
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from torch import nn
 
+from surgery import anchors
 from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
-from surgery.errors import ModelError, SpecError, SpecErrors, Span, SurgeryError, did_you_mean
-from surgery.layers import is_linear
+from surgery.compose import Group, Leaf, Node, Par, Seq, called
+from surgery.errors import ModelError, Span, SpecError, SpecErrors, SurgeryError, did_you_mean
 from surgery.syntax import ast
-from surgery.transforms.registry import Anchor, Params, Target, TransformSpec, lookup
-
-Tree = Union[int, tuple]  # step index | ("seq", [Tree…]) | ("par", [Tree…])
+from surgery.transforms.registry import Accepts, Anchor, Params, ReplacesBase, Target, TransformSpec, lookup
 
 
 @dataclass(frozen=True)
@@ -68,22 +70,28 @@ class Plan:
     spec: ast.Spec
     arch: str
     steps: list[Step]
-    linear: dict[str, Tree]
+    trees: dict[Anchor, dict[str, Node]]  # at each wrapping anchor kind: target path → composition
     counts: Counts = field(default_factory=Counts)
     base_counts: Counts = field(default_factory=Counts)
 
     def restricted(self, keep: set[int]) -> "Plan":
         """The same plan with only the steps in `keep` (indices unchanged, so seeds match)."""
-        linear = {}
-        for path, tree in self.linear.items():
-            pruned = prune_tree(tree, keep)
-            if pruned is not None:
-                linear[path] = pruned
-        return Plan(self.spec, self.arch, [s for s in self.steps if s.index in keep], linear)
+        trees: dict[Anchor, dict[str, Node]] = {}
+        for anchor, by_path in self.trees.items():
+            for path, tree in by_path.items():
+                pruned = tree.prune(keep)
+                if pruned is not None:
+                    trees.setdefault(anchor, {})[path] = pruned
+        return Plan(self.spec, self.arch, [s for s in self.steps if s.index in keep], trees)
+
+    @property
+    def linear(self) -> dict[str, Node]:
+        """The composition at each wrapped linear layer."""
+        return self.trees.get(Anchor.LINEAR, {})
 
     @property
     def freezes_base(self) -> bool:
-        return any(getattr(s.spec.cls, "freezes_base", False) for s in self.steps)
+        return any(s.spec.freezes_base for s in self.steps)
 
     def to_json(self) -> dict:
         return {
@@ -97,16 +105,6 @@ class Plan:
             "counts": vars(self.counts),
             "base_counts": vars(self.base_counts),
         }
-
-
-def prune_tree(tree: Tree, keep: set[int]) -> Tree | None:
-    if isinstance(tree, int):
-        return tree if tree in keep else None
-    kind, items = tree
-    items = [p for p in (prune_tree(t, keep) for t in items) if p is not None]
-    if not items:
-        return None
-    return items[0] if len(items) == 1 else (kind, items)
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -124,101 +122,69 @@ def _value(expr: ast.Expr) -> Any:
 
 def validate_params(spec: TransformSpec, call: ast.Call) -> Params:
     """The call's arguments as the transform's parameter model; errors point at the argument."""
+    return _validated(spec.name, spec.params, spec.positional, call.args, call.span)
+
+
+def _validated(name: str, model: type[Params], positional: tuple[str, ...], args: tuple[ast.Arg, ...],
+               span: Span) -> Params:
     values: dict[str, Any] = {}
     spans: dict[str, Span] = {}
-    fields = list(spec.params.model_fields)
+    fields = list(model.model_fields)
     positional_seen = 0
-    for arg in call.args:
+    for arg in args:
         if arg.key is None:
-            if positional_seen >= len(spec.positional):
-                allowed = ", ".join(spec.positional) or "none"
+            if positional_seen >= len(positional):
+                allowed = ", ".join(positional) or "none"
                 raise SpecError(
-                    f"{spec.name}() takes {len(spec.positional)} positional argument(s) ({allowed}); "
+                    f"{name}() takes {len(positional)} positional argument(s) ({allowed}); "
                     f"name this one, e.g. {next((f for f in fields if f not in values), 'key')}=…",
                     arg.span,
                 )
-            key = spec.positional[positional_seen]
+            key = positional[positional_seen]
             positional_seen += 1
         else:
             key = arg.key
             if key not in fields:
-                raise SpecError(f"{spec.name}() has no argument {key!r}{did_you_mean(key, fields)}", arg.span)
+                raise SpecError(f"{name}() has no argument {key!r}{did_you_mean(key, fields)}", arg.span)
         if key in values:
             raise SpecError(f"argument {key!r} is given twice", arg.span)
         values[key] = _value(arg.value)
         spans[key] = arg.span
     try:
         # Strict: a spec's values are typed, so "16" is not an int and true is not a float.
-        return spec.params.model_validate(values, strict=True)
+        return model.model_validate(values, strict=True)
     except ValidationError as e:
         err = e.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else None
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
-            message = f"{spec.name}() needs argument {key!r}"
+            message = f"{name}() needs argument {key!r}"
         elif key is not None:
-            message = f"{spec.name}() argument {key!r}: {message}"
+            message = f"{name}() argument {key!r}: {message}"
             if err["type"] == "literal_error" and isinstance(err.get("input"), str):  # a misspelt choice
-                choices = [str(c) for c in get_args(spec.params.model_fields[key].annotation)]
+                choices = [str(c) for c in get_args(model.model_fields[key].annotation)]
                 near = did_you_mean(err["input"], choices)
                 message += near if near.startswith(" (did you mean") else ""
-        raise SpecError(message, spans.get(key, call.span)) from None
+        raise SpecError(message, spans.get(key, span)) from None
 
 
 # ------------------------------------------------------------------------------------- anchors
 
 
-def _within(path: str, region_path: str) -> bool:
-    return region_path == "" or path == region_path or path.startswith(region_path + ".")
-
-
 def find_targets(spec: TransformSpec, params: Params, regions: list[Region], index: RoleIndex) -> list[Target]:
-    sites = [s for r in regions for s in r.sites]
-    impl = spec.instance()
-    targets: list[Target] = []
-    if spec.anchor is Anchor.LINEAR:
-        heads = index.head_paths
-        for path, module in index.modules.items():
-            if not is_linear(module):
-                continue
-            if not any(_within(path, s.path) for s in sites):
-                continue
-            if path in heads and path not in {s.path for s in sites}:
-                continue  # "all linear layers" never includes the output head unless named
-            site = index.site(path)
-            targets.append(Target(path, site.role, site.layer))
-    elif spec.anchor is Anchor.ATTENTION:
-        for i in range(index.num_layers):
-            for path in index.layer_role_paths("attn", i):
-                if any(_within(path, s.path) for s in sites):
-                    targets.append(Target(path, "attn", i))
-    elif spec.anchor is Anchor.ROTARY:
-        rotary = index.model_roles.get("rotary")
-        attn = {p for i in range(index.num_layers) for p in index.layer_role_paths("attn", i)}
-        covered = {p for p in attn if any(_within(p, s.path) for s in sites)}
-        if rotary and (covered or any(_within(rotary[0], s.path) for s in sites)):
-            if covered and covered != attn:
-                raise SpecError(
-                    f"{spec.name} rewrites the rotary embedding that all {index.num_layers} layers share; "
-                    "select every layer's attention (e.g. 'attn'), not a subset",
-                    regions[0].selector.span,
-                )
-            targets.append(Target(rotary[0], "rotary"))
-    elif spec.anchor is Anchor.EMBEDDINGS:
-        embed = index.model_roles.get("embed", [])
-        targets += [Target(p, "embed") for p in embed if any(_within(p, s.path) for s in sites)]
-    elif spec.anchor is Anchor.PARAMETERS:
-        targets += [Target(s.path, s.role, s.layer) for s in sites]
-    if hasattr(impl, "accepts"):
-        kept = []
-        for target in targets:
-            option = impl.accepts(params, target, index.modules[target.path])
-            if isinstance(option, str):
-                kept.append(Target(target.path, target.role, target.layer, option))
-            elif option:
-                kept.append(target)
-        targets = kept
-    return targets
+    """The anchors of `spec`'s kind inside `regions`, kept or dropped by the transform's ``accepts``."""
+    targets = anchors.kind(spec.anchor).find(spec.name, regions, index)
+    accepts = spec.offers(Accepts)
+    if accepts is None:
+        return targets
+    kept = []
+    for target in targets:
+        option = accepts.accepts(params, target, index.modules[target.path])
+        if isinstance(option, str):
+            kept.append(Target(target.path, target.role, target.layer, option))
+        elif option:
+            kept.append(target)
+    return kept
 
 
 def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
@@ -241,22 +207,38 @@ def _candidates(spec: TransformSpec, params: Params, index: RoleIndex) -> str:
 # ------------------------------------------------------------------------- model-free checks
 
 
-def shape(expr: ast.Expr, calls: list[ast.Call]) -> Tree:
+def shape(expr: ast.Expr, calls: list[ast.Call]) -> Node:
     """`expr` as a composition tree over call *positions*, appending its calls to `calls` in order.
 
     Identity is positional (the n-th call of the rule), never the node object: a `let` constant
     used twice is one shared node, but two calls, exactly as if it had been written out twice.
+    A call of a combinator (``gate(…)``) is a node over its positional arguments; its keyword
+    arguments are its parameters, validated here by its parameter model.
     """
     if isinstance(expr, ast.Call):
-        calls.append(expr)
-        return len(calls) - 1
-    if isinstance(expr, (ast.Seq, ast.Par)):
-        return ("seq" if isinstance(expr, ast.Seq) else "par", [shape(e, calls) for e in expr.items])
+        combinator = called(expr.name)
+        if combinator is None:
+            calls.append(expr)
+            return Leaf(len(calls) - 1)
+        if not combinator.supported:  # refused as a whole by check_rule, whatever its arguments are
+            n = len(calls)
+            try:
+                return combinator.node(tuple(shape(a.value, calls) for a in expr.args if a.key is None), expr.span)
+            except SpecError:  # operands that are not transforms (e.g. the paths fuse will read)
+                del calls[n:]
+                return combinator.node((), expr.span)
+        operands = tuple(shape(a.value, calls) for a in expr.args if a.key is None)
+        keywords = tuple(a for a in expr.args if a.key is not None)
+        return combinator.node(operands, expr.span, _validated(expr.name, combinator.params, (), keywords, expr.span))
+    if isinstance(expr, ast.Seq):
+        return Seq(tuple(shape(e, calls) for e in expr.items), expr.span)
+    if isinstance(expr, ast.Par):
+        return Par(tuple(shape(e, calls) for e in expr.items), expr.span)
     raise SpecError("expected a transform, e.g. lora(r=16), not a value", expr.span)
 
 
 @dataclass(frozen=True)
-class Leaf:
+class CheckedCall:
     """One call of a rule with its transform and validated parameters."""
 
     call: ast.Call
@@ -274,32 +256,34 @@ class CheckedRule:
 
     rule: ast.Rule
     calls: list[ast.Call] = field(default_factory=list)
-    tree: Tree | None = None
-    leaves: dict[int, Leaf] = field(default_factory=dict)
+    tree: Node | None = None
+    leaves: dict[int, CheckedCall] = field(default_factory=dict)
     errors: list[SurgeryError] = field(default_factory=list)
 
 
-def _mixed_parallel(expr: ast.Expr, tree: Tree, leaves: dict[int, Leaf]) -> tuple[set[Anchor], list[SpecError]]:
-    """The anchor kinds under `expr`, and an error for each innermost ``|`` whose calls mix kinds."""
-    if isinstance(tree, int):
-        leaf = leaves.get(tree)
+def _mixed_kinds(tree: Node, leaves: dict[int, CheckedCall]) -> tuple[set[Anchor], list[SpecError]]:
+    """The anchor kinds under `tree`, and an error for each innermost one-anchor group (``|``) whose
+    calls mix kinds."""
+    if isinstance(tree, Leaf):
+        leaf = leaves.get(tree.index)
         return ({leaf.spec.anchor} if leaf else set()), []
     kinds: set[Anchor] = set()
     errors: list[SpecError] = []
-    by_kind: dict[Anchor, list[str]] = {}
-    for item, sub in zip(expr.items, tree[1]):
-        item_kinds, item_errors = _mixed_parallel(item, sub, leaves)
+    for item in tree.items:
+        item_kinds, item_errors = _mixed_kinds(item, leaves)
         kinds |= item_kinds
         errors += item_errors
-    if tree[0] == "par" and len(kinds) > 1 and not errors:
-        for position in _leaves_of(tree):
+    combinator = tree.combinator
+    if combinator.one_anchor and len(kinds) > 1 and not errors:
+        by_kind: dict[Anchor, list[str]] = {}
+        for position in tree.leaves():
             if position in leaves:
                 by_kind.setdefault(leaves[position].spec.anchor, []).append(leaves[position].call.name)
         which = "; ".join(f"{kind.value}: {', '.join(dict.fromkeys(names))}" for kind, names in by_kind.items())
         errors.append(SpecError(
-            f"'|' sums its branches' contributions at one anchor, but these branches attach to "
+            f"'{combinator.spelling}' {combinator.summary}, but these branches attach to "
             f"different anchor kinds ({which}); use '+' to apply each at its own anchors",
-            expr.span,
+            tree.span,
         ))
     return kinds, errors
 
@@ -312,25 +296,45 @@ def check_rule(rule: ast.Rule) -> CheckedRule:
     except SurgeryError as e:
         checked.errors.append(e)
         return checked
+    unchecked: set[int] = set()  # the operands of a combinator that is refused as a whole
+    for group in checked.tree.groups():
+        error = _check_combinator(group)
+        if error is not None:
+            checked.errors.append(error)
+            unchecked.update(group.leaves())
     for position, call in enumerate(checked.calls):
+        if position in unchecked:
+            continue
         try:
             tspec = lookup(call.name, call.span)
-            checked.leaves[position] = Leaf(call, tspec, validate_params(tspec, call))
+            checked.leaves[position] = CheckedCall(call, tspec, validate_params(tspec, call))
         except SurgeryError as e:
             checked.errors.append(e)
     # `|` runs at one anchor: its calls must share an anchor kind. `+` across kinds applies each
     # at its own anchors, in order; each kind's tree is the expression projected onto its calls.
-    checked.errors += _mixed_parallel(rule.expr, checked.tree, checked.leaves)[1]
-    # A transform that replaces the layer must be innermost in the rule's linear tree.
-    linear = prune_tree(checked.tree, {i for i, leaf in checked.leaves.items() if leaf.spec.anchor is Anchor.LINEAR})
+    checked.errors += _mixed_kinds(checked.tree, checked.leaves)[1]
+    # A transform that replaces the base must be innermost in the rule's tree at its anchor kind.
     for position, leaf in checked.leaves.items():
-        if hasattr(leaf.spec.cls, "replace_base") and not _is_innermost(linear, position):
+        if leaf.spec.offers(ReplacesBase) is None:
+            continue
+        same_kind = {i for i, other in checked.leaves.items() if other.spec.anchor is leaf.spec.anchor}
+        projected = checked.tree.prune(same_kind)
+        if projected is None or projected.head() != position:
             checked.errors.append(SpecError(
                 f"{leaf.call.name} replaces the layer itself, so it must come first in a sequence "
                 f"and not be a branch of '|' (e.g. {leaf.call.name}(…) + lora(…))",
                 leaf.call.span,
             ))
     return checked
+
+
+def _check_combinator(group: Group) -> SpecError | None:
+    """The error of a combinator the language has but the pipeline cannot build yet (gate, fuse)."""
+    combinator = group.combinator
+    if combinator.supported:
+        return None
+    return SpecError(f"'{combinator.name}' ({combinator.summary}) is part of the language but not yet supported",
+                     group.span)
 
 
 def _require_rules(spec: ast.Spec) -> None:
@@ -353,31 +357,6 @@ def check(spec: ast.Spec) -> list[CheckedRule]:
 
 
 # ---------------------------------------------------------------------------------------- plan
-
-
-def _relabel(tree: Tree, step_at: list[int | None]) -> Tree | None:
-    """A position tree as a tree of step indices, without the calls that became no step."""
-    if isinstance(tree, int):
-        return step_at[tree]
-    kind, items = tree
-    items = [t for t in (_relabel(t, step_at) for t in items) if t is not None]
-    if not items:
-        return None
-    return items[0] if len(items) == 1 else (kind, items)
-
-
-def _is_innermost(tree: Tree | None, i: int) -> bool:
-    """Whether step `i` is applied first and alone: the head of (nested) sequences, never a branch."""
-    while isinstance(tree, tuple):
-        kind, items = tree
-        if kind != "seq":
-            return False
-        tree = items[0]
-    return tree == i
-
-
-def _leaves_of(tree: Tree) -> list[int]:
-    return [tree] if isinstance(tree, int) else [i for t in tree[1] for i in _leaves_of(t)]
 
 
 def _refuse_surgered(model: nn.Module) -> None:
@@ -423,7 +402,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
     _refuse_wrapped(model, index)
     errors: list[SurgeryError] = []
     steps: list[Step] = []
-    rule_trees: list[tuple[Tree | None, list[int]]] = []  # each rule's tree over step indices, its steps
+    rule_trees: list[tuple[Node | None, list[int]]] = []  # each rule's tree over step indices, its steps
     _require_rules(spec)
     for r, checked in enumerate(check_rule(rule) for rule in spec.rules):
         regions = []
@@ -455,7 +434,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
             step_at[position] = step.index
             steps.append(step)
             ids.append(step.index)
-        rule_trees.append((_relabel(checked.tree, step_at), ids))
+        rule_trees.append((checked.tree.relabel(step_at), ids))
     if errors:
         raise SpecErrors(errors)
 
@@ -471,31 +450,42 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                     step.span,
                 ))
                 break
-    # Linear composition trees.
-    linear: dict[str, Tree] = {}
-    targets_of = {s.index: {t.path for t in s.targets} for s in steps if s.spec.anchor is Anchor.LINEAR}
+    trees = {kind.anchor: _compose(kind.anchor, steps, rule_trees, errors)
+             for kind in anchors.KINDS.values() if kind.wraps}
+    if errors:
+        raise SpecErrors(list({str(e): e for e in errors}.values()))
+    return Plan(spec, arch.name, steps, {anchor: by_path for anchor, by_path in trees.items() if by_path})
+
+
+def _compose(anchor: Anchor, steps: list[Step], rule_trees: list[tuple[Node | None, list[int]]],
+             errors: list[SurgeryError]) -> dict[str, Node]:
+    """The composition at each target of the wrapping kind `anchor`: each rule's tree projected onto
+    the steps attached there, rules on one target in sequence; base replacements checked innermost."""
+    trees: dict[str, Node] = {}
+    targets_of = {s.index: {t.path for t in s.targets} for s in steps if s.spec.anchor is anchor}
     for rule_tree, ids in rule_trees:
+        if rule_tree is None:
+            continue
         paths = sorted({p for i in ids if i in targets_of for p in targets_of[i]})
-        projected: dict[frozenset[int], Tree | None] = {}  # layers with the same steps share a tree
+        projected: dict[frozenset[int], Node | None] = {}  # targets with the same steps share a tree
         for path in paths:
             keep = frozenset(i for i in ids if path in targets_of.get(i, ()))
             if keep not in projected:
-                projected[keep] = prune_tree(rule_tree, set(keep))
+                projected[keep] = rule_tree.prune(keep)
             tree = projected[keep]
             if tree is None:
                 continue
-            if path in linear:
-                prev = linear[path]
-                prev_items = prev[1] if isinstance(prev, tuple) and prev[0] == "seq" else [prev]
-                linear[path] = ("seq", [*prev_items, tree])
+            prev = trees.get(path)
+            if prev is None:
+                trees[path] = tree
             else:
-                linear[path] = tree
-    misplaced: set[int] = set()  # report each misplaced step once, not once per layer
-    for path, tree in linear.items():
-        for i in _leaves_of(tree):
+                trees[path] = Seq((*(prev.items if isinstance(prev, Seq) else (prev,)), tree))
+    misplaced: set[int] = set()  # report each misplaced step once, not once per target
+    for path, tree in trees.items():
+        for i in tree.leaves():
             if i in misplaced:
                 break
-            if hasattr(steps[i].spec.cls, "replace_base") and not _is_innermost(tree, i):
+            if steps[i].spec.offers(ReplacesBase) is not None and tree.head() != i:
                 errors.append(SpecError(
                     f"{steps[i].transform} replaces the layer itself, so it must come first in a sequence "
                     f"(e.g. {steps[i].transform}(…) + lora(…)); at {path}",
@@ -503,6 +493,4 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 ))
                 misplaced.add(i)
                 break
-    if errors:
-        raise SpecErrors(list({str(e): e for e in errors}.values()))
-    return Plan(spec, arch.name, steps, linear)
+    return trees

@@ -6,14 +6,14 @@ import os
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import surgery
 from surgery.api import skeleton
+from surgery.compose import Leaf, Par, Seq
 from surgery.errors import ModelError, SpecError, SpecErrors, SurgeryError
 from surgery.models import tiny
-from surgery.plan import _leaves_of, build_plan, check
+from surgery.planner import build_plan, check
 from surgery.syntax import parse
 from surgery.transforms.registry import Anchor
 
@@ -207,7 +207,7 @@ def test_quantize_must_be_innermost(llama):
     assert len(errors("mlp.down: lora(r=4)\nmlp.down: quantize(nf4)", llama)) == 1
     assert len(errors("mlp.down: (quantize(nf4) | lora(r=4)) + ia3", llama)) == 1  # first, but a branch
     ok = plan("mlp.down: quantize(nf4) + lora(r=4)", llama)
-    assert ok.linear == {path: ("seq", [0, 1]) for path in DOWN}
+    assert ok.linear == {path: Seq((Leaf(0), Leaf(1))) for path in DOWN}
     assert "(did you mean 'nf4'?)" in only_error("mlp: quantize(nf5)", llama)
 
 
@@ -217,13 +217,13 @@ def test_quantize_must_be_innermost(llama):
 def test_parallel_tree_at_each_down_proj(llama):
     p = plan("mlp.down: lora(r=16) | ia3", llama)
     assert [s.transform for s in p.steps] == ["lora", "ia3"]
-    assert p.linear == {path: ("par", [0, 1]) for path in DOWN}
+    assert p.linear == {path: Par((Leaf(0), Leaf(1))) for path in DOWN}
 
 
 def test_sequence_tree_keeps_only_the_transforms_that_attach(llama):
     p = plan("attn.*: lora(r=4) + ia3", llama)
     assert p.linear == {
-        f"model.layers.{i}.self_attn.{n}_proj": ("seq", [0, 1]) if n in "kv" else 0
+        f"model.layers.{i}.self_attn.{n}_proj": Seq((Leaf(0), Leaf(1))) if n in "kv" else Leaf(0)
         for i in range(2) for n in "qkvo"
     }
     assert [(t.path, t.option) for t in p.steps[1].targets] == [
@@ -233,22 +233,22 @@ def test_sequence_tree_keeps_only_the_transforms_that_attach(llama):
 def test_rules_on_the_same_layer_compose_in_rule_order(llama):
     p = plan("layers[0].mlp.down: lora(r=2)\nmlp.down: ia3", llama)
     assert [s.transform for s in p.steps] == ["lora", "ia3"]
-    assert p.linear == {DOWN[0]: ("seq", [0, 1]), DOWN[1]: 1}
+    assert p.linear == {DOWN[0]: Seq((Leaf(0), Leaf(1))), DOWN[1]: Leaf(1)}
     p = plan("mlp.down: ia3\nlayers[0].mlp.down: lora(r=2)", llama)
     assert [s.transform for s in p.steps] == ["ia3", "lora"]
-    assert p.linear == {DOWN[0]: ("seq", [0, 1]), DOWN[1]: 0}
+    assert p.linear == {DOWN[0]: Seq((Leaf(0), Leaf(1))), DOWN[1]: Leaf(0)}
 
 
 def test_a_later_rule_wraps_an_earlier_group(llama):
     p = plan("mlp.down: quantize(nf4)\nlayers[1].mlp.down: lora(r=2) | ia3", llama)
-    assert p.linear == {DOWN[0]: 0, DOWN[1]: ("seq", [0, ("par", [1, 2])])}
+    assert p.linear == {DOWN[0]: Leaf(0), DOWN[1]: Seq((Leaf(0), Par((Leaf(1), Leaf(2)))))}
     p = plan("layers[1].mlp.down: quantize(nf4) + ia3\nmlp.down: lora(r=2)", llama)
-    assert p.linear == {DOWN[0]: 2, DOWN[1]: ("seq", [0, 1, 2])}
+    assert p.linear == {DOWN[0]: Leaf(2), DOWN[1]: Seq((Leaf(0), Leaf(1), Leaf(2)))}
 
 
 def test_nested_composition_tree(llama):
     p = plan("mlp.down: quantize + (lora(r=2) | ia3)", llama)
-    assert p.linear == {path: ("seq", [0, ("par", [1, 2])]) for path in DOWN}
+    assert p.linear == {path: Seq((Leaf(0), Par((Leaf(1), Leaf(2))))) for path in DOWN}
 
 
 def test_design_card_plans(llama):
@@ -256,7 +256,7 @@ def test_design_card_plans(llama):
     assert [s.transform for s in p.steps] == ["rope", "window", "lora", "ia3"]
     assert targets(p, "rope") == ["model.rotary_emb"]
     assert targets(p, "window") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert p.linear == {path: ("par", [2, 3]) for path in DOWN}
+    assert p.linear == {path: Par((Leaf(2), Leaf(3))) for path in DOWN}
     assert (p.steps[0].params.kind, p.steps[0].params.scale) == ("ntk_dynamic", 4.0)
     assert (p.steps[1].params.size, p.steps[1].params.sinks) == (4096, 4)
 
@@ -351,11 +351,11 @@ def test_plus_across_anchor_kinds_applies_each_at_its_own_anchors(llama):
     assert [s.transform for s in p.steps] == ["lora", "window", "ia3"]
     assert targets(p, "window") == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     # The linear tree is the expression projected onto the linear calls: lora + ia3.
-    assert p.linear == {f"model.layers.{i}.self_attn.{n}_proj": ("seq", [0, 2]) if n in "kv" else 0
+    assert p.linear == {f"model.layers.{i}.self_attn.{n}_proj": Seq((Leaf(0), Leaf(2))) if n in "kv" else Leaf(0)
                         for i in range(2) for n in "qkvo"}
     p = plan("attn: (lora(r=2) | ia3) + rope(linear, scale=2) + window(8)", llama)
     assert targets(p, "rope") == ["model.rotary_emb"]
-    assert p.linear == {f"model.layers.{i}.self_attn.{n}_proj": ("par", [0, 1]) if n in "kv" else 0
+    assert p.linear == {f"model.layers.{i}.self_attn.{n}_proj": Par((Leaf(0), Leaf(1))) if n in "kv" else Leaf(0)
                         for i in range(2) for n in "qkvo"}
 
 
@@ -382,7 +382,7 @@ def test_check_runs_every_model_free_rule_of_plan():
             check(parse(text))
     checked = check(parse("let A = lora(r=2)\nattn: A + window(8)\nmlp.down: quantize + (A | ia3)"))
     assert [[c.name for c in rule.calls] for rule in checked] == [["lora", "window"], ["quantize", "lora", "ia3"]]
-    assert checked[1].tree == ("seq", [0, ("par", [1, 2])])
+    assert checked[1].tree == Seq((Leaf(0), Par((Leaf(1), Leaf(2)))))
 
 
 # Every call below is valid on its own; composing them across anchor kinds, with and without
@@ -445,7 +445,7 @@ def test_mixed_anchor_kinds_plan_or_fail_cleanly(text, arch):
         assert checked is None, text
         return
     assert checked is None, text  # a spec that plans passes check
-    linear = {i for tree in p.linear.values() for i in _leaves_of(tree)}
+    linear = {i for tree in p.linear.values() for i in tree.leaves()}
     assert all(p.steps[i].spec.anchor is Anchor.LINEAR for i in linear), text
     assert all(p.steps[i].spec.anchor is not Anchor.LINEAR for i in set(range(len(p.steps))) - linear), text
     assert not any(type(m).__module__.startswith("surgery.") for m in model.modules())  # rolled back
@@ -513,3 +513,15 @@ def test_a_role_without_its_module_says_so():
     assert only_error("attn.v: lora(r=2)", model).endswith(
         "error: selector 'attn.v' names roles of the llama role map (attn.v at model.layers.N.self_attn.v_proj), "
         "but this model has no such module there")
+
+
+def test_the_planner_module_and_the_plan_function_have_different_names():
+    """`surgery.plan` is the API function; the module is `surgery.planner`, so neither shadows the other."""
+    import importlib
+    import types
+
+    import surgery.planner
+
+    assert isinstance(surgery.planner, types.ModuleType) and surgery.planner.build_plan is build_plan
+    assert callable(surgery.plan) and not isinstance(surgery.plan, types.ModuleType)
+    assert importlib.import_module("surgery.planner") is surgery.planner
