@@ -9,8 +9,17 @@ the computation graph — as a structural diff, as code and as a picture.
 
 from surgery.diff.core import Diff, OpDelta
 from surgery.diff.graph import UnitDiff
-from surgery.diff.snapshot import (GraphNode, GraphSnapshot, ModuleInfo, ParamInfo, Ref, TreeSnapshot, _module_path,
-                                   capture_graph, snapshot_tree)
+from surgery.diff.snapshot import (
+                                   GraphNode,
+                                   GraphSnapshot,
+                                   ModuleInfo,
+                                   ParamInfo,
+                                   Ref,
+                                   TreeSnapshot,
+                                   _module_path,
+                                   capture_graph,
+                                   snapshot_tree,
+)
 
 __all__ = ["Diff", "OpDelta", "UnitDiff", "GraphNode", "GraphSnapshot", "ModuleInfo", "ParamInfo", "Ref",
            "TreeSnapshot", "capture_graph", "snapshot_tree", "_module_path"]

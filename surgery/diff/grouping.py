@@ -55,5 +55,5 @@ def layer_free(text: str, path: str) -> str:
             prefix = ".".join(parts[:k + 1])
             parts[k] = "{" + next(letters, "n") + "}"  # later prefixes contain the rewritten one
             # Only whole segments: model.layers.1 must not rewrite model.layers.12.
-            text = re.sub(re.escape(prefix) + r"(?![\w])", lambda _: ".".join(parts[:k + 1]), text)
+            text = re.sub(re.escape(prefix) + r"(?![\w])", lambda _, k=k: ".".join(parts[:k + 1]), text)
     return text
