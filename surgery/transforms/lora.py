@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from surgery.errors import SpecError
 from surgery.layers import SurgeryLinear, features, linear_forward, linear_weight
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
@@ -69,6 +70,15 @@ class LoRA:
     freezes_base = True
     # Fields PEFT's LoraConfig also takes per module: steps differing only in these export as one adapter.
     peft_patterns = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}
+
+    def accepts(self, p: LoraParams, target, module: nn.Module) -> bool:
+        # Beyond min(in, out) the update B·A has no more rank to gain: only parameters (and, for an
+        # absurd r, an allocation failure at apply time), so the spec is refused where it is wrong.
+        limit = min(features(module))
+        if p.r > limit:
+            raise SpecError(f"lora() rank r={p.r} exceeds min(in, out) = {limit} of {target.path}; "
+                            f"a rank above that adds parameters, not expressiveness (use r ≤ {limit})")
+        return True
 
     def adapter(self, p: LoraParams, base: nn.Module, target) -> nn.Module:
         in_f, out_f = features(base)

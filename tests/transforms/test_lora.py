@@ -84,3 +84,15 @@ def test_dropout_acts_only_in_training():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("r", [65, 9_000_000_000_000])
+def test_a_rank_beyond_the_layer_is_refused_at_plan_time_with_its_position(r):
+    # Before: r=9e12 reached the allocator at apply time and its C++ message reached the user.
+    from surgery.errors import SpecErrors
+
+    with pytest.raises(SpecErrors) as info:
+        build_plan(parse(f"attn.q: lora(r={r})"), tiny("llama"))
+    message = str(info.value)
+    assert "exceeds min(in, out) = 64" in message and "1:9" in message and "alloc" not in message
+    assert build_plan(parse("attn.q: lora(r=64)"), tiny("llama")).steps[0].params.r == 64
