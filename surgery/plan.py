@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from surgery.arch import Architecture, detect
+from surgery.attention.program import plan_clashes
 from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.errors import ModelError, SpecError, SpecErrors, Span, SurgeryError, did_you_mean
 from surgery.layers import is_linear
@@ -331,6 +332,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                     step.span,
                 ))
                 break
+    errors += plan_clashes(steps)  # attention stages claiming one slot (cache policy, frame) of a module
     # Linear composition trees.
     linear: dict[str, Tree] = {}
     targets_of = {s.index: {t.path for t in s.targets} for s in steps if s.spec.anchor is Anchor.LINEAR}

@@ -59,8 +59,9 @@ class Report:
 class Check:
     """What an obligation sees: the untouched model, a copy with only this step, and seeded inputs."""
 
-    def __init__(self, original: nn.Module, surgered: nn.Module, step: Step, seed: int):
+    def __init__(self, original: nn.Module, surgered: nn.Module, step: Step, seed: int, plan: Plan | None = None):
         self.original, self.surgered, self.step, self.seed = original, surgered, step, seed
+        self.plan = plan  # the whole plan, for obligations of a composition (e.g. rope + window)
         self.config = getattr(original, "config", None)
 
     @property
@@ -143,7 +144,7 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
             surgered = copy.deepcopy(reference)
             apply_plan(plan.restricted({step.index}), surgered, seed=seed)
             surgered.eval()
-            check = Check(reference, surgered, step, seed)
+            check = Check(reference, surgered, step, seed, plan)
             impl = step.spec.instance()
             for ob in step.spec.obligations:
                 if progress:

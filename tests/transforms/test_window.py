@@ -8,7 +8,7 @@ from surgery.errors import SpecError
 from surgery.models import tiny
 from surgery.plan import build_plan
 from surgery.syntax import parse
-from surgery.transforms.window import WindowLayer
+from surgery.attention.cache import ProgramLayer
 from surgery.verify import verify
 
 
@@ -35,13 +35,13 @@ def test_obligations_hold(arch, text):
     model = tiny(arch)
     report = verify(_plan(text, model), model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 5
+    assert len(report.measurements) == 7
 
 
 def test_eager_attention_is_windowed_too():
     model = tiny("llama", attn_implementation="eager")
     apply_plan(_plan("attn: window(8)", model), model)
-    assert model.config._attn_implementation == "surgery_eager"
+    assert model.config._attn_implementation == "surgery"
     n = 24
     i = torch.arange(n)
     visible = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 8)
@@ -60,9 +60,9 @@ def test_generate_keeps_the_cache_bounded(arch, text):
                          output_logits=True, pad_token_id=0)
     assert out.sequences.shape == (1, 88)
     cache = out.past_key_values
-    assert all(isinstance(layer, WindowLayer) for layer in cache.layers)
+    assert all(isinstance(layer, ProgramLayer) for layer in cache.layers)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [16, 16]
-    assert all(layer.max_distance <= 16 for layer in cache.layers)
+    # (key distances are measured, with surgery_record=True, by the bounded obligation and the next test)
     assert cache.get_seq_length() == 87  # the stream's length, as position ids need
     # Generation with the bounded cache equals the masked full forward over the generated text.
     full = _logits(model, out.sequences[:, :-1])[:, 47:]
@@ -77,12 +77,12 @@ def test_sinks_keep_every_distance_within_capacity_while_plain_window_does_not_n
     cache = DynamicCache(config=model.config)
     ids = _ids(40)
     with torch.no_grad():
-        model(input_ids=ids[:, :30], cache=cache, use_cache=True)
+        model(input_ids=ids[:, :30], cache=cache, use_cache=True, surgery_record=True)
         for t in range(30, 40):
-            model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+            model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True, surgery_record=True)
     for layer in cache.layers:
         assert layer.keys.shape[-2] == 8
-        assert layer.kept.tolist() == [0, 1, 34, 35, 36, 37, 38, 39]  # 2 sinks + the 6 most recent
+        assert layer.columns().tolist() == [0, 1, 34, 35, 36, 37, 38, 39]  # 2 sinks + the 6 most recent
         assert layer.max_distance == 7  # sink 0 seen from the query's cache position 7
 
 
@@ -103,13 +103,13 @@ def test_rollback_restores_implementation_and_removes_hooks():
     before = _logits(model, ids)
     config_dict = dict(vars(model.config))
     edit = apply_plan(_plan("attn: window(8, sinks=2)", model), model)
-    assert model.config._attn_implementation == "surgery_sdpa"
+    assert model.config._attn_implementation == "surgery"
     assert (_logits(model, ids) - before).abs().max() > 1e-3  # the window changes long-range logits
     edit.rollback()
     assert vars(model.config) == config_dict and model.config._attn_implementation == "sdpa"
     for layer in model.model.layers:
         assert not layer.self_attn._forward_pre_hooks
-        assert not hasattr(layer.self_attn, "surgery_window")
+        assert not hasattr(layer.self_attn, "surgery_attention")
     assert torch.equal(_logits(model, ids), before)
 
 
@@ -122,8 +122,8 @@ def test_design_card_composes_with_rope():
     assert report.ok, report.text()
     apply_plan(plan, model)
     # The window resolves the rotary module when called, so it uses the rope step's replacement.
-    settings = model.model.layers[0].self_attn.surgery_window
-    assert settings.rotary() is model.model.rotary_emb and type(model.model.rotary_emb).__name__ != "LlamaRotaryEmbedding"
+    frame = model.model.layers[0].self_attn.surgery_attention.frame
+    assert frame.rotary() is model.model.rotary_emb and type(model.model.rotary_emb).__name__ != "LlamaRotaryEmbedding"
     out = model.generate(_ids(8), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 16)
 
