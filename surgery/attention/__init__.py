@@ -2,7 +2,7 @@
 contribute stages to (see :mod:`surgery.attention.program` and docs/attention.md)."""
 
 from surgery.attention.frame import Table
-from surgery.attention.install import ATTR, NAME, Call, install
+from surgery.attention.implementation import ATTR, NAME, Call, install
 from surgery.attention.program import Bounded, Clash, MaskRule, Program, SinkFrame, Stage, WindowRule, clashes
 from surgery.attention.rotary import RotaryRef, rotary_ref
 

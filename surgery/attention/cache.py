@@ -9,7 +9,7 @@ used, and remembers the recent keys rotated in the frame so decoding rotates onl
 
 ``update`` returns every key the call's queries may need (what was kept plus the new tokens) and
 records their layout (:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
-Per-call inputs arrive through ``kwargs["surgery_call"]`` (see :mod:`surgery.attention.install`);
+Per-call inputs arrive through ``kwargs["surgery_call"]`` (see :mod:`surgery.attention.implementation`);
 the layer belongs to one cache, i.e. to one generation, so nothing here is shared between calls.
 """
 

@@ -67,8 +67,9 @@ def _sinks(program: Program, x: Inputs):
     frame = program.frame
     s = torch.arange(frame.sinks, device=x.k.device)
     columns = x.pads()[:, None] + s[None]                                  # [B, S]
-    present = columns < x.end
-    positions = x.position_of(columns.clamp(max=x.end - 1))
+    stored = (columns < x.head) | ((columns >= x.start) & (columns < x.end))  # seen, and not evicted
+    present = stored & (columns < x.end)
+    positions = x.position_of(columns).clamp(0, x.k.shape[-2] - 1)
     index = positions[:, None, :, None]
     keys = torch.gather(x.k.float(), 2, index.expand(-1, x.k.shape[1], -1, x.k.shape[-1]))
     values = torch.gather(x.v, 2, index.expand(-1, x.v.shape[1], -1, x.v.shape[-1]))

@@ -202,7 +202,7 @@ class Window:
     def cached_decode(self, p: WindowParams, check) -> float:
         with self._testable(p, check) as (size, _):
             ids = check.tokens(length=2 * size + 3, salt=3)
-            full = check.logits(check.surgered, ids)
+            full = check.logits(check.surgered, ids, use_cache=False)  # no cache at all, not a one-call prefill
             cached = self._decode(check.surgered, ids, prefill=max(1, size // 2 + 1))
             return check.max_rel(cached, full)
 
@@ -268,7 +268,7 @@ class Window:
             if composed and sinks:  # past L, cached decoding must not drift from the full forward
                 ids = check.tokens(length=2 * size + 3, salt=7)
                 pos = (torch.arange(ids.shape[1]) + offset)[None].expand(ids.shape[0], -1)
-                full = check.logits(model, ids, position_ids=pos)
+                full = check.logits(model, ids, position_ids=pos, use_cache=False)
                 errors.append(check.max_rel(self._decode(model, ids, prefill=size // 2 + 1, offset=offset), full))
         return max(errors)
 
