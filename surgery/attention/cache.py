@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from surgery.attention.frame import Table, rotate, unrotate
+from surgery.attention.frame import Table, unrotate
 from surgery.attention.internals import DynamicLayer
 from surgery.attention.program import Bounded
 from surgery.errors import ApplyError
@@ -36,7 +36,9 @@ class ProgramLayer(DynamicLayer):
         self.head_span = None      # columns the head keeps (set by the first update: padding + sinks)
         self.layout = (0, 0)       # (head, start) of the keys the last update returned
         self.table: Table | None = None
-        self.rotated = None        # (keys of the last update rotated in the frame, origin)
+        self.keys2 = None          # the stored keys in a frame's 2·D form (fast.frame_keys), at column − origin
+        self.returned2 = None      # the same for the keys the last update returned
+        self.origin = 0
         self.max_distance = 0      # largest query–key distance attention used (when recorded)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kwargs=None, **rest):
@@ -53,62 +55,57 @@ class ProgramLayer(DynamicLayer):
             cos, sin = call.position_embeddings
             key_states = unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
         new = key_states.shape[-2]
-        end = self.cumulative_length + new
+        start_col = self.cumulative_length
+        end = start_col + new
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         self.layout = (self.head, self.start)
         self.cumulative_length = end
+        framed = None
+        if self.policy.pre_rope and call.program.frame is not None:
+            framed = self._frame(call.program.frame, keys, key_states, start_col, end)
+        self.returned2 = framed
         # Keep what a later query can see: the head, and the last size − sinks columns.
         recent = max(end - (self.policy.size - self.policy.sinks), 0)
         head = min(self.head_span, end)
         if self.head == 0 and self.start == 0 and recent <= head:
             self.keys, self.values = keys, values                      # nothing to evict yet
+            self.keys2 = framed
         else:
             at = recent if self.head == 0 and self.start == 0 else self.head + max(recent, self.start) - self.start
-            self.keys = torch.cat([keys[..., :head, :], keys[..., at:, :]], dim=-2)
-            self.values = torch.cat([values[..., :head, :], values[..., at:, :]], dim=-2)
+            keep = lambda t: torch.cat([t[..., :head, :], t[..., at:, :]], dim=-2)  # noqa: E731
+            self.keys, self.values = keep(keys), keep(values)
+            self.keys2 = keep(framed) if framed is not None else None
             self.head, self.start = head, max(recent, self.start) if (self.head or self.start) else recent
         return keys, values
 
+    def _frame(self, frame, keys, new_keys, start_col: int, end: int):
+        """The returned keys in the frame's 2·D form (see fast.frame_keys), rotating only the new
+        ones; rebased (all re-rotated from the pre-RoPE keys) when positions would pass 2·size."""
+        from surgery.attention.fast import frame_keys
+
+        table = self.frame_table(frame.rotary(), frame.size, new_keys)
+        head, start = self.layout
+        columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
+        if self.keys2 is None or end - self.origin > 2 * frame.size:
+            self.origin = start
+            return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin)
+        fresh = frame_keys(table, new_keys, columns[-new_keys.shape[-2]:], self.origin)
+        return torch.cat([self.keys2, fresh], dim=-2)
+
     def columns(self) -> torch.Tensor:
         """Columns (sequence indices) of the stored keys, in storage order."""
-        end = self.cumulative_length
-        return torch.cat([torch.arange(self.head), torch.arange(self.start if self.head or self.start else 0, end)])
+        first = self.start if self.head or self.start else 0
+        return torch.cat([torch.arange(self.head), torch.arange(first, self.cumulative_length)])
 
     def frame_table(self, rotary, size: int, like: torch.Tensor) -> Table:
         if self.table is None:
             self.table = Table.of(rotary, size, like)
         return self.table
 
-    def rotated_keys(self, keys: torch.Tensor, table: Table):
-        """The returned `keys` (pre-RoPE, layout ``self.layout``) rotated at column − origin, reusing
-        the rotation of keys kept from the previous call; None when the call is not a short step."""
-        head, start = self.layout
-        end = self.cumulative_length
-        n = keys.shape[-2]
-        if n - head > 2 * len(table):
-            self.rotated = None  # a long chunk: the executor rotates per tile; start afresh next time
-            return None
-        memo = self.rotated
-        origin = memo[1] if memo is not None else start
-        if end - origin > 2 * len(table) - 1:  # rebase so positions stay within twice the table
-            origin, memo = start, None
-        columns = torch.arange(start, end, device=keys.device)
-        recent = keys[..., head:, :]
-        if memo is not None and memo[2] == (head, start):
-            kept_keys, kept_end = memo[0], memo[3]
-            fresh_cols = columns[kept_end - start:]
-            cos, sin = table.at(fresh_cols - origin)
-            fresh = rotate(recent[..., kept_end - start:, :].float(), cos, sin)
-            rotated = torch.cat([kept_keys, fresh], dim=-2)
-        else:
-            cos, sin = table.at(columns - origin)
-            rotated = rotate(recent.float(), cos, sin)
-        # What the next call keeps of these: its layout is (self.head, self.start).
-        keep_from = self.start - start if self.start >= start else 0
-        self.rotated = (rotated[..., keep_from:, :], origin, (self.head, self.start), end)
-        full = torch.cat([keys[..., :head, :].float(), rotated], dim=-2)  # head keys: never used in the recent frame
-        return full, origin
+    def frame_inputs(self):
+        """(keys of the last update in the frame's 2·D form, origin), for the fast path."""
+        return self.returned2, self.origin
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # One mask column per token seen, as a full layer: the program picks its keys' columns.
@@ -123,7 +120,8 @@ class ProgramLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.head = self.start = 0
-        self.head_span, self.table, self.rotated = None, None, None
+        self.head_span, self.table, self.keys2, self.returned2 = None, None, None, None
+        self.origin = 0
         self.layout = (0, 0)
         self.max_distance = 0
 

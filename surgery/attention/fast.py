@@ -4,12 +4,14 @@ For a tile of queries (columns a … b − 1) the program's rules bound how far 
 (``Program.reach``), so the tile needs the key band max(0, a − reach + 1) … b − 1 only: memory is
 O(tile × (tile + reach)) per call, never O(N²), and time O(N · (tile + reach)) instead of O(N²).
 
-Two rotary frames in one tile (StreamingLLM's sinks) are merged *inside* one fused sdpa call,
-exactly: the sink scores (tile × sinks, small) are computed explicitly in the sink frame and enter
-the kernel as an additive mask over zero key vectors (score 0 + mask = the sink score), while the
-recent band's keys are ordinary keys in the recent frame. The kernel's softmax then runs over the
-union, which is the log-sum-exp merge of the two parts without materialising either part's
-normaliser. (ReRoPE's far frame would enter the same way: concatenated features, one frame per half.)
+Two rotary frames in one tile (StreamingLLM's sinks: recent keys at their true distance, sinks at
+cache slots) are merged *inside* one fused sdpa call, exactly, by concatenating features: the
+query becomes [q rotated in the recent frame | q rotated in the sink frame] (2·D), a recent key
+[k rotated in the recent frame | 0] and a sink key [0 | k rotated at its slot]. Each dot product
+then picks exactly its own frame's score, and the kernel's softmax runs over the union — the
+log-sum-exp merge of the two parts, without materialising either part's normaliser or a float
+mask per head. (ReRoPE's far frame enters the same way.) Every rotation happens once per call,
+moving the model's rotated vectors straight into the frame (:func:`surgery.attention.frame.composite`).
 
 Obligation (tests/attention/test_fast.py and window's obligations): equals
 :func:`surgery.attention.reference.attend` on random inputs at lengths that are and are not
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from surgery.attention.frame import rotate
+from surgery.attention.frame import Table, composite, rotate
 from surgery.attention.keys import Inputs
 from surgery.attention.program import Program
 
@@ -29,18 +31,15 @@ TILE = 512  # queries per tile: large enough to keep sdpa efficient, small enoug
 
 
 def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch.Tensor:
-    """Attention output [B, Tq, H, Dv]. `rotated`: optional (keys in the recent frame, origin) a
-    cache layer kept from earlier calls (decoding then rotates only the new keys)."""
+    """Attention output [B, Tq, H, Dv]. `rotated`: (keys in the frame's 2·D form, origin) that a
+    cache layer kept from earlier calls, so decoding rotates only its new keys."""
     if _plain(program, x):  # causal attention, no padding: the fused kernel as transformers calls it
         tq, tk = x.q.shape[-2], x.k.shape[-2]
         out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
-    sinks = _sinks(program, x) if program.frame is not None else None
-    tiles = []
-    for a in range(0, x.q.shape[-2], tile):
-        b = min(a + tile, x.q.shape[-2])
-        tiles.append(_tile(program, x, a, b, sinks, rotated))
+    framed = _framed(program, x, rotated) if program.frame is not None else None
+    tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
     out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
     return out.transpose(1, 2)
 
@@ -61,9 +60,35 @@ def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:
     return (first if first < x.head else x.head + max(first, x.start) - x.start), hi
 
 
+def frame_keys(table: Table, keys: torch.Tensor, columns: torch.Tensor, origin: int, cos=None, sin=None):
+    """Keys in the recent frame's 2·D form [k rotated at column − origin | 0]; `cos`/`sin`: the
+    model's rotation of `keys` (None: pre-RoPE keys)."""
+    c, s = composite(*table.at(columns - origin), cos, sin)
+    rotated = rotate(keys.float(), c, s)
+    return torch.cat([rotated, torch.zeros_like(rotated)], dim=-1)
+
+
+def _framed(program: Program, x: Inputs, rotated):
+    """Per call: the 2·D queries, the keys in 2·D form with their origin, and the sink rows."""
+    frame, table = program.frame, x.table
+    pad = x.pads()
+    q_cols = x.query_columns()
+    cos, sin = x.cos.float(), x.sin.float()                                 # [B, Tq, D]
+    if rotated is not None:
+        keys2, origin = rotated
+    else:
+        origin = 0
+        keys2 = frame_keys(table, x.k, x.key_columns(), 0, *((None, None) if x.k_raw else (cos[:, None], sin[:, None])))
+    c, s = composite(*table.at(q_cols - origin), cos, sin)
+    slots = (q_cols[None, :] - pad[:, None]).clamp(0, frame.size - 1)      # the query's cache slot
+    cs, ss = composite(*table.at(slots), cos, sin)
+    q2 = torch.cat([rotate(x.q.float(), c[:, None], s[:, None]), rotate(x.q.float(), cs[:, None], ss[:, None])], dim=-1)
+    return q2, keys2, _sinks(program, x)
+
+
 def _sinks(program: Program, x: Inputs):
-    """(keys, values, present [B, S]) of every row's sinks: columns pad_b … pad_b + S − 1, keys
-    rotated at slots 0 … S − 1 of the frame."""
+    """(rows [B, Hkv, S, 2·D] = [0 | sink key rotated at its slot], values, present [B, S]): every
+    row's sinks, columns pad_b … pad_b + S − 1."""
     frame = program.frame
     s = torch.arange(frame.sinks, device=x.k.device)
     columns = x.pads()[:, None] + s[None]                                  # [B, S]
@@ -71,17 +96,23 @@ def _sinks(program: Program, x: Inputs):
     present = stored & (columns < x.end)
     positions = x.position_of(columns).clamp(0, x.k.shape[-2] - 1)
     index = positions[:, None, :, None]
-    keys = torch.gather(x.k.float(), 2, index.expand(-1, x.k.shape[1], -1, x.k.shape[-1]))
+    keys = torch.gather(x.k, 2, index.expand(-1, x.k.shape[1], -1, x.k.shape[-1]))
     values = torch.gather(x.v, 2, index.expand(-1, x.v.shape[1], -1, x.v.shape[-1]))
     if x.key_ok is not None:
         present = present & torch.gather(x.key_ok, 1, positions)
-    cos, sin = x.table.at(s)
-    return rotate(keys, cos, sin), values, present
+    given = (None, None)
+    if not x.k_raw:  # model-rotated keys (a full forward): the model's rotation at those columns
+        at = (columns - x.q_start).clamp(0, x.cos.shape[1] - 1)[..., None].expand(-1, -1, x.cos.shape[-1])
+        batch = (columns.shape[0], -1, -1)  # position ids may be shared by the batch ([1, T])
+        given = (torch.gather(x.cos.float().expand(*batch), 1, at)[:, None],
+                 torch.gather(x.sin.float().expand(*batch), 1, at)[:, None])
+    c, si = composite(*x.table.at(s), *given)
+    rotated = rotate(keys.float(), c, si)
+    return torch.cat([torch.zeros_like(rotated), rotated], dim=-1), values, present
 
 
-def _tile(program: Program, x: Inputs, a: int, b: int, sinks, rotated) -> torch.Tensor:
+def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
     lo, hi = _band(program, x, a, b)
-    k, v = x.k[..., lo:hi, :], x.v[..., lo:hi, :]
     device = x.q.device
     k_pos = torch.arange(lo, hi, device=device)
     k_cols = torch.where(k_pos < x.head, k_pos, k_pos - x.head + x.start)
@@ -91,56 +122,28 @@ def _tile(program: Program, x: Inputs, a: int, b: int, sinks, rotated) -> torch.
     j = k_cols[None, None, :] - pad                                        # [B, 1, n]
     visible = program.visible(i, j) & (j >= 0)
     if x.key_ok is not None:
-        visible = visible & x.key_ok[:, k_pos][:, None, :]
+        visible = visible & x.key_ok[:, lo:hi][:, None, :]
     if program.frame is not None:
         visible = visible & (j >= program.frame.sinks)                     # sinks come through their own frame
     if x.pad is not None:
         visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
-    q = x.q[..., a:b, :]
     given = None
     if x.given is not None:
-        given = x.given[..., a:b, :][..., k_pos]
+        given = x.given[..., a:b, :][..., lo:hi]
         if given.dtype == torch.bool:
             visible, given = visible & given[:, 0], None
     if program.frame is None:
+        q, k, v = x.q[..., a:b, :], x.k[..., lo:hi, :], x.v[..., lo:hi, :]
         mask = visible[:, None] if given is None else torch.where(visible[:, None], given.to(q.dtype), float("-inf"))
-        return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout,
-                    enable_gqa=q.shape[1] != k.shape[1])
-    return _sink_tile(program, x, q, k, v, q_cols, k_cols, i, visible, given, sinks, rotated, lo, hi)
-
-
-def _sink_tile(program, x: Inputs, q, k, v, q_cols, k_cols, i, visible, given, sinks, rotated, lo, hi):
-    frame = program.frame
-    q = q.float()
-    # Recent band: query and keys at their columns, shifted by a common origin (the distances are
-    # what count), so positions stay within tile + reach of the table.
-    if rotated is not None:
-        keys, origin = rotated
-        k_rec = keys[..., lo:hi, :]
-    else:
-        origin = lo if lo < x.head else lo - x.head + x.start  # the band's first column
-        cos_k, sin_k = x.table.at(k_cols - origin)
-        k_rec = rotate(k.float(), cos_k, sin_k)
-    cos_q, sin_q = x.table.at(q_cols - origin)
-    q_rec = rotate(q, cos_q, sin_q)
-    # Sinks: the query at its cache slot min(i', size − 1), sink s at slot s.
-    sink_k, sink_v, present = sinks
-    cos_s, sin_s = x.table.at(i[..., 0].clamp(0, frame.size - 1))        # [B, t, D]
-    q_sink = rotate(q, cos_s[:, None], sin_s[:, None])                   # [B, H, t, D]
-    B, H, t, D = q_sink.shape
-    hkv = sink_k.shape[1]
-    scores = (q_sink.view(B, hkv, H // hkv, t, D) @ sink_k[:, :, None].transpose(-1, -2)).view(B, H, t, -1)
-    s = torch.arange(frame.sinks, device=q.device)
-    sink_ok = present[:, None, :] & (s[None, None, :] <= i)              # [B, t, S]
-    low = torch.finfo(torch.float32).min
-    sink_mask = torch.where(sink_ok[:, None], scores * x.scaling, low)
-    band_mask = torch.where(visible[:, None], 0.0, low)
+        return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=q.shape[1] != k.shape[1])
+    q2, keys2, (sink_rows, sink_v, present) = framed
+    s = torch.arange(program.frame.sinks, device=device)
+    sink_ok = present[:, None, :] & (s[None, None, :] <= i)                # [B, t, S]: sink s exists for query i
+    mask = torch.cat([sink_ok, visible], dim=-1)[:, None]
     if given is not None:
-        band_mask = band_mask + given.float()
-    mask = torch.cat([sink_mask, band_mask.expand(B, H, t, -1)], dim=-1)
-    zeros = k_rec.new_zeros(k_rec.shape[0], k_rec.shape[1], frame.sinks, k_rec.shape[-1])
-    keys = torch.cat([zeros, k_rec], dim=-2)
-    values = torch.cat([sink_v.to(v.dtype), v], dim=-2).float()
-    out = sdpa(q_rec, keys, values, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout,
-               enable_gqa=H != hkv)
+        mask = torch.where(mask, torch.nn.functional.pad(given.float(), (program.frame.sinks, 0)), float("-inf"))
+    keys = torch.cat([sink_rows, keys2[..., lo:hi, :]], dim=-2)
+    values = torch.cat([sink_v, x.v[..., lo:hi, :]], dim=-2).float()
+    out = sdpa(q2[..., a:b, :], keys, values, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout,
+               enable_gqa=q2.shape[1] != keys.shape[1])
     return out.to(x.v.dtype)

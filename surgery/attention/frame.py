@@ -81,3 +81,14 @@ class Table:
         """cos/sin at `positions` (any shape, non-negative), shape positions.shape + [dim]."""
         table = self.extend(int(positions.max()) + 1) if positions.numel() else self
         return table.cos[positions], table.sin[positions]
+
+
+def composite(cos: torch.Tensor, sin: torch.Tensor, given_cos=None, given_sin=None):
+    """cos/sin of R(cos, sin) ∘ R(given)⁻¹: moves a vector the model rotated with (given_cos,
+    given_sin) straight into the frame, in one rotation instead of un-rotating and rotating again.
+    R(a)·R(b)⁻¹ = (c_a c_b + s_a s_b + (s_a c_b − c_a s_b)J) / (c_b² + s_b²), since J² = −1."""
+    if given_cos is None:
+        return cos, sin
+    gc, gs = given_cos.float(), given_sin.float()
+    norm = gc * gc + gs * gs
+    return (cos * gc + sin * gs) / norm, (sin * gc - cos * gs) / norm

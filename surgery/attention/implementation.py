@@ -25,7 +25,7 @@ from torch import nn
 
 from surgery.attention import fast, internals, reference
 from surgery.attention.cache import ProgramLayer
-from surgery.attention.frame import Table, unrotate
+from surgery.attention.frame import Table
 from surgery.attention.keys import Inputs
 from surgery.attention.program import Program, Stage
 from surgery.errors import ApplyError
@@ -102,14 +102,12 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
     if frame is not None:
         if call.position_embeddings is None:
             raise ApplyError(f"{program.describe()} needs the rotary cos/sin passed to the attention module")
-        cos, sin = (t.unsqueeze(1) for t in call.position_embeddings)
-        x.q = unrotate(query, cos, sin)
-        pre_rope = layer is not None and layer.policy.pre_rope
-        x.k = key.float() if pre_rope else unrotate(key, cos, sin)
-        x.table = (layer.frame_table(frame.rotary(), frame.size, x.q) if layer is not None
-                   else Table.of(frame.rotary(), frame.size, x.q))
-        if pre_rope and not call.reference:
-            rotated = layer.rotated_keys(x.k, x.table)
+        x.cos, x.sin = call.position_embeddings
+        x.k_raw = layer is not None and layer.policy.pre_rope
+        x.table = (layer.frame_table(frame.rotary(), frame.size, query) if layer is not None
+                   else Table.of(frame.rotary(), frame.size, query))
+        if x.k_raw:
+            rotated = layer.frame_inputs()
     if layer is not None and call.record:
         layer.max_distance = max(layer.max_distance, _max_distance(program, x))
     if call.reference:

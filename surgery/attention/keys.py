@@ -18,8 +18,8 @@ from surgery.attention.frame import Table
 
 @dataclass
 class Inputs:
-    q: torch.Tensor                     # [B, H, Tq, D]; pre-RoPE in a sink frame, else as the model rotated it
-    k: torch.Tensor                     # [B, Hkv, Tk, D]; likewise
+    q: torch.Tensor                     # [B, H, Tq, D] as the model rotated it
+    k: torch.Tensor                     # [B, Hkv, Tk, D] as the model rotated it, or pre-RoPE (k_raw)
     v: torch.Tensor                     # [B, Hkv, Tk, Dv]
     scaling: float
     head: int = 0                       # key layout (see the module docstring)
@@ -27,8 +27,18 @@ class Inputs:
     pad: torch.Tensor | None = None     # [B] first real column of each row (None: no padding)
     key_ok: torch.Tensor | None = None  # [B, Tk] bool: key is a real token (None: all are)
     given: torch.Tensor | None = None   # a 4D mask the caller passed ([B|1, 1, Tq, Tk], bool or additive)
-    table: Table | None = None          # the sink frame's table (q and k are then pre-RoPE)
+    table: Table | None = None          # a sink frame's table
+    cos: torch.Tensor | None = None     # [B, Tq, D] the model's rotation of q (and of k unless k_raw)
+    sin: torch.Tensor | None = None
+    k_raw: bool = False                 # keys come from a pre-RoPE cache
     dropout: float = 0.0
+
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, k) before RoPE, float32 (a sink frame's inputs)."""
+        from surgery.attention.frame import unrotate
+
+        cos, sin = self.cos[:, None], self.sin[:, None]
+        return unrotate(self.q, cos, sin), (self.k.float() if self.k_raw else unrotate(self.k, cos, sin))
 
     @property
     def end(self) -> int:

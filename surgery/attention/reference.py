@@ -24,7 +24,8 @@ from surgery.attention.program import Program
 def attend(program: Program, x: Inputs) -> torch.Tensor:
     """Attention output [B, Tq, H, Dv] (transformers' layout)."""
     groups = x.q.shape[1] // x.k.shape[1]
-    k = x.k.repeat_interleave(groups, dim=1)
+    q, k = x.raw() if program.frame is not None else (x.q, x.k)
+    k = k.repeat_interleave(groups, dim=1)
     v = x.v.repeat_interleave(groups, dim=1)
     q_cols, k_cols = x.query_columns(), x.key_columns()
     pad = x.pads()[:, None, None]
@@ -36,9 +37,8 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
     visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))  # padding rows see themselves
     frame = program.frame
     if frame is None:
-        scores = x.q @ k.transpose(-1, -2)
+        scores = q @ k.transpose(-1, -2)
     else:
-        q, k = x.q.float(), k.float()
         cos_q, sin_q = x.table.at(q_cols)
         cos_k, sin_k = x.table.at(k_cols)
         recent = rotate(q, cos_q, sin_q) @ rotate(k, cos_k, sin_k).transpose(-1, -2)

@@ -46,6 +46,11 @@ def inputs(prog: Program, tq: int, tk: int, *, pad=None, head=0, start=0, seed=0
         x.key_ok = columns[None, :] >= x.pad[:, None]
     if prog.frame is not None:
         x.table = Table.of(prog.frame.rotary(), prog.frame.size, q)
+        # the model's own rotation of q (and k, unless the keys come from a pre-RoPE cache), at
+        # positions of its own (here shifted by 5): the frame must not depend on them
+        positions = (x.query_columns() + 5)[None].expand(2, -1)
+        x.cos, x.sin = ROTARIES["plain"]()(q, positions)
+        x.k_raw = tq != tk
     return x
 
 
