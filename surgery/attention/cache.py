@@ -36,7 +36,7 @@ class ProgramLayer(DynamicLayer):
         self.head_span = None      # columns the head keeps (set by the first update: padding + sinks)
         self.layout = (0, 0)       # (head, start) of the keys the last update returned
         self.table: Table | None = None
-        self.keys2 = None          # the stored keys in a frame's 2·D form (fast.frame_keys), at column − origin
+        self.keys2 = None          # the stored keys rotated in a frame (fast.frame_keys), at column − origin
         self.returned2 = None      # the same for the keys the last update returned
         self.origin = 0
         self.max_distance = 0      # largest query–key distance attention used (when recorded)
@@ -80,8 +80,8 @@ class ProgramLayer(DynamicLayer):
         return keys, values
 
     def _frame(self, frame, keys, new_keys, start_col: int, end: int):
-        """The returned keys in the frame's 2·D form (see fast.frame_keys), rotating only the new
-        ones; rebased (all re-rotated from the pre-RoPE keys) when positions would pass 2·size."""
+        """The returned keys rotated in the frame (see fast.frame_keys), rotating only the new ones;
+        rebased (all re-rotated from the pre-RoPE keys) when positions would pass 2·size."""
         from surgery.attention.fast import frame_keys
 
         table = self.frame_table(frame.rotary(), frame.size, new_keys)
@@ -104,7 +104,7 @@ class ProgramLayer(DynamicLayer):
         return self.table
 
     def frame_inputs(self):
-        """(keys of the last update in the frame's 2·D form, origin), for the fast path."""
+        """(keys of the last update rotated in the frame, origin), for the fast path."""
         return self.returned2, self.origin
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

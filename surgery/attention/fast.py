@@ -5,13 +5,15 @@ For a tile of queries (columns a … b − 1) the program's rules bound how far 
 O(tile × (tile + reach)) per call, never O(N²), and time O(N · (tile + reach)) instead of O(N²).
 
 Two rotary frames in one tile (StreamingLLM's sinks: recent keys at their true distance, sinks at
-cache slots) are merged *inside* one fused sdpa call, exactly, by concatenating features: the
-query becomes [q rotated in the recent frame | q rotated in the sink frame] (2·D), a recent key
-[k rotated in the recent frame | 0] and a sink key [0 | k rotated at its slot]. Each dot product
-then picks exactly its own frame's score, and the kernel's softmax runs over the union — the
-log-sum-exp merge of the two parts, without materialising either part's normaliser or a float
-mask per head. (ReRoPE's far frame enters the same way.) Every rotation happens once per call,
-moving the model's rotated vectors straight into the frame (:func:`surgery.attention.frame.composite`).
+cache slots) are merged *inside* one fused sdpa call, exactly: the sink scores (tile × sinks, small)
+are computed explicitly in the sink frame and enter the kernel as an additive mask over zero key
+vectors (score 0 + mask = the sink score), while the recent band's keys are ordinary keys in the
+recent frame. The kernel's softmax then runs over the union: the log-sum-exp merge of the two
+parts, without either part's normaliser ever being materialised (sdpa on the CPU does not return
+it). Concatenating features ([q_recent | q_sink] against [k | 0] and [0 | k_sink]) would do the same
+without a per-head mask, but doubles the head dimension, which the CPU kernel runs 4× slower.
+Every rotation happens once per call, moving the model's rotated vectors straight into the frame
+(:func:`surgery.attention.frame.composite`).
 
 Obligation (tests/attention/test_fast.py and window's obligations): equals
 :func:`surgery.attention.reference.attend` on random inputs at lengths that are and are not
@@ -31,8 +33,8 @@ TILE = 512  # queries per tile: large enough to keep sdpa efficient, small enoug
 
 
 def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch.Tensor:
-    """Attention output [B, Tq, H, Dv]. `rotated`: (keys in the frame's 2·D form, origin) that a
-    cache layer kept from earlier calls, so decoding rotates only its new keys."""
+    """Attention output [B, Tq, H, Dv]. `rotated`: (keys rotated in the recent frame, origin) that
+    a cache layer kept from earlier calls, so decoding rotates only its new keys."""
     if _plain(program, x):  # causal attention, no padding: the fused kernel as transformers calls it
         tq, tk = x.q.shape[-2], x.k.shape[-2]
         out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
@@ -61,15 +63,14 @@ def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:
 
 
 def frame_keys(table: Table, keys: torch.Tensor, columns: torch.Tensor, origin: int, cos=None, sin=None):
-    """Keys in the recent frame's 2·D form [k rotated at column − origin | 0]; `cos`/`sin`: the
-    model's rotation of `keys` (None: pre-RoPE keys)."""
+    """Keys rotated in the recent frame, at column − origin; `cos`/`sin`: the model's rotation of
+    `keys` (None: pre-RoPE keys)."""
     c, s = composite(*table.at(columns - origin), cos, sin)
-    rotated = rotate(keys.float(), c, s)
-    return torch.cat([rotated, torch.zeros_like(rotated)], dim=-1)
+    return rotate(keys.float(), c, s)
 
 
 def _framed(program: Program, x: Inputs, rotated):
-    """Per call: the 2·D queries, the keys in 2·D form with their origin, and the sink rows."""
+    """Per call: queries in the recent and the sink frame, keys in the recent frame, the sinks."""
     frame, table = program.frame, x.table
     pad = x.pads()
     q_cols = x.query_columns()
@@ -82,13 +83,13 @@ def _framed(program: Program, x: Inputs, rotated):
     c, s = composite(*table.at(q_cols - origin), cos, sin)
     slots = (q_cols[None, :] - pad[:, None]).clamp(0, frame.size - 1)      # the query's cache slot
     cs, ss = composite(*table.at(slots), cos, sin)
-    q2 = torch.cat([rotate(x.q.float(), c[:, None], s[:, None]), rotate(x.q.float(), cs[:, None], ss[:, None])], dim=-1)
-    return q2, keys2, _sinks(program, x)
+    q = x.q.float()
+    return rotate(q, c[:, None], s[:, None]), rotate(q, cs[:, None], ss[:, None]), keys2, _sinks(program, x)
 
 
 def _sinks(program: Program, x: Inputs):
-    """(rows [B, Hkv, S, 2·D] = [0 | sink key rotated at its slot], values, present [B, S]): every
-    row's sinks, columns pad_b … pad_b + S − 1."""
+    """(keys rotated at their slots [B, Hkv, S, D], values, present [B, S]): every row's sinks,
+    columns pad_b … pad_b + S − 1."""
     frame = program.frame
     s = torch.arange(frame.sinks, device=x.k.device)
     columns = x.pads()[:, None] + s[None]                                  # [B, S]
@@ -107,8 +108,7 @@ def _sinks(program: Program, x: Inputs):
         given = (torch.gather(x.cos.float().expand(*batch), 1, at)[:, None],
                  torch.gather(x.sin.float().expand(*batch), 1, at)[:, None])
     c, si = composite(*x.table.at(s), *given)
-    rotated = rotate(keys.float(), c, si)
-    return torch.cat([torch.zeros_like(rotated), rotated], dim=-1), values, present
+    return rotate(keys.float(), c, si), values, present
 
 
 def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
@@ -136,14 +136,19 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
         q, k, v = x.q[..., a:b, :], x.k[..., lo:hi, :], x.v[..., lo:hi, :]
         mask = visible[:, None] if given is None else torch.where(visible[:, None], given.to(q.dtype), float("-inf"))
         return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=q.shape[1] != k.shape[1])
-    q2, keys2, (sink_rows, sink_v, present) = framed
-    s = torch.arange(program.frame.sinks, device=device)
+    q_rec, q_sink, keys, (sink_k, sink_v, present) = framed
+    q_rec, q_sink = q_rec[..., a:b, :], q_sink[..., a:b, :]
+    B, H, t, D = q_sink.shape
+    hkv, S = sink_k.shape[1], program.frame.sinks
+    s = torch.arange(S, device=device)
     sink_ok = present[:, None, :] & (s[None, None, :] <= i)                # [B, t, S]: sink s exists for query i
-    mask = torch.cat([sink_ok, visible], dim=-1)[:, None]
+    scores = (q_sink.view(B, hkv, H // hkv, t, D) @ sink_k[:, :, None].transpose(-1, -2)).view(B, H, t, S)
+    low = torch.finfo(torch.float32).min
+    band = torch.where(visible[:, None], 0.0, low)
     if given is not None:
-        mask = torch.where(mask, torch.nn.functional.pad(given.float(), (program.frame.sinks, 0)), float("-inf"))
-    keys = torch.cat([sink_rows, keys2[..., lo:hi, :]], dim=-2)
+        band = band + given.float()
+    mask = torch.cat([torch.where(sink_ok[:, None], scores * x.scaling, low), band.expand(B, H, t, -1)], dim=-1)
+    keys = torch.cat([keys.new_zeros(B, hkv, S, D), keys[..., lo:hi, :]], dim=-2)
     values = torch.cat([sink_v, x.v[..., lo:hi, :]], dim=-2).float()
-    out = sdpa(q2[..., a:b, :], keys, values, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout,
-               enable_gqa=q2.shape[1] != keys.shape[1])
+    out = sdpa(q_rec, keys, values, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=H != hkv)
     return out.to(x.v.dtype)
