@@ -5,13 +5,14 @@ For a tile of queries (columns a … b − 1) the program's rules bound how far 
 O(tile × (tile + reach)) per call, never O(N²), and time O(N · (tile + reach)) instead of O(N²).
 
 Two rotary frames in one tile (StreamingLLM's sinks: recent keys at their true distance, sinks at
-cache slots) are merged *inside* one fused sdpa call, exactly: the sink scores (tile × sinks, small)
-are computed explicitly in the sink frame and enter the kernel as an additive mask over zero key
-vectors (score 0 + mask = the sink score), while the recent band's keys are ordinary keys in the
-recent frame. The kernel's softmax then runs over the union: the log-sum-exp merge of the two
-parts, without either part's normaliser ever being materialised (sdpa on the CPU does not return
-it). Concatenating features ([q_recent | q_sink] against [k | 0] and [0 | k_sink]) would do the same
-without a per-head mask, but doubles the head dimension, which the CPU kernel runs 4× slower.
+cache slots) are merged exactly by log-sum-exp: the recent band runs in torch's fused CPU flash
+kernel, which returns its log-sum-exp alongside the output (``internals.sdpa_with_lse``), and the
+sink scores (tile × sinks, small) are computed explicitly in the sink frame; then
+out = (e^{lse−m}·out_band + Σ e^{s−m}·v_sink) / (e^{lse−m} + Σ e^{s−m}), m the larger exponent.
+Two alternatives were measured and dropped: sinks as zero keys with their scores in an additive
+mask (needs a float mask per head, tile × reach × heads), and concatenated features
+([q_recent | q_sink] against [k | 0] and [0 | k_sink]), which doubles the head dimension and
+runs the CPU kernel 4× slower.
 Every rotation happens once per call, moving the model's rotated vectors straight into the frame
 (:func:`surgery.attention.frame.composite`).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from surgery.attention import internals
 from surgery.attention.frame import Table, composite, rotate
 from surgery.attention.keys import Inputs
 from surgery.attention.program import Program
@@ -140,15 +142,27 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
     q_rec, q_sink = q_rec[..., a:b, :], q_sink[..., a:b, :]
     B, H, t, D = q_sink.shape
     hkv, S = sink_k.shape[1], program.frame.sinks
+    groups = H // hkv
     s = torch.arange(S, device=device)
     sink_ok = present[:, None, :] & (s[None, None, :] <= i)                # [B, t, S]: sink s exists for query i
-    scores = (q_sink.view(B, hkv, H // hkv, t, D) @ sink_k[:, :, None].transpose(-1, -2)).view(B, H, t, S)
-    low = torch.finfo(torch.float32).min
-    band = torch.where(visible[:, None], 0.0, low)
+    # Sinks: explicit scores in their frame (t × S per head, small).
+    scores = (q_sink.view(B, hkv, groups, t, D) @ sink_k[:, :, None].transpose(-1, -2)).view(B, H, t, S) * x.scaling
+    scores = scores.masked_fill(~sink_ok[:, None], float("-inf"))
+    # Recent band: the fused kernel, which also returns its log-sum-exp.
+    band = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
     if given is not None:
-        band = band + given.float()
-    mask = torch.cat([torch.where(sink_ok[:, None], scores * x.scaling, low), band.expand(B, H, t, -1)], dim=-1)
-    keys = torch.cat([keys.new_zeros(B, hkv, S, D), keys[..., lo:hi, :]], dim=-2)
-    values = torch.cat([sink_v, x.v[..., lo:hi, :]], dim=-2).float()
-    out = sdpa(q_rec, keys, values, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=H != hkv)
-    return out.to(x.v.dtype)
+        band = band + given[:, 0].float()
+    k_band = keys[..., lo:hi, :].repeat_interleave(groups, dim=1) if groups > 1 else keys[..., lo:hi, :]
+    v_band = x.v[..., lo:hi, :].float()
+    v_band = v_band.repeat_interleave(groups, dim=1) if groups > 1 else v_band
+    out, lse = internals.sdpa_with_lse(q_rec, k_band, v_band, band[:, None], x.scaling)
+    empty = ~visible.any(-1)[:, None]                                     # a query whose band is all masked (only sinks)
+    lse = lse.masked_fill(empty, float("-inf"))
+    out = out.masked_fill(empty[..., None], 0.0)
+    # Log-sum-exp merge: softmax over the union of both parts, exactly.
+    top = torch.maximum(lse, scores.amax(-1)).clamp(min=torch.finfo(torch.float32).min)[..., None]
+    w_band = torch.exp(lse[..., None] - top)                              # [B, H, t, 1]
+    w_sink = torch.exp(scores - top)                                      # [B, H, t, S]
+    sinks = w_sink.view(B, hkv, groups, t, S) @ sink_v.float()[:, :, None]
+    merged = (w_band * out + sinks.view(B, H, t, -1)) / (w_band + w_sink.sum(-1, keepdim=True))
+    return merged.to(x.v.dtype)

@@ -1,4 +1,4 @@
-"""Every transformers internal the attention program relies on, in one place.
+"""Every transformers (and torch) internal the attention program relies on, in one place.
 
 An upgrade of transformers that changes one of these fails tests/attention/test_internals.py,
 which pins each item below, instead of failing somewhere inside a forward. The set-up pins
@@ -21,6 +21,9 @@ Conventions relied on (not formally public):
 * The mask function is called with keyword arguments ``batch_size, q_length, kv_length, q_offset,
   kv_offset, attention_mask`` (the 2D padding mask, bool) among others, and its result is handed
   unchanged to every attention call of the forward.
+* torch: ``aten._scaled_dot_product_flash_attention_for_cpu`` returns the log-sum-exp of each
+  query's scores with the output (the public ``scaled_dot_product_attention`` does not), which the
+  fast path needs to merge two rotary frames exactly (:func:`sdpa_with_lse`).
 * Cache layers: ``DynamicLayer`` (``keys``, ``values``, ``is_initialized``,
   ``lazy_initialization``, ``update``, ``get_mask_sizes``, ``get_seq_length``, ``get_max_length``,
   ``reset``, ``is_sliding``, ``is_croppable``); a ``Cache`` holds them in ``layers`` (grown from
@@ -30,6 +33,7 @@ Conventions relied on (not formally public):
 
 from __future__ import annotations
 
+import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -74,3 +78,16 @@ def cache_layers(cache, index: int) -> list:
         while len(cache.layers) <= index:
             cache.layers.append(cache.layer_class_to_replicate())
     return cache.layers
+
+
+def sdpa_with_lse(q, k, v, mask, scale: float):
+    """(softmax(q·kᵀ·scale + mask)·v, logsumexp(q·kᵀ·scale + mask)) of [B, H, T, D] inputs (equal head
+    counts), `mask` additive float [B|1, 1|H, T, K]. On the CPU torch's flash kernel returns both;
+    elsewhere the log-sum-exp is computed explicitly from the same scores."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask.to(q.dtype), scale=scale)
+        return out, lse
+    scores = (q @ k.transpose(-1, -2)) * scale + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse

@@ -91,3 +91,17 @@ def test_cache_layer_api():
     cache = internals.DynamicCache()
     assert cache.layer_class_to_replicate is internals.DynamicLayer
     assert len(internals.cache_layers(cache, 2)) == 3
+
+
+def test_torch_flash_kernel_returns_the_log_sum_exp():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    out, lse = internals.sdpa_with_lse(q, k, v, mask, 0.3)
+    scores = (q @ k.transpose(-1, -2)) * 0.3 + mask
+    assert (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-5
+    assert (out - torch.softmax(scores, -1) @ v).abs().max() < 1e-5
+    # A row with every key masked: the kernel reports lse 0 and output 0 (the fast path masks it).
+    mask[..., 0, :] = float("-inf")
+    out, lse = internals.sdpa_with_lse(q, k, v, mask, 0.3)
+    assert lse[..., 0].abs().max() == 0 and out[..., 0, :].abs().max() == 0
