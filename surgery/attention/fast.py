@@ -31,7 +31,7 @@ from surgery.attention.frame import Table, composite, rotate
 from surgery.attention.keys import Inputs
 from surgery.attention.program import Program
 
-TILE = 512  # queries per tile: large enough to keep sdpa efficient, small enough to bound memory
+TILE = 256  # queries per tile: each query then visits tile + reach keys; large enough for sdpa to be efficient
 
 
 def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch.Tensor:
