@@ -34,6 +34,7 @@ from torch import nn
 from surgery import anchors
 from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
+from surgery.attention.program import plan_clashes
 from surgery.compose import Group, Leaf, Node, Par, Seq, called
 from surgery.errors import ModelError, Span, SpecError, SpecErrors, SurgeryError, did_you_mean
 from surgery.syntax import ast
@@ -450,6 +451,7 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                     step.span,
                 ))
                 break
+    errors += plan_clashes(steps)  # attention stages claiming one slot (cache policy, frame) of a module
     trees = {kind.anchor: _compose(kind.anchor, steps, rule_trees, errors)
              for kind in anchors.KINDS.values() if kind.wraps}
     if errors:

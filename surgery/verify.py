@@ -66,8 +66,9 @@ class Check:
     """What an obligation sees: the untouched model, a copy with only this step, and seeded inputs."""
 
     def __init__(self, original: nn.Module, surgered: nn.Module, step: Step, seed: int,
-                 per_position: Callable[[nn.Module], list] = lambda model: []):
+                 per_position: Callable[[nn.Module], list] = lambda model: [], plan: Plan | None = None):
         self.original, self.surgered, self.step, self.seed = original, surgered, step, seed
+        self.plan = plan  # the whole plan, for obligations of a composition (e.g. rope + window)
         self.config = getattr(original, "config", None)
         self.per_position = per_position  # see _per_position_logits
 
@@ -249,7 +250,7 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
             apply_plan(plan.restricted({step.index}), surgered, seed=seed)
             surgered.eval()
             handles = per_position(reference) + per_position(surgered)  # after the copy: it gets its own
-            check = Check(reference, surgered, step, seed, per_position)
+            check = Check(reference, surgered, step, seed, per_position, plan)
             impl = step.spec.instance()
             for ob in step.spec.obligations:
                 if progress:

@@ -259,10 +259,10 @@ def test_runtime_changes_outside_the_tree_are_shown():
     apply_plan(build_plan(parse("layers[1].attn: window(8)"), model), model)
     diff = Diff(before, snapshot_tree(model))
     assert diff.runtime == [
-        ("config", "_attn_implementation: sdpa → surgery_sdpa"),
-        ("model.layers.1.self_attn", "+pre-hook before_attention, +surgery_window"),
+        ("config", "_attn_implementation: sdpa → surgery"),
+        ("model.layers.1.self_attn", "+pre-hook before_attention, +surgery_attention"),
     ]
-    assert "~ model.layers.1.self_attn  +pre-hook before_attention, +surgery_window" in diff.text()
+    assert "~ model.layers.1.self_attn  +pre-hook before_attention, +surgery_attention" in diff.text()
     assert "<h2>Runtime</h2>" in diff.html() and diff.to_json()["runtime"][0]["where"] == "config"
 
 

@@ -6,13 +6,14 @@ from collections.abc import Sequence
 
 from surgery.anchors import AnchorKind, anchor_kind, covered
 from surgery.arch.select import Region, RoleIndex
-from surgery.transforms.registry import Anchor, Installs, Target
+from surgery.transforms.registry import Anchor, AttentionStage, Installs, ModelPeftTensors, Target
 
 
 @anchor_kind
 class Attention(AnchorKind):
     anchor = Anchor.ATTENTION
     required = (Installs,)
+    optional = (ModelPeftTensors, AttentionStage)
 
     def find(self, transform: str, regions: Sequence[Region], index: RoleIndex) -> list[Target]:
         return [Target(path, "attn", i) for i in range(index.num_layers)

@@ -110,6 +110,14 @@ class Installs(Protocol):
 
 
 @runtime_checkable
+class AttentionStage(Protocol):
+    """The step as a stage of the attention program (:mod:`surgery.attention`): what it adds to each
+    target's attention; the planner checks stages of one module for clashes before anything runs."""
+
+    def stage(self, p: Any, span: Any = None) -> Any: ...
+
+
+@runtime_checkable
 class ConfigPatch(Protocol):
     """The step applied to `model` as transformers config fields (e.g. ``{"rope_parameters": …}``;
     ``{}``: none needed), or None where no config expresses it; a plan whose every step is expressed

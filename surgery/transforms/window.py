@@ -1,11 +1,13 @@
 """Sliding-window attention, and with ``sinks`` StreamingLLM's window with attention sinks.
 
-Visibility (query at sequence index i, key at index j), in every forward and in cached decoding:
+Visibility (query i, key j, stream indices: counted from each row's first real token), in every
+forward and in cached decoding:
 
     visible(i, j)  ⇔  j ≤ i  and  (i − j < W − S  or  j < S)          W = size, S = sinks
 
 With S = 0 this is Mistral's sliding window (i − j < W). The KV cache of each windowed layer is
-bounded to W entries: the first S tokens plus the most recent W − S.
+bounded: the first S tokens of each row plus the most recent W − S (W keys for an unpadded batch;
+a left-padded batch also keeps the padding columns before its sinks, fixed at prefill).
 
 * ``sinks=0``: keys stay rotated at their absolute positions (Mistral's sliding cache), so cached
   decoding equals the masked full forward.
@@ -13,23 +15,19 @@ bounded to W entries: the first S tokens plus the most recent W − S.
   positions *inside the cache*: for query i the visible keys, in order, sit at positions 0, 1, …
   and the query at the last one. So a recent key keeps its true distance i − j < W − S, and sink j
   is at distance min(i, W − 1) − j; every query–key distance is < W, however long the stream.
-  The full forward uses the same positions, so cached decoding equals the full forward here too.
-  Scores depend only on distances, so both parts use a frame where positions stay small (the
-  rotary module is called at call time, honouring a ``rope(...)`` step composed before this one).
-  Incoming keys (and the queries) are un-rotated with the cos/sin the model used; all re-rotation
-  is float32. Sinks need a rotary model.
+  The rotary module (resolved at call time, so a ``rope(...)`` step composed before this one is
+  honoured) is called once at positions 0 … W − 1: a dynamic rope computes its frequencies for a
+  W-token context, in the full forward and in every decoding step alike, so cached decoding equals
+  the full forward at any length. Incoming keys and queries are un-rotated with the cos/sin the
+  model used; all re-rotation is float32. Sinks need a rotary model.
 
 Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks",
 https://arxiv.org/abs/2309.17453 (https://github.com/mit-han-lab/streaming-llm, ``kv_cache.py`` and
 ``pos_shift/``); Mistral 7B's sliding window, https://arxiv.org/abs/2310.06825.
 
-How it hooks into transformers: the model's ``config._attn_implementation`` becomes
-``surgery_sdpa`` / ``surgery_eager`` (registered once, with the matching mask functions, so
-non-windowed layers run exactly as before); windowed attention modules carry a
-:class:`WindowSettings`; a forward pre-hook puts a :class:`WindowLayer` into the KV cache for the
-layer while it is still empty, so ``model.generate()`` keeps a bounded cache with no other change.
-The window is over sequence indices (as transformers' sliding masks); with sinks, a left-padded
-batch would count its padding as sinks.
+The transform is one stage of the attention program (:mod:`surgery.attention`): a window mask
+rule, with sinks a sink frame, and a bounded cache policy. ``model.generate()`` keeps a bounded
+cache with no other change.
 
 Obligations (float32 logits, tol 1e-5 unless noted). Decoding checks run past the window, so for
 windows longer than 24 they run the same machinery with a window of 16 (sinks kept if < 16, else 4):
@@ -42,24 +40,26 @@ windows longer than 24 they run the same machinery with a window of 16 (sinks ke
 * cached decode equals the masked full forward (prefill, then token by token past the window).
 * capacity ≥ N generation is identical to the original (greedy decoding with the cache).
 * cache stays bounded and every key distance ≤ capacity (count of violations, tol 0).
+* a left-padded row equals the row alone (a batch with padding on one row, past the window).
+* program equals its dense reference, composed with the plan's rotary steps: the fast path (tiles
+  smaller than the sequences, lengths that are not multiples of the tile, a padded row) against
+  the dense reference built from the same stages, per layer and for the whole model; when a rotary
+  step precedes this one, positions run past the trained length L, and with sinks cached decoding
+  there equals the full forward too (a dynamic rope rescales past L; sink frames must not drift).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-import weakref
-from dataclasses import dataclass, replace
-from typing import Any
+import copy
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from surgery.arch import backbone_prefix, detect
+from surgery.attention import ATTR, Bounded, Program, SinkFrame, Stage, WindowRule, install, rotary_ref
+from surgery.attention.cache import ProgramLayer
+from surgery.attention.frame import rotate
 from surgery.errors import ApplyError, SpecError
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
@@ -76,296 +76,28 @@ class WindowParams(Params):
         return self
 
 
-# ------------------------------------------------------------------------------ rotary helpers
+def _owner(size: int, sinks: int) -> str:
+    return f"window({size}, sinks={sinks})" if sinks else f"window({size})"
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def window_stage(size: int, sinks: int, rotary=None, span=None) -> Stage:
+    """The program stage of window(size, sinks): a mask rule, a sink frame (sinks > 0), a bounded cache."""
+    return Stage(_owner(size, sinks), span, rules=(WindowRule(size, sinks),),
+                 frame=SinkFrame(size, sinks, rotary) if sinks else None,
+                 cache=Bounded(size, sinks, pre_rope=sinks > 0))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
-
-
-def _unrotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # y = (c + sJ)x with J = rotate_half (J² = −1 per pair), so x = (c − sJ)y / (c² + s²); dividing by
-    # c² + s² also undoes a rotary's attention scaling (YaRN multiplies cos and sin by it).
-    cos, sin = cos.float(), sin.float()
-    return (y.float() * cos - _rotate_half(y.float()) * sin) / (cos * cos + sin * sin)
-
-
-@dataclass(frozen=True)
-class RotaryRef:
-    """The rotary module, looked up at call time (a later ``rope`` step may replace it).
-
-    Holds the parent module, not a path from the root: a deep copy of the model copies this with
-    the same memo, so the copy's reference points into the copy. Not an ``nn.Module`` attribute,
-    so it registers nothing."""
-
-    parent: nn.Module
-    name: str
-
-    def __call__(self) -> nn.Module:
-        return getattr(self.parent, self.name)
-
-
-@dataclass(frozen=True)
-class WindowSettings:
-    size: int
-    sinks: int
-    rotary: RotaryRef | None = None
-
-
-# ------------------------------------------------------------------------------ the KV cache
-
-
-class WindowLayer(DynamicLayer):
-    """A cache layer keeping the first ``sinks`` tokens and the most recent ``size − sinks``.
-
-    ``update`` returns every key the call's queries may need (what was kept plus the new tokens) and
-    records their sequence indices in :attr:`index`; it stores only what a later query can see.
-    With ``pre_rope`` it stores keys un-rotated (StreamingLLM), using the cos/sin the model used.
-    """
-
-    is_sliding = False  # the causal mask is sized against it as for a full layer: one column per token
-    is_croppable = False
-
-    def __init__(self, size: int, sinks: int, pre_rope: bool):
-        super().__init__()
-        self.size, self.sinks, self.pre_rope = size, sinks, pre_rope
-        self.cumulative_length = 0
-        self.kept = torch.zeros(0, dtype=torch.long)   # sequence indices of the stored keys
-        self.index = torch.zeros(0, dtype=torch.long)  # sequence indices of the keys `update` returned
-        self.position_embeddings = None                # cos/sin of the call in flight (set by the pre-hook)
-        self.max_distance = 0                          # largest query–key distance attention used
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self.keys = key_states[..., :0, :]
-            self.values = value_states[..., :0, :]
-            self.kept = self.kept.to(key_states.device)
-        new = key_states.shape[-2]
-        if self.pre_rope:
-            if self.position_embeddings is None:
-                raise ApplyError("window(sinks=…) needs the cos/sin the attention module was called with")
-            cos, sin = self.position_embeddings
-            key_states = _unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
-            self.position_embeddings = None
-        start = self.cumulative_length
-        self.cumulative_length += new
-        index = torch.cat([self.kept, torch.arange(start, start + new, device=self.kept.device)])
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        keep = (index < self.sinks) | (index >= self.cumulative_length - (self.size - self.sinks))
-        self.keys, self.values, self.kept = keys[..., keep, :], values[..., keep, :], index[keep]
-        self.index = index
-        return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # One mask column per token seen, as a full layer: windowed attention gathers its keys' columns.
-        return self.cumulative_length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
-
-    def get_max_length(self) -> int:
-        return -1  # the stream may grow without bound; only the stored keys are bounded
-
-    def reset(self) -> None:
-        super().reset()
-        self.kept = self.kept[:0]
-        self.index = self.index[:0]
-        self.max_distance = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise ApplyError("a window(...) cache cannot be cropped: evicted tokens are gone "
-                         "(assisted decoding and similar rollbacks are not supported)")
-
-
-# --------------------------------------------------------------------------- attention function
-
-
-@dataclass
-class _Call:
-    layer: WindowLayer | None
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-
-
-# What the pre-hook learned about the attention call in flight, per module (no module is mutated).
-_CALLS: "weakref.WeakKeyDictionary[nn.Module, _Call]" = weakref.WeakKeyDictionary()
-
-
-def _cache_layers(cache: Cache, index: int) -> list:
-    cache = getattr(cache, "self_attention_cache", cache)  # encoder–decoder caches
-    if getattr(cache, "layer_class_to_replicate", None) is not None:
-        while len(cache.layers) <= index:
-            cache.layers.append(cache.layer_class_to_replicate())
-    return cache.layers
-
-
-def _before_attention(module: nn.Module, args, kwargs):
-    """Forward pre-hook of a windowed attention module: give it a bounded cache layer."""
-    settings: WindowSettings = module.surgery_window
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    position_embeddings = kwargs.get("position_embeddings")
-    layer = None
-    if cache is not None:
-        layers = _cache_layers(cache, module.layer_idx)
-        layer = layers[module.layer_idx]
-        if not isinstance(layer, WindowLayer):
-            if layer.get_seq_length() > 0:
-                raise ApplyError(f"the KV cache already holds {layer.get_seq_length()} tokens for layer "
-                                 f"{module.layer_idx} that were cached without window(...); start from an empty cache")
-            layer = layers[module.layer_idx] = WindowLayer(settings.size, settings.sinks, settings.sinks > 0)
-        elif (layer.size, layer.sinks) != (settings.size, settings.sinks):
-            raise ApplyError(f"the KV cache of layer {module.layer_idx} was built for window({layer.size}, "
-                             f"sinks={layer.sinks}), not window({settings.size}, sinks={settings.sinks})")
-        layer.position_embeddings = position_embeddings
-    _CALLS[module] = _Call(layer, position_embeddings)
-    return None
-
-
-def _visible(q_idx: torch.Tensor, k_idx: torch.Tensor, size: int, sinks: int) -> torch.Tensor:
-    """[q, k] bool: the window rule over sequence indices."""
-    d = q_idx[:, None] - k_idx[None, :]
-    return (d >= 0) & ((d < size - sinks) | (k_idx[None, :] < sinks))
-
-
-def _with_given_mask(visible: torch.Tensor, given, k_idx: torch.Tensor, k_end: int, dtype) -> torch.Tensor:
-    """The window as an additive float mask, keeping the model's own mask (padding) where it lines up.
-
-    The model's mask has one column per sequence index (see WindowLayer.get_mask_sizes), so the
-    columns of the keys at hand are gathered; a mask of another shape is not ours to interpret.
-    `k_end` bounds the key indices as a Python int, so no tensor value decides control flow (which
-    would stop torch.export)."""
-    low = torch.finfo(dtype).min
-    window = visible[None, None]
-    if isinstance(given, torch.Tensor) and given.ndim == 4 and given.shape[-1] >= k_end:
-        cols = given[..., k_idx.to(given.device)]
-        if cols.dtype == torch.bool:
-            return torch.where(window & cols, torch.zeros((), dtype=dtype), low)
-        return torch.where(window, cols.to(dtype), low)
-    return torch.where(window, torch.zeros((), dtype=dtype, device=visible.device), low)
-
-
-def _indices(call: _Call | None, q_len: int, kv_len: int, device):
-    """(query indices, key indices, first query index, key index bound): the last two as Python ints."""
-    if call is not None and call.layer is not None:
-        layer = call.layer
-        end = layer.cumulative_length
-        return torch.arange(end - q_len, end, device=device), layer.index.to(device), end - q_len, end
-    return (torch.arange(kv_len - q_len, kv_len, device=device), torch.arange(kv_len, device=device),
-            kv_len - q_len, kv_len)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _sink_attention(module, settings: WindowSettings, call: _Call, query, key, value, visible_mask,
-                    q_idx, k_idx, q_start, scaling, dropout):
-    """StreamingLLM attention: recent keys at their true distance, sinks at their cache positions."""
-    size, sinks = settings.size, settings.sinks
-    if call is None or call.position_embeddings is None:
-        raise ApplyError("window(sinks=…) needs rotary position embeddings passed to the attention module")
-    cos, sin = (t.unsqueeze(1) for t in call.position_embeddings)
-    q = _unrotate(query, cos, sin)
-    k = key.float() if call.layer is not None else _unrotate(key, cos, sin)  # the cache holds pre-RoPE keys
-    # Frame: shift every position by the first query's shift, so the rotary sees positions < W in
-    # decoding (a dynamic rope then never rescales for the stream's length).
-    shift = max(0, q_start - size + 1)
-    q_sink_pos = q_idx.clamp(max=size - 1)               # the query's position in its own cache
-    positions = torch.cat([q_idx - shift, q_sink_pos, k_idx - shift, k_idx])
-    rc, rs = settings.rotary()(q, positions[None])
-    rc, rs = rc.float().unsqueeze(1), rs.float().unsqueeze(1)
-    nq, nk = len(q_idx), len(k_idx)
-    cuts = [0, nq, 2 * nq, 2 * nq + nk, 2 * nq + 2 * nk]
-    part = [(rc[:, :, a:b], rs[:, :, a:b]) for a, b in zip(cuts, cuts[1:])]
-    groups = query.shape[1] // key.shape[1]
-    q_recent, q_sink = _rotate(q, *part[0]), _rotate(q, *part[1])
-    k_recent = _repeat_kv(_rotate(k, *part[2]), groups)
-    k_sink = _repeat_kv(_rotate(k, *part[3]), groups)
-    is_sink = k_idx < sinks
-    scores = torch.where(is_sink, q_sink @ k_sink.transpose(-1, -2), q_recent @ k_recent.transpose(-1, -2))
-    weights = torch.softmax(scores * scaling + visible_mask.float(), dim=-1)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    out = (weights @ _repeat_kv(value.float(), groups)).transpose(1, 2).contiguous()
-    if call.layer is not None:
-        distance = torch.where(is_sink[None, :], q_sink_pos[:, None] - k_idx[None, :],
-                               q_idx[:, None] - k_idx[None, :])
-        visible = _visible(q_idx, k_idx, size, sinks)
-        call.layer.max_distance = max(call.layer.max_distance, int(distance[visible].max()))
-    return out.to(query.dtype), weights.to(query.dtype)
-
-
-def _base_attention(base: str, module: nn.Module):
-    if base == "eager":  # each modeling file has its own eager function (GPT-2's differs from Llama's)
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[base]
-
-
-def _attention_function(base: str):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        settings: WindowSettings | None = getattr(module, "surgery_window", None)
-        if settings is None:
-            return _base_attention(base, module)(module, query, key, value, attention_mask, **kwargs)
-        call = _CALLS.get(module)
-        q_idx, k_idx, q_start, k_end = _indices(call, query.shape[2], key.shape[2], query.device)
-        visible = _visible(q_idx, k_idx, settings.size, settings.sinks)
-        dtype = torch.float32 if settings.sinks else query.dtype
-        mask = _with_given_mask(visible, attention_mask, k_idx, k_end, dtype)
-        if settings.sinks:
-            scaling = kwargs.get("scaling") or module.scaling
-            return _sink_attention(module, settings, call, query, key, value, mask, q_idx, k_idx, q_start,
-                                   scaling, kwargs.get("dropout", 0.0))
-        if call is not None and call.layer is not None:
-            distance = (q_idx[:, None] - k_idx[None, :])[visible]
-            call.layer.max_distance = max(call.layer.max_distance, int(distance.max()))
-        kwargs.pop("sliding_window", None)  # ours replaces any native window
-        return _base_attention(base, module)(module, query, key, value, mask, **kwargs)
-
-    attention.__name__ = f"surgery_{base}_attention"
-    return attention
-
-
-_BASES = {"sdpa": sdpa_mask, "eager": eager_mask}
-for _base, _mask in _BASES.items():
-    # Registering the mask too is what keeps attention causal: a name without a mask entry gets none.
-    AttentionInterface.register(f"surgery_{_base}", _attention_function(_base))
-    AttentionMaskInterface.register(f"surgery_{_base}", _mask)
-
-
-# ------------------------------------------------------------------------------ the transform
-
-
-def _rotary_ref(model: nn.Module) -> RotaryRef | None:
-    rel = detect(model).model.get("rotary")
-    if rel is None:
-        return None
-    path = backbone_prefix(model) + rel
-    parent_path, _, name = path.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_path)
-    except AttributeError:
-        return None
-    return RotaryRef(parent, name) if isinstance(getattr(parent, name, None), nn.Module) else None
-
-
-def _configs(model: nn.Module, modules: list[nn.Module]) -> list:
-    seen: dict[int, Any] = {}
-    for owner in [model, getattr(model, "base_model", model), *modules]:
-        config = getattr(owner, "config", None)
-        if config is not None:
-            seen.setdefault(id(config), config)
-    return list(seen.values())
+def _is_window(stage: Stage) -> bool:
+    return any(isinstance(r, WindowRule) for r in stage.rules)
 
 
 @transform("window", params=WindowParams, anchor=Anchor.ATTENTION, positional=("size",),
            reference="https://arxiv.org/abs/2309.17453")
 class Window:
     """Sliding-window attention with a bounded KV cache; sinks=S gives StreamingLLM."""
+
+    def stage(self, p: WindowParams, span=None) -> Stage:
+        return window_stage(p.size, p.sinks, span=span)
 
     def accepts(self, p: WindowParams, target, module: nn.Module) -> bool:
         if not getattr(module, "is_causal", False):
@@ -382,57 +114,52 @@ class Window:
         return True
 
     def apply(self, p: WindowParams, model: nn.Module, targets, edit) -> None:
-        modules = [model.get_submodule(t.path) for t in targets]
-        current = model.config._attn_implementation
-        base = current.removeprefix("surgery_") if current else current
-        if base not in _BASES:
-            raise ApplyError(f"window(...) runs on sdpa or eager attention; this model uses {current!r} "
-                             "(load it with attn_implementation='sdpa')")
-        rotary = _rotary_ref(model)
+        rotary = rotary_ref(model)
         if p.sinks and rotary is None:
             raise ApplyError(f"window(sinks={p.sinks}) needs the model's rotary embedding (role 'rotary')")
-        # `_attn_implementation` is a property over `_attn_implementation_internal`; the journal
-        # restores the attribute that is really stored.
-        for config in _configs(model, modules):
-            edit.set_attr(config, "_attn_implementation_internal", f"surgery_{base}")
-        for module in modules:
-            edit.set_attr(module, "surgery_window", WindowSettings(p.size, p.sinks, rotary))
-            edit.hook(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
+        install(edit, model, [model.get_submodule(t.path) for t in targets], window_stage(p.size, p.sinks, rotary))
 
     # ---------------------------------------------------------------------------- obligations
 
-    def _windowed(self, check) -> list[nn.Module]:
-        return [check.module(t.path) for t in check.targets]
+    def _windowed(self, check, model=None) -> list[nn.Module]:
+        model = model or check.surgered
+        return [model.get_submodule(t.path) for t in check.targets]
 
     @contextlib.contextmanager
-    def _testable(self, p: WindowParams, check):
+    def _testable(self, p: WindowParams, check, model=None):
         """The applied machinery with a window short enough to decode past (16 when size > 24)."""
         if p.size <= 24:
             yield p.size, p.sinks
             return
-        small = WindowParams(size=16, sinks=p.sinks if p.sinks < 16 else 4)
-        modules = self._windowed(check)
-        old = [m.surgery_window for m in modules]
+        size, sinks = 16, p.sinks if p.sinks < 16 else 4
+        modules = self._windowed(check, model)
+        old = [getattr(m, ATTR) for m in modules]
         try:
-            for m in modules:
-                m.surgery_window = replace(m.surgery_window, size=small.size, sinks=small.sinks)
-            yield small.size, small.sinks
+            for m, program in zip(modules, old):
+                stages = tuple(window_stage(size, sinks, s.frame.rotary if s.frame else None, s.span)
+                               if _is_window(s) else s for s in program.stages)
+                setattr(m, ATTR, Program(stages))
+            yield size, sinks
         finally:
-            for m, settings in zip(modules, old):
-                m.surgery_window = settings
+            for m, program in zip(modules, old):
+                setattr(m, ATTR, program)
 
     @staticmethod
-    def _decode(model: nn.Module, ids: torch.Tensor, prefill: int, each=None) -> torch.Tensor:
-        """Logits of `ids` computed as a prefill of `prefill` tokens, then one token per call."""
+    def _decode(model: nn.Module, ids: torch.Tensor, prefill: int, each=None, offset: int = 0, **kwargs) -> torch.Tensor:
+        """Logits of `ids` computed as a prefill of `prefill` tokens, then one token per call
+        (positions start at `offset`)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
+        pos = torch.arange(offset, offset + ids.shape[1])[None].expand(ids.shape[0], -1)
         with torch.no_grad():
-            out = [model(input_ids=ids[:, :prefill], cache=cache, use_cache=True).logits.float()]
+            out = [model(input_ids=ids[:, :prefill], position_ids=pos[:, :prefill], cache=cache,
+                         use_cache=True, **kwargs).logits.float()]
             if each:
                 each(cache, prefill)
             for t in range(prefill, ids.shape[1]):
-                out.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits.float())
+                out.append(model(input_ids=ids[:, t:t + 1], position_ids=pos[:, t:t + 1], cache=cache,
+                                 use_cache=True, **kwargs).logits.float())
                 if each:
                     each(cache, t + 1)
         return torch.cat(out, dim=1)
@@ -450,17 +177,18 @@ class Window:
             i = torch.arange(n)
             visible = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < size)
             mask = torch.zeros(1, 1, n, n).masked_fill(~visible, torch.finfo(torch.float32).min)
+            rotary = rotary_ref(check.surgered)
             for k, t in enumerate(check.targets):
                 module, original = check.module(t.path), check.module(t.path, surgered=False)
                 x = check.randn(2, n, check.config.hidden_size, salt=k)
                 kwargs = {}
-                if module.surgery_window.rotary is not None:
+                if rotary is not None:
                     pos = torch.arange(n)[None]
-                    kwargs = dict(position_ids=pos, position_embeddings=module.surgery_window.rotary()(x, pos))
+                    kwargs = dict(position_ids=pos, position_embeddings=rotary()(x, pos))
                 with torch.no_grad():
                     got = module(x, attention_mask=None, **kwargs)[0]
                     if sinks:  # keys at their cache positions: a per-query reference
-                        want = _reference_sink_attention(module, x, size, sinks)
+                        want = _reference_sink_attention(module, rotary(), x, size, sinks)
                     else:      # the untouched layer given the window as an explicit additive mask
                         want = original(x, attention_mask=mask.expand(2, 1, n, n), **kwargs)[0]
                 errors.append(check.max_rel(got, want))
@@ -474,7 +202,7 @@ class Window:
     def cached_decode(self, p: WindowParams, check) -> float:
         with self._testable(p, check) as (size, _):
             ids = check.tokens(length=2 * size + 3, salt=3)
-            full = check.logits(check.surgered, ids)
+            full = check.logits(check.surgered, ids, use_cache=False)  # no cache at all, not a one-call prefill
             cached = self._decode(check.surgered, ids, prefill=max(1, size // 2 + 1))
             return check.max_rel(cached, full)
 
@@ -504,7 +232,7 @@ class Window:
             nonlocal violations
             for m in modules:
                 layer = cache.layers[m.layer_idx]
-                if not isinstance(layer, WindowLayer):
+                if not isinstance(layer, ProgramLayer):
                     violations += 1
                     continue
                 violations += int(layer.keys.shape[-2] != min(seen, size))
@@ -512,11 +240,93 @@ class Window:
 
         with self._testable(p, check) as (size, _):
             ids = check.tokens(batch=1, length=2 * size + 2, salt=5)
-            self._decode(check.surgered, ids, prefill=max(1, size // 2), each=inspect)
+            self._decode(check.surgered, ids, prefill=max(1, size // 2), each=inspect, surgery_record=True)
         return float(violations)
 
+    @obligation("a left-padded row equals the row alone (rel.)", tol=1e-5)
+    def padded_rows(self, p: WindowParams, check) -> float:
+        with self._testable(p, check) as (size, _):
+            return _padded_rows_error(check, check.surgered, length=2 * size + 5, pad=3)
 
-def _reference_sink_attention(module: nn.Module, x: torch.Tensor, size: int, sinks: int) -> torch.Tensor:
+    @obligation("program equals its dense reference (composed with the plan's rotary steps)", tol=1e-5)
+    def dense_reference(self, p: WindowParams, check) -> float:
+        model, composed = _composed(check)
+        L = getattr(check.config, "max_position_embeddings", 0) or 0
+        offset = L if composed else 0  # a composed (possibly dynamic) rope must be seen past L
+        errors = [0.0]
+        with self._testable(p, check, model) as (size, sinks):
+            tile = max(2, size // 3)
+            for k, n in enumerate((3 * tile, 3 * tile + 2, 2 * size + 5)):
+                errors.append(_layers_fast_vs_dense(check, model, n, tile, offset, salt=k))
+            ids = check.tokens(length=2 * size + 5, salt=6)
+            mask = torch.ones_like(ids)
+            mask[0, :3] = 0
+            pos = (torch.arange(ids.shape[1]) + offset)[None].expand(ids.shape[0], -1)
+            args = dict(attention_mask=mask, position_ids=pos)
+            errors.append(check.max_rel(check.logits(model, ids, surgery_tile=tile, **args)[mask.bool()],
+                                        check.logits(model, ids, surgery_reference=True, **args)[mask.bool()]))
+            if composed and sinks:  # past L, cached decoding must not drift from the full forward
+                ids = check.tokens(length=2 * size + 3, salt=7)
+                pos = (torch.arange(ids.shape[1]) + offset)[None].expand(ids.shape[0], -1)
+                full = check.logits(model, ids, position_ids=pos, use_cache=False)
+                errors.append(check.max_rel(self._decode(model, ids, prefill=size // 2 + 1, offset=offset), full))
+        return max(errors)
+
+
+def _composed(check):
+    """(model, composed): the surgered model, or — when the plan has rotary steps before this one —
+    a copy of the original with those steps and this one applied (the program as it will run)."""
+    from surgery.apply import apply_plan
+    from surgery.transforms.registry import Anchor as _Anchor
+
+    plan = getattr(check, "plan", None)
+    if plan is None:
+        return check.surgered, False
+    before = {s.index for s in plan.steps if s.spec.anchor is _Anchor.ROTARY and s.index < check.step.index}
+    if not before:
+        return check.surgered, False
+    model = copy.deepcopy(check.original)
+    apply_plan(plan.restricted(before | {check.step.index}), model, seed=check.seed)
+    return model.eval(), True
+
+
+def _layers_fast_vs_dense(check, model, n: int, tile: int, offset: int, salt: int) -> float:
+    """Each windowed layer on random hidden states (row 0 left-padded by 2): fast path vs dense reference."""
+    errors = [0.0]
+    rotary = rotary_ref(model)
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[0, :2] = False
+    for k, t in enumerate(check.targets):
+        module = model.get_submodule(t.path)
+        x = check.randn(2, n, check.config.hidden_size, salt=10 * salt + k)
+        kwargs = dict(attention_mask=keep[:, None, None, :])
+        if rotary is not None:
+            pos = (torch.arange(n) + offset)[None]
+            kwargs["position_embeddings"] = rotary()(x, pos)
+        with torch.no_grad():
+            fast = module(x, surgery_tile=tile, **kwargs)[0]
+            dense = module(x, surgery_reference=True, **kwargs)[0]
+        errors.append(check.max_rel(fast[keep], dense[keep]))
+    return max(errors)
+
+
+def _padded_rows_error(check, model, length: int, pad: int) -> float:
+    """max rel. error between a batch whose row 0 is left-padded and each row run alone (real tokens)."""
+    ids = check.tokens(batch=2, length=length, salt=8)
+    padded = torch.cat([torch.zeros(2, pad, dtype=ids.dtype), ids], dim=1)
+    padded[1] = torch.cat([ids[1], torch.zeros(pad, dtype=ids.dtype)])  # row 1 unpadded: its last columns are filler
+    mask = torch.ones_like(padded)
+    mask[0, :pad] = 0
+    mask[1, length:] = 0
+    # Row 1's trailing filler is padding on the right: causal attention never lets a real token see it.
+    # Positions count real tokens, as generate() derives them (absolute embeddings, e.g. GPT-2's, need it).
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = check.logits(model, padded, attention_mask=mask, position_ids=positions)
+    alone = [check.logits(model, ids[r:r + 1]) for r in range(2)]
+    return max(check.max_rel(got[0:1, pad:], alone[0]), check.max_rel(got[1:2, :length], alone[1]))
+
+
+def _reference_sink_attention(module: nn.Module, rotary: nn.Module, x: torch.Tensor, size: int, sinks: int) -> torch.Tensor:
     """Per query: gather the visible keys, place them at positions 0.. in order, the query last."""
     b, n, _ = x.shape
     hd = module.head_dim
@@ -525,14 +335,13 @@ def _reference_sink_attention(module: nn.Module, x: torch.Tensor, size: int, sin
     v = module.v_proj(x).view(b, n, -1, hd).transpose(1, 2).float()
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    rotary = module.surgery_window.rotary()
     rows = []
     for i in range(n):
         keys = [j for j in range(i + 1) if i - j < size - sinks or j < sinks]
         cos, sin = rotary(q, torch.arange(len(keys))[None])
         cos, sin = cos.float()[:, None], sin.float()[:, None]
-        qi = _rotate(q[:, :, i:i + 1], cos[:, :, -1:], sin[:, :, -1:])
-        ki = _rotate(k[:, :, keys], cos, sin)
+        qi = rotate(q[:, :, i:i + 1], cos[:, :, -1:], sin[:, :, -1:])
+        ki = rotate(k[:, :, keys], cos, sin)
         w = torch.softmax((qi @ ki.transpose(-1, -2)) * module.scaling, dim=-1)
         rows.append(w @ v[:, :, keys])
     out = torch.cat(rows, dim=2).transpose(1, 2).reshape(b, n, -1)

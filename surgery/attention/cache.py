@@ -1,0 +1,130 @@
+"""The cache layer of a program with a bounded cache policy.
+
+:class:`ProgramLayer` keeps, for the stream it has seen (columns 0 … end − 1), the head columns
+0 … head − 1 — every row's sinks: up to the largest left padding + sinks — and the most recent
+``size − sinks`` columns. In an unpadded batch that is exactly ``size`` keys; a left-padded batch
+keeps its padding columns before the sinks too (bounded by size + padding, fixed at prefill).
+With ``pre_rope`` (a sink frame) it stores keys before RoPE, un-rotated with the cos/sin the model
+used, and remembers the recent keys rotated in the frame so decoding rotates only the new ones.
+
+``update`` returns every key the call's queries may need (what was kept plus the new tokens) and
+records their layout (:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
+Per-call inputs arrive through ``kwargs["surgery_call"]`` (see :mod:`surgery.attention.implementation`);
+the layer belongs to one cache, i.e. to one generation, so nothing here is shared between calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surgery.attention.frame import Table, unrotate
+from surgery.attention.internals import DynamicLayer
+from surgery.attention.program import Bounded
+from surgery.errors import ApplyError
+
+
+class ProgramLayer(DynamicLayer):
+    is_sliding = False   # the mask is sized as for a full layer: one column per token of the stream
+    is_croppable = False
+
+    def __init__(self, policy: Bounded):
+        super().__init__()
+        self.policy = policy
+        self.cumulative_length = 0
+        self.head = 0              # stored positions 0 … head − 1 hold columns 0 … head − 1
+        self.start = 0             # the rest hold columns start … end − 1
+        self.head_span = None      # columns the head keeps (set by the first update: padding + sinks)
+        self.layout = (0, 0)       # (head, start) of the keys the last update returned
+        self.table: Table | None = None
+        self.keys2 = None          # the stored keys rotated in a frame (fast.frame_keys), at column − origin
+        self.returned2 = None      # the same for the keys the last update returned
+        self.origin = 0
+        self.max_distance = 0      # largest query–key distance attention used (when recorded)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kwargs=None, **rest):
+        call = (kwargs or {}).get("surgery_call")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        if self.head_span is None:
+            pad = 0 if call is None or call.pad is None else int(call.pad.max())
+            self.head_span = pad + self.policy.sinks if self.policy.sinks else 0
+        if self.policy.pre_rope:
+            if call is None or call.position_embeddings is None:
+                raise ApplyError("a pre-RoPE cache needs the cos/sin the attention module was called with")
+            cos, sin = call.position_embeddings
+            key_states = unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
+        new = key_states.shape[-2]
+        start_col = self.cumulative_length
+        end = start_col + new
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.layout = (self.head, self.start)
+        self.cumulative_length = end
+        framed = None
+        if self.policy.pre_rope and call.program.frame is not None:
+            framed = self._frame(call.program.frame, keys, key_states, start_col, end)
+        self.returned2 = framed
+        # Keep what a later query can see: the head, and the last size − sinks columns.
+        recent = max(end - (self.policy.size - self.policy.sinks), 0)
+        head = min(self.head_span, end)
+        if self.head == 0 and self.start == 0 and recent <= head:
+            self.keys, self.values = keys, values                      # nothing to evict yet
+            self.keys2 = framed
+        else:
+            at = recent if self.head == 0 and self.start == 0 else self.head + max(recent, self.start) - self.start
+            keep = lambda t: torch.cat([t[..., :head, :], t[..., at:, :]], dim=-2)  # noqa: E731
+            self.keys, self.values = keep(keys), keep(values)
+            self.keys2 = keep(framed) if framed is not None else None
+            self.head, self.start = head, max(recent, self.start) if (self.head or self.start) else recent
+        return keys, values
+
+    def _frame(self, frame, keys, new_keys, start_col: int, end: int):
+        """The returned keys rotated in the frame (see fast.frame_keys), rotating only the new ones;
+        rebased (all re-rotated from the pre-RoPE keys) when positions would pass 2·size."""
+        from surgery.attention.fast import frame_keys
+
+        table = self.frame_table(frame.rotary(), frame.size, new_keys)
+        head, start = self.layout
+        columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
+        if self.keys2 is None or end - self.origin > 2 * frame.size:
+            self.origin = start
+            return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin)
+        fresh = frame_keys(table, new_keys, columns[-new_keys.shape[-2]:], self.origin)
+        return torch.cat([self.keys2, fresh], dim=-2)
+
+    def columns(self) -> torch.Tensor:
+        """Columns (sequence indices) of the stored keys, in storage order."""
+        first = self.start if self.head or self.start else 0
+        return torch.cat([torch.arange(self.head), torch.arange(first, self.cumulative_length)])
+
+    def frame_table(self, rotary, size: int, like: torch.Tensor) -> Table:
+        if self.table is None:
+            self.table = Table.of(rotary, size, like)
+        return self.table
+
+    def frame_inputs(self):
+        """(keys of the last update rotated in the frame, origin), for the fast path."""
+        return self.returned2, self.origin
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # One mask column per token seen, as a full layer: the program picks its keys' columns.
+        return self.cumulative_length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1  # the stream may grow without bound; only the stored keys are bounded
+
+    def reset(self) -> None:
+        super().reset()
+        self.head = self.start = 0
+        self.head_span, self.table, self.keys2, self.returned2 = None, None, None, None
+        self.origin = 0
+        self.layout = (0, 0)
+        self.max_distance = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ApplyError("a bounded attention cache cannot be cropped: evicted tokens are gone "
+                         "(assisted decoding and similar rollbacks are not supported)")

@@ -1,0 +1,168 @@
+"""The fast execution of an attention program: query tiles, only the keys a tile can see, fused sdpa.
+
+For a tile of queries (columns a … b − 1) the program's rules bound how far back any of them looks
+(``Program.reach``), so the tile needs the key band max(0, a − reach + 1) … b − 1 only: memory is
+O(tile × (tile + reach)) per call, never O(N²), and time O(N · (tile + reach)) instead of O(N²).
+
+Two rotary frames in one tile (StreamingLLM's sinks: recent keys at their true distance, sinks at
+cache slots) are merged exactly by log-sum-exp: the recent band runs in torch's fused CPU flash
+kernel, which returns its log-sum-exp alongside the output (``internals.sdpa_with_lse``), and the
+sink scores (tile × sinks, small) are computed explicitly in the sink frame; then
+out = (e^{lse−m}·out_band + Σ e^{s−m}·v_sink) / (e^{lse−m} + Σ e^{s−m}), m the larger exponent.
+Two alternatives were measured and dropped: sinks as zero keys with their scores in an additive
+mask (needs a float mask per head, tile × reach × heads), and concatenated features
+([q_recent | q_sink] against [k | 0] and [0 | k_sink]), which doubles the head dimension and
+runs the CPU kernel 4× slower.
+Every rotation happens once per call, moving the model's rotated vectors straight into the frame
+(:func:`surgery.attention.frame.composite`).
+
+Obligation (tests/attention/test_fast.py and window's obligations): equals
+:func:`surgery.attention.reference.attend` on random inputs at lengths that are and are not
+multiples of the tile, for every stage combination the registry allows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from surgery.attention import internals
+from surgery.attention.frame import Table, composite, rotate
+from surgery.attention.keys import Inputs
+from surgery.attention.program import Program
+
+TILE = 256  # queries per tile: each query then visits tile + reach keys; large enough for sdpa to be efficient
+
+
+def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch.Tensor:
+    """Attention output [B, Tq, H, Dv]. `rotated`: (keys rotated in the recent frame, origin) that
+    a cache layer kept from earlier calls, so decoding rotates only its new keys."""
+    if _plain(program, x):  # causal attention, no padding: the fused kernel as transformers calls it
+        tq, tk = x.q.shape[-2], x.k.shape[-2]
+        out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
+                   enable_gqa=x.q.shape[1] != x.k.shape[1])
+        return out.transpose(1, 2)
+    framed = _framed(program, x, rotated) if program.frame is not None else None
+    tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
+    out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
+    return out.transpose(1, 2)
+
+
+def _plain(program: Program, x: Inputs) -> bool:
+    tq, tk = x.q.shape[-2], x.k.shape[-2]
+    return (not program.rules and program.frame is None and x.pad is None and x.key_ok is None
+            and x.given is None and x.head == 0 and (tq == tk or tq == 1))
+
+
+def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:
+    """Key positions [lo, hi) that the query tile [a, b) (indices into the call's queries) may see."""
+    hi = x.head + (x.q_start + b) - x.start
+    reach = program.reach()
+    if reach is None:
+        return 0, hi
+    first = max(x.q_start + a - reach + 1, 0)  # the earliest column any query of the tile reaches
+    return (first if first < x.head else x.head + max(first, x.start) - x.start), hi
+
+
+def frame_keys(table: Table, keys: torch.Tensor, columns: torch.Tensor, origin: int, cos=None, sin=None):
+    """Keys rotated in the recent frame, at column − origin; `cos`/`sin`: the model's rotation of
+    `keys` (None: pre-RoPE keys)."""
+    c, s = composite(*table.at(columns - origin), cos, sin)
+    return rotate(keys.float(), c, s)
+
+
+def _framed(program: Program, x: Inputs, rotated):
+    """Per call: queries in the recent and the sink frame, keys in the recent frame, the sinks."""
+    frame, table = program.frame, x.table
+    pad = x.pads()
+    q_cols = x.query_columns()
+    cos, sin = x.cos.float(), x.sin.float()                                 # [B, Tq, D]
+    if rotated is not None:
+        keys2, origin = rotated
+    else:
+        origin = 0
+        keys2 = frame_keys(table, x.k, x.key_columns(), 0, *((None, None) if x.k_raw else (cos[:, None], sin[:, None])))
+    c, s = composite(*table.at(q_cols - origin), cos, sin)
+    slots = (q_cols[None, :] - pad[:, None]).clamp(0, frame.size - 1)      # the query's cache slot
+    cs, ss = composite(*table.at(slots), cos, sin)
+    q = x.q.float()
+    return rotate(q, c[:, None], s[:, None]), rotate(q, cs[:, None], ss[:, None]), keys2, _sinks(program, x)
+
+
+def _sinks(program: Program, x: Inputs):
+    """(keys rotated at their slots [B, Hkv, S, D], values, present [B, S]): every row's sinks,
+    columns pad_b … pad_b + S − 1."""
+    frame = program.frame
+    s = torch.arange(frame.sinks, device=x.k.device)
+    columns = x.pads()[:, None] + s[None]                                  # [B, S]
+    stored = (columns < x.head) | ((columns >= x.start) & (columns < x.end))  # seen, and not evicted
+    present = stored & (columns < x.end)
+    positions = x.position_of(columns).clamp(0, x.k.shape[-2] - 1)
+    index = positions[:, None, :, None]
+    keys = torch.gather(x.k, 2, index.expand(-1, x.k.shape[1], -1, x.k.shape[-1]))
+    values = torch.gather(x.v, 2, index.expand(-1, x.v.shape[1], -1, x.v.shape[-1]))
+    if x.key_ok is not None:
+        present = present & torch.gather(x.key_ok, 1, positions)
+    given = (None, None)
+    if not x.k_raw:  # model-rotated keys (a full forward): the model's rotation at those columns
+        at = (columns - x.q_start).clamp(0, x.cos.shape[1] - 1)[..., None].expand(-1, -1, x.cos.shape[-1])
+        batch = (columns.shape[0], -1, -1)  # position ids may be shared by the batch ([1, T])
+        given = (torch.gather(x.cos.float().expand(*batch), 1, at)[:, None],
+                 torch.gather(x.sin.float().expand(*batch), 1, at)[:, None])
+    c, si = composite(*x.table.at(s), *given)
+    return rotate(keys.float(), c, si), values, present
+
+
+def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
+    lo, hi = _band(program, x, a, b)
+    device = x.q.device
+    k_pos = torch.arange(lo, hi, device=device)
+    k_cols = torch.where(k_pos < x.head, k_pos, k_pos - x.head + x.start)
+    q_cols = torch.arange(x.q_start + a, x.q_start + b, device=device)
+    pad = x.pads()[:, None, None]
+    i = q_cols[None, :, None] - pad                                        # [B, t, 1]
+    j = k_cols[None, None, :] - pad                                        # [B, 1, n]
+    visible = program.visible(i, j) & (j >= 0)
+    if x.key_ok is not None:
+        visible = visible & x.key_ok[:, lo:hi][:, None, :]
+    if program.frame is not None:
+        visible = visible & (j >= program.frame.sinks)                     # sinks come through their own frame
+    if x.pad is not None:
+        visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
+    given = None
+    if x.given is not None:
+        given = x.given[..., a:b, :][..., lo:hi]
+        if given.dtype == torch.bool:
+            visible, given = visible & given[:, 0], None
+    if program.frame is None:
+        q, k, v = x.q[..., a:b, :], x.k[..., lo:hi, :], x.v[..., lo:hi, :]
+        mask = visible[:, None] if given is None else torch.where(visible[:, None], given.to(q.dtype), float("-inf"))
+        return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=q.shape[1] != k.shape[1])
+    q_rec, q_sink, keys, (sink_k, sink_v, present) = framed
+    q_rec, q_sink = q_rec[..., a:b, :], q_sink[..., a:b, :]
+    B, H, t, D = q_sink.shape
+    hkv, S = sink_k.shape[1], program.frame.sinks
+    groups = H // hkv
+    s = torch.arange(S, device=device)
+    sink_ok = present[:, None, :] & (s[None, None, :] <= i)                # [B, t, S]: sink s exists for query i
+    # Sinks: explicit scores in their frame (t × S per head, small).
+    scores = (q_sink.view(B, hkv, groups, t, D) @ sink_k[:, :, None].transpose(-1, -2)).view(B, H, t, S) * x.scaling
+    scores = scores.masked_fill(~sink_ok[:, None], float("-inf"))
+    # Recent band: the fused kernel, which also returns its log-sum-exp.
+    band = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
+    if given is not None:
+        band = band + given[:, 0].float()
+    k_band = keys[..., lo:hi, :].repeat_interleave(groups, dim=1) if groups > 1 else keys[..., lo:hi, :]
+    v_band = x.v[..., lo:hi, :].float()
+    v_band = v_band.repeat_interleave(groups, dim=1) if groups > 1 else v_band
+    out, lse = internals.sdpa_with_lse(q_rec, k_band, v_band, band[:, None], x.scaling)
+    empty = ~visible.any(-1)[:, None]                                     # a query whose band is all masked (only sinks)
+    lse = lse.masked_fill(empty, float("-inf"))
+    out = out.masked_fill(empty[..., None], 0.0)
+    # Log-sum-exp merge: softmax over the union of both parts, exactly.
+    top = torch.maximum(lse, scores.amax(-1)).clamp(min=torch.finfo(torch.float32).min)[..., None]
+    w_band = torch.exp(lse[..., None] - top)                              # [B, H, t, 1]
+    w_sink = torch.exp(scores - top)                                      # [B, H, t, S]
+    sinks = w_sink.view(B, hkv, groups, t, S) @ sink_v.float()[:, :, None]
+    merged = (w_band * out + sinks.view(B, H, t, -1)) / (w_band + w_sink.sum(-1, keepdim=True))
+    return merged.to(x.v.dtype)

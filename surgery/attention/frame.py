@@ -1,0 +1,94 @@
+"""Rotary frames: where queries and keys are rotated, and the float32 helpers that move between frames.
+
+RoPE rotates each pair of a head vector by an angle m·θ_i at position m. Writing J for
+``rotate_half`` (J² = −1 on every pair), rotating x at m is ``x·cos_m + J(x)·sin_m``. A score
+``q_m · k_n`` depends on m − n only while the frequencies θ_i are fixed, which is what lets a stage
+place queries and keys at positions of its choosing (a *frame*):
+
+* the **absolute frame**: positions as the model computed them (``position_ids``); the program
+  uses the rotated queries and keys it is handed.
+* a **table frame** (StreamingLLM's cache positions): positions inside a cache of ``size`` slots.
+  The rotary module is called once with positions 0 … size − 1, so a dynamic rotary computes its
+  frequencies for a context of ``size`` tokens — the same in a full forward and in every decoding
+  step. Positions past the table (a tile of queries with its band of keys spans tile + size) are
+  reached by composing rotations: R(a + b) = R(a)·R(b) for the table's frequencies.
+
+Queries and keys arrive rotated by the model (whatever its rotary did for that call); they are
+un-rotated with the exact cos/sin the model used, then rotated in the frame. All of it in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def unrotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x from y = (c + sJ)x: x = (c − sJ)y / (c² + s²); the division also undoes a rotary's
+    attention scaling (YaRN multiplies cos and sin by it). Float32."""
+    cos, sin, y = cos.float(), sin.float(), y.float()
+    return (y * cos - rotate_half(y) * sin) / (cos * cos + sin * sin)
+
+
+class Table:
+    """cos/sin of a table frame: the rotary called once at positions 0 … size − 1 (float32).
+
+    ``at(positions)`` gives cos/sin at any non-negative positions, extending the table by composing
+    with the rotation at size − 1 (angle addition) where a position lies beyond it."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        # [size, dim] each; the rotary's own scaling factor (YaRN) is |(cos, sin)| at position 0.
+        self.cos, self.sin = cos.float(), sin.float()
+        self.scale = self.cos[0:1]  # cos(0)·f = f per dimension
+
+    @classmethod
+    def of(cls, rotary, size: int, like: torch.Tensor) -> "Table":
+        positions = torch.arange(size, device=like.device)[None]
+        with torch.no_grad():
+            cos, sin = rotary(like.float(), positions)
+        return cls(cos[0], sin[0])
+
+    def __len__(self) -> int:
+        return self.cos.shape[0]
+
+    def extend(self, n: int) -> "Table":
+        """This table grown to at least `n` positions (itself when long enough)."""
+        if n <= len(self):
+            return self
+        cos, sin = [self.cos], [self.sin]
+        size = self.cos.shape[0]
+        step_cos, step_sin = self.cos[-1:] / self.scale, self.sin[-1:] / self.scale  # unit rotation at size − 1
+        base_cos, base_sin = self.cos[1:], self.sin[1:]
+        total = size
+        last_cos, last_sin = step_cos, step_sin  # unit rotation at the last position reached
+        while total < n:
+            # positions total … total + size − 2 are (last) + r for r in 1 … size − 1
+            cos.append(base_cos * last_cos - base_sin * last_sin)
+            sin.append(base_sin * last_cos + base_cos * last_sin)
+            last_cos, last_sin = cos[-1][-1:] / self.scale, sin[-1][-1:] / self.scale
+            total += size - 1
+        return Table(torch.cat(cos), torch.cat(sin))
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at `positions` (any shape, non-negative), shape positions.shape + [dim]."""
+        table = self.extend(int(positions.max()) + 1) if positions.numel() else self
+        return table.cos[positions], table.sin[positions]
+
+
+def composite(cos: torch.Tensor, sin: torch.Tensor, given_cos=None, given_sin=None):
+    """cos/sin of R(cos, sin) ∘ R(given)⁻¹: moves a vector the model rotated with (given_cos,
+    given_sin) straight into the frame, in one rotation instead of un-rotating and rotating again.
+    R(a)·R(b)⁻¹ = (c_a c_b + s_a s_b + (s_a c_b − c_a s_b)J) / (c_b² + s_b²), since J² = −1."""
+    if given_cos is None:
+        return cos, sin
+    gc, gs = given_cos.float(), given_sin.float()
+    norm = gc * gc + gs * gs
+    return (cos * gc + sin * gs) / norm, (sin * gc - cos * gs) / norm

@@ -1,0 +1,175 @@
+"""Installing programs on attention modules, and the one attention implementation that runs them.
+
+:func:`install` adds a stage to the program of each given attention module, through the ``Edit``
+journal: the program is a module attribute (``surgery_attention``), a forward pre-hook prepares
+each call, and the model is switched with transformers' public ``set_attn_implementation`` to
+``"surgery"``, registered (attention function and mask function) the first time a program is
+installed, not when this module is imported. Rolling the edit back restores the previous
+implementation. Attention modules without a program run plain causal attention under the same name.
+
+Per-call state is explicit: the pre-hook adds ``surgery_call`` (a :class:`Call`) to the module's
+keyword arguments; transformers hands them on to the cache layer's ``update`` and to the attention
+function. Nothing is stored on modules or in globals per call, so threads may share a model.
+Options a caller may pass to the model (they reach the pre-hook the same way):
+``surgery_reference=True`` runs the dense reference, ``surgery_tile=n`` sets the fast path's tile,
+``surgery_record=True`` records the largest query–key distance on bounded cache layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from surgery.attention import fast, internals, reference
+from surgery.attention.cache import ProgramLayer
+from surgery.attention.frame import Table
+from surgery.attention.keys import Inputs
+from surgery.attention.program import Program, Stage
+from surgery.errors import ApplyError
+
+NAME = "surgery"
+ATTR = "surgery_attention"
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one attention call needs besides q, k, v (built by the pre-hook, passed as a kwarg)."""
+
+    program: Program
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    layer: ProgramLayer | None = None
+    pad: torch.Tensor | None = None     # [B] first real column of each row
+    reference: bool = False
+    tile: int = fast.TILE
+    record: bool = False
+
+
+# ------------------------------------------------------------------------------ per call
+
+
+def _pads(mask) -> torch.Tensor | None:
+    """First real column per row, from our key-padding mask ([B, 1, 1, K] bool)."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[2] == 1:
+        return mask[:, 0, 0].int().argmax(-1)
+    return None
+
+
+def before_attention(module: nn.Module, args, kwargs):
+    """Forward pre-hook of a module with a program: its cache layer, and the call's state as a kwarg."""
+    program: Program = getattr(module, ATTR).active(module.training)
+    options = {k: kwargs.pop(f"surgery_{k}") for k in ("reference", "tile", "record") if f"surgery_{k}" in kwargs}
+    cache = internals.cache_of(kwargs)
+    layer = None
+    if cache is not None and program.cache is not None:
+        layers = internals.cache_layers(cache, module.layer_idx)
+        layer = layers[module.layer_idx]
+        if not isinstance(layer, ProgramLayer):
+            if layer.get_seq_length() > 0:
+                raise ApplyError(f"the KV cache already holds {layer.get_seq_length()} tokens for layer "
+                                 f"{module.layer_idx} that were cached without {program.describe()}; "
+                                 "start from an empty cache")
+            layer = layers[module.layer_idx] = ProgramLayer(program.cache)
+        elif layer.policy != program.cache:
+            raise ApplyError(f"the KV cache of layer {module.layer_idx} was built for {layer.policy}, "
+                             f"not {program.cache}")
+    call = Call(program, kwargs.get("position_embeddings"), layer, _pads(kwargs.get("attention_mask")), **options)
+    return args, {**kwargs, "surgery_call": call}
+
+
+def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,
+              surgery_call: Call | None = None, **kwargs):
+    """The ``surgery`` attention implementation: run the module's program (plain attention if none)."""
+    call = surgery_call or Call(Program())
+    program, layer = call.program, call.layer
+    head, start = layer.layout if layer is not None else (0, 0)
+    if layer is None:
+        start = 0
+    scaling = scaling if scaling is not None else module.scaling
+    pad, key_ok, given = _pads(attention_mask), None, None
+    if pad is not None:
+        columns = attention_mask[:, 0, 0]
+        key_ok = torch.cat([columns[:, :head], columns[:, start:start + key.shape[-2] - head]], dim=-1)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
+        given = attention_mask[..., :key.shape[-2]]  # a 4D mask the caller built: honoured as given
+    x = Inputs(query, key, value, scaling, head=head, start=start, pad=pad, key_ok=key_ok, given=given,
+               dropout=dropout if module.training else 0.0)
+    rotated = None
+    frame = program.frame
+    if frame is not None:
+        if call.position_embeddings is None:
+            raise ApplyError(f"{program.describe()} needs the rotary cos/sin passed to the attention module")
+        x.cos, x.sin = call.position_embeddings
+        x.k_raw = layer is not None and layer.policy.pre_rope
+        x.table = (layer.frame_table(frame.rotary(), frame.size, query) if layer is not None
+                   else Table.of(frame.rotary(), frame.size, query))
+        if x.k_raw:
+            rotated = layer.frame_inputs()
+    if layer is not None and call.record:
+        layer.max_distance = max(layer.max_distance, _max_distance(program, x))
+    if call.reference:
+        out = reference.attend(program, x)
+    else:
+        out = fast.attend(program, x, tile=call.tile, rotated=rotated)
+    return out, None
+
+
+def _max_distance(program: Program, x: Inputs) -> int:
+    """Largest distance between a query and a key it sees, in the positions its rotary frame uses."""
+    pad = x.pads()[:, None, None]
+    i = x.query_columns()[None, :, None] - pad
+    j = x.key_columns()[None, None, :] - pad
+    visible = program.visible(i, j) & (j >= 0) & (i >= 0)
+    distance = i - j
+    if program.frame is not None:  # sinks sit at their slots, the query at min(i, size − 1)
+        distance = torch.where(j < program.frame.sinks, i.clamp(max=program.frame.size - 1) - j, distance)
+    return int(distance[visible].max()) if visible.any() else 0
+
+
+def key_padding(batch_size=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0,
+                attention_mask=None, **kwargs):
+    """The ``surgery`` mask function: the 2D padding mask as [B, 1, 1, K] bool (None without padding).
+
+    Programs apply causality and their rules themselves, per tile, so no [Q, K] mask is built."""
+    if attention_mask is None:
+        return None
+    columns = attention_mask[:, kv_offset:kv_offset + kv_length].bool()
+    if columns.shape[-1] < kv_length:  # a mask shorter than the stream: the missing columns are real
+        columns = torch.nn.functional.pad(columns, (0, kv_length - columns.shape[-1]), value=True)
+    return columns[:, None, None, :]
+
+
+# ------------------------------------------------------------------------------ installing
+
+
+def ensure_registered() -> None:
+    with _LOCK:
+        if not internals.registered(NAME):
+            internals.register(NAME, attention, key_padding)
+
+
+def install(edit, model: nn.Module, modules: list[nn.Module], stage: Stage) -> None:
+    """Add `stage` to the program of each of `modules` and run `model` on the ``surgery`` implementation."""
+    if not internals.can_switch(model):
+        raise ApplyError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                         "AttentionInterface, so attention stages cannot be installed")
+    for module in modules:
+        program = getattr(module, ATTR, None)
+        if program is None:
+            edit.set_attr(module, ATTR, Program((stage,)))
+            edit.hook(module.register_forward_pre_hook(before_attention, with_kwargs=True))
+        else:
+            try:
+                edit.set_attr(module, ATTR, program.then(stage))
+            except ValueError as e:
+                raise ApplyError(str(e)) from None
+    current = model.config._attn_implementation
+    if current != NAME:
+        ensure_registered()
+        model.set_attn_implementation(NAME)
+        edit.on_rollback(lambda: model.set_attn_implementation(current))
+        if model.config._attn_implementation != NAME:
+            raise ApplyError(f"{type(model).__name__} did not switch to the '{NAME}' attention implementation")

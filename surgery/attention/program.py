@@ -1,0 +1,187 @@
+"""The attention program: what every attention-level transform contributes to one attention module.
+
+A program is an ordered tuple of :class:`Stage` s. Each stage may add
+
+* **mask rules** (:class:`MaskRule`): key j is visible to query i iff *every* rule allows it (AND),
+  on top of causality and padding. Indices are *stream* indices: counted from each row's first
+  real token, so a left-padded row behaves like the same row alone.
+* a **frame** (:class:`SinkFrame`): where queries and keys are rotated. Without one, the absolute
+  frame: the model's own rotation (see :mod:`surgery.attention.frame`).
+* a **cache policy** (:class:`Bounded`): what the KV cache keeps. Without one, everything
+  (transformers' own cache layer).
+* ``train_only``: the stage acts only while the module is training (``module.training``).
+
+Stages say what they claim: a frame and a cache policy are exclusive slots, so two stages that
+both set one are a clash (:func:`clashes`), reported by the planner with both spans instead of
+letting the last writer win. Mask rules never clash: they combine by AND.
+
+The program is data; :mod:`surgery.attention.reference` (dense, the obligations' oracle) and
+:mod:`surgery.attention.fast` (tiled, O(tile × reach) memory) execute it. A new attention
+technique is one file that builds a stage (see docs/attention.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class MaskRule(Protocol):
+    """A visibility rule over stream indices (0 = each row's first real token)."""
+
+    def visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Bool, broadcast of i (queries) against j (keys): may query i see key j (given j ≤ i)?"""
+
+    def reach(self) -> int | None:
+        """How far back a query sees outside its sinks: key j needs i − j < reach (None: unbounded).
+        The fast path visits only these keys (plus the frame's sinks)."""
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """visible(i, j) ⇔ i − j < size − sinks  or  j < sinks (Mistral's window when sinks = 0)."""
+
+    size: int
+    sinks: int = 0
+
+    def visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        return (i - j < self.size - self.sinks) | (j < self.sinks)
+
+    def reach(self) -> int:
+        return self.size - self.sinks
+
+
+@dataclass(frozen=True)
+class SinkFrame:
+    """StreamingLLM's frame: for query i the visible keys sit at cache slots 0, 1, … in order and the
+    query at the last slot, min(i, size − 1). A recent key keeps its distance i − j; sink j < sinks
+    sits at slot j. Positions come from a table of ``size`` slots (``Table.of(rotary(), size)``)."""
+
+    size: int
+    sinks: int
+    rotary: object  # callable returning the rotary module (RotaryRef), resolved at call time
+
+
+@dataclass(frozen=True)
+class Bounded:
+    """A KV cache keeping the first ``sinks`` tokens of each row and the most recent ``size − sinks``.
+    With ``pre_rope`` keys are cached before RoPE (a frame re-rotates them)."""
+
+    size: int
+    sinks: int = 0
+    pre_rope: bool = False
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One transform's contribution to a program (see the module docstring)."""
+
+    owner: str                       # e.g. "window(16, sinks=4)"
+    span: object = None              # the spec position, for clash reports
+    rules: tuple = ()                # MaskRule…
+    frame: SinkFrame | None = None
+    cache: Bounded | None = None
+    train_only: bool = False
+
+    def claims(self) -> tuple[str, ...]:
+        return tuple(slot for slot in ("frame", "cache") if getattr(self, slot) is not None)
+
+
+@dataclass(frozen=True)
+class Clash:
+    slot: str
+    first: Stage
+    second: Stage
+
+    def message(self) -> str:
+        return (f"{self.second.owner} and {self.first.owner} both set the attention {self.slot} "
+                f"of the same module; an attention module has one {self.slot}")
+
+
+def clashes(stages) -> list[Clash]:
+    """Every pair of stages claiming the same exclusive slot (in order)."""
+    found, owner = [], {}
+    for stage in stages:
+        for slot in stage.claims():
+            if slot in owner:
+                found.append(Clash(slot, owner[slot], stage))
+            else:
+                owner[slot] = stage
+    return found
+
+
+@dataclass(frozen=True)
+class Program:
+    stages: tuple[Stage, ...] = field(default=())
+
+    def then(self, stage: Stage) -> "Program":
+        program = Program((*self.stages, stage))
+        found = clashes(program.stages)
+        if found:
+            raise ValueError(found[0].message())
+        return program
+
+    def active(self, training: bool) -> "Program":
+        """The stages that act in this mode (train-only stages drop out at inference)."""
+        if training or not any(s.train_only for s in self.stages):
+            return self
+        return Program(tuple(s for s in self.stages if not s.train_only))
+
+    @property
+    def rules(self) -> tuple:
+        return tuple(r for s in self.stages for r in s.rules)
+
+    @property
+    def frame(self) -> SinkFrame | None:
+        return next((s.frame for s in self.stages if s.frame is not None), None)
+
+    @property
+    def cache(self) -> Bounded | None:
+        return next((s.cache for s in self.stages if s.cache is not None), None)
+
+    def reach(self) -> int | None:
+        """The smallest reach of the rules (None: some query may see every earlier key)."""
+        reaches = [r.reach() for r in self.rules if r.reach() is not None]
+        return min(reaches) if reaches else None
+
+    def visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Causality AND every rule, on stream indices (broadcast)."""
+        ok = j <= i
+        for rule in self.rules:
+            ok = ok & rule.visible(i, j)
+        return ok
+
+    def describe(self) -> str:
+        return " + ".join(s.owner for s in self.stages) or "plain attention"
+
+
+def plan_clashes(steps) -> list:
+    """Spec errors for attention stages of a plan that clash on one module, each with both spans.
+
+    `steps` are plan steps; a transform contributes a stage through ``stage(params, span)``. The
+    same transform twice on a module is the planner's own error, so it is not repeated here."""
+    from surgery.errors import SpecError
+    from surgery.transforms.registry import AttentionStage
+
+    by_module: dict[str, list[tuple[object, Stage]]] = {}
+    for step in steps:
+        contributes = step.spec.offers(AttentionStage)
+        if contributes is None:
+            continue
+        stage = contributes.stage(step.params, span=step.span)
+        for target in step.targets:
+            by_module.setdefault(target.path, []).append((step, stage))
+    errors, reported = [], set()
+    for path, entries in by_module.items():
+        step_of = {id(stage): step for step, stage in entries}
+        for clash in clashes([stage for _, stage in entries]):
+            first, second = step_of[id(clash.first)], step_of[id(clash.second)]
+            if first.transform == second.transform or (first.index, second.index) in reported:
+                continue
+            reported.add((first.index, second.index))
+            other = first.span
+            errors.append(SpecError(f"{clash.message()} ({path}); the other is at "
+                                    f"{other.file}:{other.line}:{other.column}\n{other.render()}", second.span))
+    return errors

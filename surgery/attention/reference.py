@@ -1,0 +1,57 @@
+"""The dense reference execution of an attention program: every score, written out (slow, readable).
+
+For row b, query column i and key column j, with stream indices i' = i − pad_b, j' = j − pad_b:
+
+    visible  = j ≤ i  and  j' ≥ 0  and  key j is real  and  every rule(i', j')
+    score    = q_i · k_j · scaling                          (absolute frame: as the model rotated them)
+    score    = R(i)q_i · R(j)k_j · scaling                  (sink frame, recent key: true distance)
+    score    = R(min(i', size−1))q_i · R(j')k_j · scaling   (sink frame, sink j' < sinks: cache slots)
+    out_i    = softmax over visible j of score, times v_j
+
+A padding query row (i' < 0) sees only itself, so it stays finite. This builds [B, H, Tq, Tk]
+tensors: it is the obligations' oracle, never the path a forward takes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from surgery.attention.frame import rotate
+from surgery.attention.keys import Inputs
+from surgery.attention.program import Program
+
+
+def attend(program: Program, x: Inputs) -> torch.Tensor:
+    """Attention output [B, Tq, H, Dv] (transformers' layout)."""
+    groups = x.q.shape[1] // x.k.shape[1]
+    q, k = x.raw() if program.frame is not None else (x.q, x.k)
+    k = k.repeat_interleave(groups, dim=1)
+    v = x.v.repeat_interleave(groups, dim=1)
+    q_cols, k_cols = x.query_columns(), x.key_columns()
+    pad = x.pads()[:, None, None]
+    i = q_cols[None, :, None] - pad                         # [B, Tq, 1] stream index of each query
+    j = k_cols[None, None, :] - pad                         # [B, 1, Tk] stream index of each key
+    visible = program.visible(i, j) & (j >= 0)
+    if x.key_ok is not None:
+        visible = visible & x.key_ok[:, None, :]
+    visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))  # padding rows see themselves
+    frame = program.frame
+    if frame is None:
+        scores = q @ k.transpose(-1, -2)
+    else:
+        cos_q, sin_q = x.table.at(q_cols)
+        cos_k, sin_k = x.table.at(k_cols)
+        recent = rotate(q, cos_q, sin_q) @ rotate(k, cos_k, sin_k).transpose(-1, -2)
+        cos_qs, sin_qs = x.table.at(i[..., 0].clamp(0, frame.size - 1))   # [B, Tq, D]
+        cos_ks, sin_ks = x.table.at(j[:, 0].clamp(min=0))                 # [B, Tk, D]
+        sink = rotate(q, cos_qs[:, None], sin_qs[:, None]) @ rotate(k, cos_ks[:, None], sin_ks[:, None]).transpose(-1, -2)
+        scores = torch.where((j < frame.sinks)[:, None], sink, recent)
+    scores = scores.float() * x.scaling
+    if x.given is not None:
+        visible = visible & x.given.bool() if x.given.dtype == torch.bool else visible
+        if x.given.dtype != torch.bool:
+            scores = scores + x.given.float()
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    out = weights @ v.float()
+    return out.transpose(1, 2).to(x.q.dtype if frame is None else x.v.dtype)

@@ -1,0 +1,66 @@
+"""Programs: rules combine by AND, exclusive slots clash (and the planner reports both spans),
+train-only stages drop out at inference."""
+
+import pytest
+import torch
+
+from surgery.attention.program import Bounded, Program, SinkFrame, Stage, WindowRule, clashes
+from surgery.errors import SpecErrors
+from surgery.models import tiny
+from surgery.planner import build_plan
+from surgery.syntax import parse
+from surgery.transforms import registry
+from surgery.transforms.registry import Anchor, Params, obligation, transform
+
+
+def test_rules_combine_by_and_with_causality():
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    both = Program((Stage("a", rules=(WindowRule(6),)), Stage("b", rules=(WindowRule(8, 2),))))
+    want = (j <= i) & (i - j < 6) & ((i - j < 6) | (j < 2))
+    assert torch.equal(both.visible(i, j), want)
+    assert both.reach() == 6
+
+
+def test_exclusive_slots_clash_and_rules_do_not():
+    a = Stage("window(8, sinks=2)", rules=(WindowRule(8, 2),), frame=SinkFrame(8, 2, None), cache=Bounded(8, 2))
+    b = Stage("other_cache()", cache=Bounded(4))
+    c = Stage("mask_only()", rules=(WindowRule(4),))
+    assert [(x.slot, x.first.owner, x.second.owner) for x in clashes([a, c, b])] == [
+        ("cache", "window(8, sinks=2)", "other_cache()")]
+    with pytest.raises(ValueError, match="other_cache\\(\\) and window\\(8, sinks=2\\) both set the attention cache"):
+        Program((a, c)).then(b)
+
+
+def test_train_only_stages_act_only_in_training():
+    shift = Stage("s2attn()", rules=(WindowRule(4),), train_only=True)
+    program = Program((Stage("window(8)", rules=(WindowRule(8),)), shift))
+    assert program.active(training=True) is program
+    assert [s.owner for s in program.active(training=False).stages] == ["window(8)"]
+
+
+def test_planner_reports_a_clash_with_both_spans():
+    class BoundedParams(Params):
+        size: int
+
+    @transform("fake_bounded", params=BoundedParams, anchor=Anchor.ATTENTION, positional=("size",),
+               reference="test")
+    class FakeBounded:
+        def stage(self, p, span=None):
+            return Stage(f"fake_bounded({p.size})", span, cache=Bounded(p.size))
+
+        def apply(self, p, model, targets, edit):  # planning never gets here: the clash is refused first
+            raise AssertionError("a clashing plan was applied")
+
+        @obligation("none", tol=0.0)
+        def nothing(self, p, check):
+            return 0.0
+
+    try:
+        with pytest.raises(SpecErrors) as e:
+            build_plan(parse("attn: window(8)\nlayers[1].attn: fake_bounded(4)"), tiny("llama"))
+        message = str(e.value)
+        assert "fake_bounded(4) and window(8) both set the attention cache" in message
+        assert "<spec>:2:17" in message and "<spec>:1:7" in message  # both spans
+        build_plan(parse("layers[0].attn: window(8)\nlayers[1].attn: fake_bounded(4)"), tiny("llama"))  # disjoint: fine
+    finally:
+        registry.REGISTRY.pop("fake_bounded", None)
