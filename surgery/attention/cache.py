@@ -89,8 +89,8 @@ class ProgramLayer(DynamicLayer):
         columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
         if self.keys2 is None or end - self.origin > 2 * frame.size:
             self.origin = start
-            return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin)
-        fresh = frame_keys(table, new_keys, columns[-new_keys.shape[-2]:], self.origin)
+            return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin, end)
+        fresh = frame_keys(table, new_keys, columns[-new_keys.shape[-2]:], self.origin, end)
         return torch.cat([self.keys2, fresh], dim=-2)
 
     def columns(self) -> torch.Tensor:

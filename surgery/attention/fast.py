@@ -64,10 +64,10 @@ def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:
     return (first if first < x.head else x.head + max(first, x.start) - x.start), hi
 
 
-def frame_keys(table: Table, keys: torch.Tensor, columns: torch.Tensor, origin: int, cos=None, sin=None):
+def frame_keys(table: Table, keys: torch.Tensor, columns: torch.Tensor, origin: int, end: int, cos=None, sin=None):
     """Keys rotated in the recent frame, at column − origin; `cos`/`sin`: the model's rotation of
-    `keys` (None: pre-RoPE keys)."""
-    c, s = composite(*table.at(columns - origin), cos, sin)
+    `keys` (None: pre-RoPE keys); `end` bounds the columns (a Python int)."""
+    c, s = composite(*table.at(columns - origin, bound=end - origin), cos, sin)
     return rotate(keys.float(), c, s)
 
 
@@ -81,10 +81,10 @@ def _framed(program: Program, x: Inputs, rotated):
         keys2, origin = rotated
     else:
         origin = 0
-        keys2 = frame_keys(table, x.k, x.key_columns(), 0, *((None, None) if x.k_raw else (cos[:, None], sin[:, None])))
-    c, s = composite(*table.at(q_cols - origin), cos, sin)
+        keys2 = frame_keys(table, x.k, x.key_columns(), 0, x.end, *((None, None) if x.k_raw else (cos[:, None], sin[:, None])))
+    c, s = composite(*table.at(q_cols - origin, bound=x.end - origin), cos, sin)
     slots = (q_cols[None, :] - pad[:, None]).clamp(0, frame.size - 1)      # the query's cache slot
-    cs, ss = composite(*table.at(slots), cos, sin)
+    cs, ss = composite(*table.at(slots, bound=frame.size), cos, sin)
     q = x.q.float()
     return rotate(q, c[:, None], s[:, None]), rotate(q, cs[:, None], ss[:, None]), keys2, _sinks(program, x)
 
@@ -109,7 +109,7 @@ def _sinks(program: Program, x: Inputs):
         batch = (columns.shape[0], -1, -1)  # position ids may be shared by the batch ([1, T])
         given = (torch.gather(x.cos.float().expand(*batch), 1, at)[:, None],
                  torch.gather(x.sin.float().expand(*batch), 1, at)[:, None])
-    c, si = composite(*x.table.at(s), *given)
+    c, si = composite(*x.table.at(s, bound=frame.sinks), *given)
     return rotate(keys.float(), c, si), values, present
 
 

@@ -77,9 +77,14 @@ class Table:
             total += size - 1
         return Table(torch.cat(cos), torch.cat(sin))
 
-    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin at `positions` (any shape, non-negative), shape positions.shape + [dim]."""
-        table = self.extend(int(positions.max()) + 1) if positions.numel() else self
+    def at(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin at `positions` (any shape, non-negative), shape positions.shape + [dim].
+
+        `bound`: a Python int above every position, when the caller knows one (the fast path always
+        does): then no tensor value decides the table's size, so torch.export can capture the call."""
+        if bound is None:
+            bound = int(positions.max()) + 1 if positions.numel() else 0
+        table = self.extend(bound)
         return table.cos[positions], table.sin[positions]
 
 
