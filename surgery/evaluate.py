@@ -426,7 +426,7 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
             progress(description, done, total)
         done += 1
 
-    for label, spec in zip(labels, [None, *parsed]):
+    for done_specs, (label, spec) in enumerate(zip(labels, [None, *parsed]), start=1):
         working = model
         if spec is not None:
             report(f"{label}: compiling")
@@ -445,7 +445,7 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
         rows.extend(by_length[n] for n in sorted(by_length))
         del working
         if partial:
-            partial(Evaluation(L, 0 if ids is None else ids.numel(), seed, labels[:len({r.spec for r in rows})], rows))
+            partial(Evaluation(L, 0 if ids is None else ids.numel(), seed, labels[:done_specs], list(rows)))
     if progress:
         progress("done", total, total)
     return Evaluation(L, 0 if ids is None else ids.numel(), seed, labels, rows)

@@ -195,3 +195,14 @@ def test_smollm2_tokenizer_path(smollm2_dir):
     prompt = ev.passkey_prompts(tokenizer, 512, 1, seed=0)[0]
     assert list(prompt.ids) == tokenizer.encode(tokenizer.decode(list(prompt.ids)), add_special_tokens=False)
     assert trial.found == trial.key, trial  # SmolLM2 retrieves a key from a short prompt
+
+
+def test_partial_results_after_each_spec_and_progress_counts():
+    seen, steps = [], []
+    result = ev.evaluate(tiny("llama"), ["attn: rope(linear, scale=2)", "attn: rope(ntk, scale=2)"], ids=text_ids(100),
+                         lengths=[20, 70], check=False, partial=lambda so_far: seen.append(
+                             (list(so_far.specs), [(r.spec, r.length) for r in so_far.rows])),
+                         progress=lambda d, done, total: steps.append((done, total)))
+    assert [specs for specs, _ in seen] == [result.specs[:1], result.specs[:2], result.specs]
+    assert [len(rows) for _, rows in seen] == [2, 4, 6]
+    assert steps == [(i, 8) for i in range(9)]  # 2 compiles + 3 specs × 2 lengths, then done
