@@ -1,4 +1,4 @@
-"""``surgery check | plan | verify | diff | apply | demo``.
+"""``surgery check | plan | verify | diff | apply | eval | demo``.
 
 Exit codes: 0 success, 1 a failed obligation, 2 a user error (spec, model directory, arguments).
 User errors print a message (with file:line:col and a caret for spec errors), never a traceback.
@@ -6,6 +6,7 @@ User errors print a message (with file:line:col and a caret for spec errors), ne
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -233,6 +234,75 @@ def apply(spec: Path = typer.Argument(..., help="a .surg file"),
     with _status(f"saving {output}"):
         result.save(output, merge=merge)
     out.print(f"[green]saved[/] {output}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SurgeryError(f"{option} takes comma-separated token counts such as 4096,8192, got {text!r}") from None
+
+
+@app.command("eval")
+def eval_(specs: list[str] = typer.Argument(None, metavar="[SPEC]... MODEL_DIR",
+                                          help="zero or more .surg files, then the model directory (or 'smollm2')"),
+          text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text to score "
+                                              "(default: Python's pydoc_data.topics, every topic sorted by key)"),
+          lengths: str = typer.Option("4096,8192,16384", "--lengths", help="perplexity lengths, comma-separated "
+                                      "(empty: none)"),
+          passkey: int = typer.Option(0, "--passkey", min=0, help="passkey trials per length (0: none)"),
+          passkey_lengths: Optional[str] = typer.Option(None, "--passkey-lengths",
+                                                        help="passkey lengths (default: --lengths)"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="write a plot: FILE.png, or FILE.html "
+                                              "(self-contained page)"),
+          check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run each spec's obligations"),
+          seed: int = typer.Option(0, **SEED)):
+    """Perplexity per length (past / within the trained length) and passkey retrieval, specs side by side."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from surgery import evaluate as ev
+
+    if not specs:
+        raise SurgeryError("eval needs MODEL_DIR (e.g. 'smollm2'), after any specs")
+    *spec_paths, model_dir = specs
+    ppl_lengths = _int_list(lengths, "--lengths")
+    key_lengths = None if passkey_lengths is None else _int_list(passkey_lengths, "--passkey-lengths")
+    for path in filter(None, (json_out, plot)):
+        _check_writable(path)
+    if plot and plot.suffix.lower() not in (".png", ".html", ".htm"):
+        raise SurgeryError(f"--plot writes .png or .html, not {plot.name}")
+    parsed = [_spec(Path(p)) for p in spec_paths]
+    source = ev.read_text(text)
+    path = _model_dir(model_dir)
+    if not path.is_dir():
+        raise ModelError(f"no model directory {path}")
+    tokenizer = ev.load_tokenizer(path)
+    ids = ev.tokenize(tokenizer, source)
+    model, _ = _load(model_dir)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err) as bar:
+        task = bar.add_task("evaluating", total=None)
+        result = ev.evaluate(model, parsed, ids=ids, tokenizer=tokenizer, lengths=ppl_lengths, passkey=passkey,
+                             passkey_lengths=key_lengths, seed=seed, check=check_obligations,
+                             progress=lambda d, done, total: bar.update(task, description=d, completed=done,
+                                                                        total=total),
+                             partial=lambda so_far: _write_eval(so_far, json_out, plot))
+    out.print(result.table())
+    _write_eval(result, json_out, plot)
+    for path in filter(None, (json_out, plot)):
+        out.print(f"written: {path}")
+
+
+def _write_eval(result, json_out: Optional[Path], plot: Optional[Path]) -> None:
+    """Write the JSON and plot (also after each spec, so a stopped long run keeps what finished)."""
+    if json_out:
+        try:
+            json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise SurgeryError(f"cannot write {json_out}: {e.strerror or e}") from None
+    if plot:
+        result.plot(plot)
 
 
 @app.command()

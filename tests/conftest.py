@@ -20,3 +20,16 @@ def smollm2_dir():
     from surgery.models import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """One token per ASCII character (ids 1–127, anything else 0): a real tokenizer for tiny models."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(1, 128)}
+    vocab["<unk>"] = 0
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    inner.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<unk>", pad_token="<unk>")

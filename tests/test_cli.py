@@ -258,3 +258,57 @@ def test_an_output_inside_the_model_directory_is_refused(tmp_path, model_dir, ca
     assert code == 2 and "Traceback" not in out + err
     assert "inside the model directory" in err or "already exists" in err
     assert tree_hash(model_dir) == before
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+@pytest.fixture(scope="module")
+def model_with_tokenizer(tmp_path_factory, char_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama-tok")
+    tiny("llama").save_pretrained(path)
+    char_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_writes_table_json_and_plot(model_with_tokenizer, tmp_path, capsys, monkeypatch):
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text("All happy families are alike; each unhappy family is unhappy in its own way. " * 3)
+    s = spec(tmp_path, "attn.*: rope(yarn, scale=2)\n")
+    before = tree_hash(model_with_tokenizer)
+    code, out, err = run(["eval", s, model_with_tokenizer, "--text", text, "--lengths", "48,96", "--passkey", "2",
+                          "--passkey-lengths", "400", "--json", tmp_path / "r.json", "--plot", tmp_path / "r.html"],
+                         capsys, monkeypatch)
+    assert code == 0, err
+    assert "untouched" in out and "rope(yarn, scale=2)" in out and "passkey" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["trained_length"] == 64 and data["specs"][1] == "attn.*: rope(yarn, scale=2)"
+    rows = {(r["spec"], r["length"]): r for r in data["results"]}
+    assert rows[("untouched", 96)]["targets_past_L"] == 32 and rows[("untouched", 48)]["ppl_past_L"] is None
+    assert len(rows[("attn.*: rope(yarn, scale=2)", 400)]["passkey"]) == 2
+    assert "data:image/png" in (tmp_path / "r.html").read_text()
+    assert tree_hash(model_with_tokenizer) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "missing.txt"], "no text file"),
+    (["--lengths", "10,1"], "at least 2"),
+    (["--lengths", "4096"], "beyond the text"),
+    (["--lengths", "8k"], "comma-separated"),
+    (["--plot", "p.svg"], ".png or .html"),
+])
+def test_eval_user_errors_exit_2(model_with_tokenizer, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("short text " * 20)
+    extra = [] if "--text" in args else ["--text", "t.txt"]
+    code, _, err = run(["eval", model_with_tokenizer, *extra, *args], capsys, monkeypatch)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_eval_needs_a_tokenizer(model_dir, capsys, monkeypatch):
+    code, _, err = run(["eval", model_dir, "--lengths", "16"], capsys, monkeypatch)
+    assert code == 2 and "tokenizer" in err and "Traceback" not in err
+    code, _, err = run(["eval"], capsys, monkeypatch)
+    assert code == 2 and "MODEL_DIR" in err

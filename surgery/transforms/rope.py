@@ -23,6 +23,18 @@ cos/sin by an attention temperature); s is the scale, L the trained context leng
   of rotations pair i makes within L (≥ beta_fast rotations: keep θ_i; ≤ beta_slow: θ_i/s), and
   scale cos/sin by 0.1·ln s + 1. Peng et al. 2023, https://arxiv.org/abs/2309.00071; matches
   transformers "yarn" exactly (including its floor/ceil of the ramp's ends).
+* ``yarn_dynamic`` — YaRN at the call's length: s_n = max(1, s·n/L − (s−1)) (transformers'
+  dynamic-NTK schedule; s = 1 gives YaRN's own Dynamic-YaRN, s_n = max(1, n/L)), so every call
+  with n ≤ L is plain RoPE (no temperature either) and a call with n > L is exactly ``yarn`` at
+  s_n, temperature 0.1·ln s_n + 1 included. Peng et al. 2023 §3.3. Stateless, like ``ntk_dynamic``.
+  transformers has no such type: not expressible as ``rope_parameters``.
+* ``llama3`` — Llama 3.1's bands: with λ_i = 2π/θ_i, λ_i < L/high_freq_factor keeps θ_i,
+  λ_i > L/low_freq_factor uses θ_i/s, between (1 − γ)·θ_i/s + γ·θ_i with γ = (L/λ_i − low)/(high − low).
+  Meta's Llama 3.1 release (transformers "llama3"; defaults low 1, high 4 as there).
+* ``longrope`` — per-pair divisors θ_i/f_i, with f = ``short_factor`` (default all 1) for calls of
+  length n ≤ L and ``long_factor`` beyond, cos/sin scaled by √(1 + ln s / ln L) (or the given
+  ``attention_factor``) at every length. Ding et al. 2024, https://arxiv.org/abs/2402.13753
+  (transformers "longrope"; the factors come from LongRoPE's search, which is not reproduced here).
 
 The rotary module is shared by every layer, so the step replaces it once with a
 :class:`RescaledRope` that holds its own frequencies; the model's config is never changed. The
@@ -32,21 +44,26 @@ than ``max_position_embeddings``, which transformers' "dynamic" always uses as L
 
 Obligations (float32; L positions per call unless noted):
 
-* scale=1 is the identity: a scale-1 instance (without an explicit yarn ``attention_factor``) gives
-  the original module's cos/sin at positions 0..4L (``ntk_dynamic``: calls of length n ≤ L only,
-  since its α = s·n/L − (s−1) is n/L beyond L even at s=1).
+* scale=1 is the identity: a scale-1 instance (without an explicit ``attention_factor``; longrope
+  with all factors 1) gives the original module's cos/sin at positions 0..4L (``ntk_dynamic``,
+  ``yarn_dynamic``: calls of length n ≤ L only, since their s_n is n/L beyond L even at s=1).
 * equals transformers (cos/sin, positions 0..4L): the transformers rotary class built from a config
-  copy carrying :meth:`Rope.rope_parameters` (``ntk_dynamic``: a fresh transformers module per call
-  length, lengths in an order that would expose state kept between calls).
+  copy carrying :meth:`Rope.rope_parameters` (``ntk_dynamic``, ``longrope``: a fresh transformers
+  module per call length, lengths in an order that would expose state kept between calls;
+  ``yarn_dynamic``: per call length, transformers' "yarn" at s_n, or its plain RoPE where s_n = 1).
 * equals transformers (logits): a transformers model built from that config with the original
   weights gives the same logits on a sequence whose positions run past L (a fresh model per
-  length for ``ntk_dynamic``).
+  length for the dynamic kinds; ``longrope`` also at a length within L, where the short factors apply).
 * the kind's defining property: ``linear`` cos/sin at m equal the original's at m/s (error per
   unit of position, the resolution float32 angles have); ``ntk`` θ_0 unchanged and the lowest
   frequency exactly θ_{d/2−1}/s (relative error); ``ntk_dynamic`` logits identical to the unscaled
   model for N ≤ L (N = L, the boundary, and N = L/2); ``yarn`` pairs making ≥ beta_fast
   rotations in L keep θ_i, pairs making ≤ beta_slow are θ_i/s, the rest lie between, and
-  cos²+sin² = (0.1·ln s + 1)², all from the paper's definitions in float64.
+  cos²+sin² = (0.1·ln s + 1)², all from the paper's definitions in float64; ``yarn_dynamic`` logits
+  identical to the unscaled model for N ≤ L and cos/sin equal to our ``yarn`` at s_n for n > L;
+  ``llama3`` every θ'_i equals the banded formula in float64 (relative error); ``longrope`` the
+  short set for n ≤ L, the long set for n > L (relative error against float64) and
+  cos²+sin² = attention factor² at both.
 * left-padded batch equals each row alone (relative to the logits' scale): rows of min(16, L)
   tokens and fewer, with and without ``generate()``'s position_ids, full forward and token-by-token
   decode (:meth:`surgery.verify.Check.padded_rows_error`). RoPE sees only position differences, so
@@ -69,24 +86,45 @@ from torch import nn
 from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
-_YARN_OPTIONS = ("beta_fast", "beta_slow", "attention_factor")
+# Which kinds each option applies to.
+_OPTION_KINDS = {
+    "beta_fast": ("yarn", "yarn_dynamic"), "beta_slow": ("yarn", "yarn_dynamic"),
+    "attention_factor": ("yarn", "yarn_dynamic", "longrope"),
+    "low_freq_factor": ("llama3",), "high_freq_factor": ("llama3",),
+    "short_factor": ("longrope",), "long_factor": ("longrope",),
+}
 
 
 class RopeParams(Params):
-    kind: Literal["linear", "ntk", "ntk_dynamic", "yarn"]
+    kind: Literal["linear", "ntk", "ntk_dynamic", "yarn", "yarn_dynamic", "llama3", "longrope"]
     scale: float = Field(ge=1, description="context scale factor s")
     original_max_position: int | None = Field(
         None, ge=1, description="trained context length L; defaults to config.max_position_embeddings")
     beta_fast: float = Field(32.0, gt=0, description="yarn: pairs with at least this many rotations in L keep θ_i")
     beta_slow: float = Field(1.0, gt=0, description="yarn: pairs with at most this many rotations in L use θ_i/s")
-    attention_factor: float | None = Field(None, gt=0, description="yarn: cos/sin scale; default 0.1·ln s + 1")
+    attention_factor: float | None = Field(
+        None, gt=0, description="yarn: cos/sin scale; default 0.1·ln s + 1 (longrope: √(1 + ln s / ln L))")
+    low_freq_factor: float = Field(1.0, gt=0, description="llama3: wavelengths above L/low_freq_factor use θ_i/s")
+    high_freq_factor: float = Field(4.0, gt=0, description="llama3: wavelengths below L/high_freq_factor keep θ_i")
+    short_factor: tuple[float, ...] | None = Field(
+        None, description="longrope: per-pair divisors of θ_i for calls of length ≤ L (default all 1)")
+    long_factor: tuple[float, ...] | None = Field(None, description="longrope: per-pair divisors of θ_i beyond L (required)")
 
     @model_validator(mode="after")
     def _yarn_options(self) -> "RopeParams":
-        given = [k for k in _YARN_OPTIONS if k in self.model_fields_set]
-        if given and self.kind != "yarn":
-            raise PydanticCustomError("rope_options", "the yarn option(s) {names} do not apply to rope({kind}, …)",
-                                      {"names": ", ".join(given), "kind": self.kind})
+        given = [k for k, kinds in _OPTION_KINDS.items() if k in self.model_fields_set and self.kind not in kinds]
+        if given:
+            owners = "/".join(dict.fromkeys(_OPTION_KINDS[k][0] for k in given))
+            raise PydanticCustomError("rope_options", "the {owners} option(s) {names} do not apply to rope({kind}, …)",
+                                      {"owners": owners, "names": ", ".join(given), "kind": self.kind})
+        if self.low_freq_factor >= self.high_freq_factor:
+            raise PydanticCustomError("rope_bands", "rope(llama3) needs low_freq_factor < high_freq_factor, "
+                                      "got {low} >= {high}", {"low": self.low_freq_factor, "high": self.high_freq_factor})
+        if self.kind == "longrope" and self.long_factor is None:
+            raise PydanticCustomError("rope_long", "rope(longrope) needs long_factor=[…], one divisor per rotary pair", {})
+        for name in ("short_factor", "long_factor"):
+            if any(not f > 0 for f in getattr(self, name) or ()):
+                raise PydanticCustomError("rope_factors", "rope(longrope): every {name} entry must be > 0", {"name": name})
         if self.beta_fast <= self.beta_slow:
             raise PydanticCustomError("rope_betas", "rope(yarn) needs beta_fast > beta_slow, got {fast} <= {slow}",
                                       {"fast": self.beta_fast, "slow": self.beta_slow})
@@ -113,8 +151,9 @@ def inverse_frequencies(base, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
 
 
-def yarn_frequencies(base: float, dim: int, s: float, L: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
-    """YaRN's blended frequencies (transformers' "yarn" with truncate=True, same operation order)."""
+def yarn_keep(base: float, dim: int, L: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """Per pair, YaRN's weight of extrapolation (θ_i kept): 1 for pairs making ≥ beta_fast rotations in L,
+    0 for ≤ beta_slow, a linear ramp between (transformers' "yarn" with truncate=True: floor/ceil ends)."""
 
     def pair_index(rotations: float) -> float:
         # The (fractional) pair index whose wavelength fits `rotations` times into L.
@@ -125,9 +164,41 @@ def yarn_frequencies(base: float, dim: int, s: float, L: int, beta_fast: float, 
     if low == high:
         high += 0.001  # a one-pair ramp would divide by zero
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    keep = 1 - ramp  # weight of extrapolation (θ_i unchanged)
+    return 1 - ramp
+
+
+def yarn_frequencies(base: float, dim: int, s: float, L: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """YaRN's blended frequencies (transformers' "yarn" with truncate=True, same operation order)."""
+    keep = yarn_keep(base, dim, L, beta_fast, beta_slow)
     wavelengths = base ** (torch.arange(0, dim, 2).float() / dim)
     return (1.0 / (s * wavelengths)) * (1 - keep) + (1.0 / wavelengths) * keep
+
+
+def llama3_frequencies(base: float, dim: int, s: float, L: int, low: float, high: float) -> torch.Tensor:
+    """Llama 3.1's banded frequencies (transformers' "llama3", same operation order).
+
+    With wavelength λ_i = 2π/θ_i: λ_i < L/high keeps θ_i; λ_i > L/low uses θ_i/s; in between
+    (1 − γ)·θ_i/s + γ·θ_i with γ = (L/λ_i − low)/(high − low), which runs from 0 to 1 across the band.
+    """
+    theta = inverse_frequencies(base, dim)
+    wavelength = 2 * math.pi / theta
+    outer = torch.where(wavelength > L / low, theta / s, theta)
+    gamma = (L / wavelength - low) / (high - low)
+    blended = (1 - gamma) * outer / s + gamma * outer
+    band = (wavelength >= L / high) & (wavelength <= L / low)
+    return torch.where(band, blended, outer)
+
+
+def longrope_frequencies(base: float, dim: int, divisors: list[float]) -> torch.Tensor:
+    """θ_i / f_i for per-pair divisors f_i (transformers' "longrope", same operation order)."""
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(divisors, dtype=torch.float32) * base ** shape)
+
+
+def longrope_attention_factor(p: "RopeParams", L: int) -> float:
+    if p.attention_factor is not None:
+        return float(p.attention_factor)
+    return math.sqrt(1 + math.log(p.scale) / math.log(L)) if p.scale > 1 else 1.0
 
 
 def yarn_attention_factor(p: RopeParams) -> float:
@@ -174,6 +245,63 @@ class RescaledRope(nn.Module):
         return f"pairs={self.inv_freq.numel()}, {kind}, attention_scaling={self.attention_scaling:g}"
 
 
+class DynamicYarnRope(RescaledRope):
+    """YaRN whose scale follows the call's length n = max(position_ids) + 1: s_n = max(1, s·n/L − (s−1)).
+
+    Per call with s_n > 1 this is exactly YaRN (frequencies and temperature 0.1·ln s_n + 1, or the
+    fixed `attention_factor`) at scale s_n; a call with n ≤ L is plain RoPE (no temperature either). The ramp between interpolated and
+    kept pairs depends on L only, so it is computed once; s_n is a tensor (no Python branch on
+    data, so torch.export can capture it). Nothing is remembered between calls.
+    """
+
+    def __init__(self, base: float, dim: int, s: float, L: int, beta_fast: float, beta_slow: float,
+                 attention_factor: float | None):
+        super().__init__(inverse_frequencies(base, dim))
+        wavelengths = base ** (torch.arange(0, dim, 2).float() / dim)
+        self.register_buffer("wavelengths", wavelengths, persistent=False)
+        self.register_buffer("keep", yarn_keep(base, dim, L, beta_fast, beta_slow), persistent=False)
+        self.scale, self.trained, self.fixed_factor = s, L, attention_factor
+
+    def scale_at(self, position_ids: torch.Tensor) -> torch.Tensor:
+        n = position_ids.max() + 1
+        return torch.clamp(self.scale * n.double() / self.trained - (self.scale - 1), min=1.0)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        s_n = self.scale_at(position_ids)
+        wavelengths, keep = self.wavelengths.to(x.device), self.keep.to(x.device)
+        # transformers' operation order (interpolation 1/(s·w), then the blend), so the two agree bit for bit
+        blended = (1.0 / (s_n.float() * wavelengths)) * (1 - keep) + (1.0 / wavelengths) * keep
+        # Within L exactly plain RoPE (the blend at s = 1 can differ from θ_i in the last bit).
+        inv_freq = torch.where(s_n > 1, blended, self.inv_freq.to(blended.device))
+        temperature = torch.full_like(s_n, self.fixed_factor) if self.fixed_factor is not None else 0.1 * torch.log(s_n) + 1.0
+        factor = torch.where(s_n > 1, temperature, torch.ones_like(s_n))
+        angles = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        scaling = factor.float()
+        return (emb.cos() * scaling).to(dtype=x.dtype), (emb.sin() * scaling).to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"pairs={self.inv_freq.numel()}, dynamic YaRN s_n = max(1, {self.scale:g}·n/{self.trained} − {self.scale - 1:g})"
+
+
+class LongRope(RescaledRope):
+    """LongRoPE: θ_i/short_i for calls of length n ≤ L, θ_i/long_i beyond (n = max(position_ids) + 1),
+    cos/sin scaled by the attention factor in both. A tensor select, so nothing is kept between calls."""
+
+    def __init__(self, short: torch.Tensor, long: torch.Tensor, L: int, attention_scaling: float):
+        super().__init__(short, attention_scaling)
+        self.register_buffer("long_inv_freq", long, persistent=False)
+        self.trained = L
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        n = position_ids.max() + 1
+        return torch.where(n > self.trained, self.long_inv_freq.to(self.inv_freq.device), self.inv_freq)
+
+    def extra_repr(self) -> str:
+        return (f"pairs={self.inv_freq.numel()}, LongRoPE short/long factors switched at n > {self.trained}, "
+                f"attention_scaling={self.attention_scaling:g}")
+
+
 def trained_length(p: RopeParams, config) -> int:
     return p.original_max_position or config.max_position_embeddings
 
@@ -189,6 +317,13 @@ def build_rope(p: RopeParams, config) -> RescaledRope:
         return RescaledRope(inverse_frequencies(base * s ** (dim / (dim - 2)), dim))
     if p.kind == "ntk_dynamic":
         return RescaledRope(plain, dynamic=(base, dim, s, L))
+    if p.kind == "yarn_dynamic":
+        return DynamicYarnRope(base, dim, s, L, p.beta_fast, p.beta_slow, p.attention_factor)
+    if p.kind == "llama3":
+        return RescaledRope(llama3_frequencies(base, dim, s, L, p.low_freq_factor, p.high_freq_factor))
+    if p.kind == "longrope":
+        short = longrope_frequencies(base, dim, p.short_factor or [1.0] * (dim // 2))
+        return LongRope(short, longrope_frequencies(base, dim, p.long_factor), L, longrope_attention_factor(p, L))
     return RescaledRope(yarn_frequencies(base, dim, s, L, p.beta_fast, p.beta_slow), yarn_attention_factor(p))
 
 
@@ -217,6 +352,11 @@ class Rope:
         if 2 * inv_freq.numel() != dim:
             raise SpecError(f"the rotary embedding at {target.path} rotates {2 * inv_freq.numel()} dimensions but "
                             f"the config implies {dim}; rope() cannot rewrite it consistently")
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(p, name)
+            if factors is not None and len(factors) != dim // 2:
+                raise SpecError(f"rope(longrope) {name} has {len(factors)} entries; the rotary embedding at "
+                                f"{target.path} has {dim // 2} pairs (rotary dimension {dim})")
         if p.kind in ("ntk", "ntk_dynamic") and dim <= 2:
             raise SpecError(f"rope({p.kind}) needs a rotary dimension above 2 (b' = b·s^(d/(d−2))), got {dim}")
         return True
@@ -240,6 +380,19 @@ class Rope:
             return {**params, "rope_type": "linear", "factor": p.scale}
         if p.kind == "ntk":
             return {**params, "rope_type": "default", "rope_theta": base * p.scale ** (dim / (dim - 2))}
+        if p.kind == "yarn_dynamic":
+            return None  # transformers has no YaRN that follows the call's length
+        if p.kind == "llama3":
+            return {**params, "rope_type": "llama3", "factor": p.scale, "low_freq_factor": p.low_freq_factor,
+                    "high_freq_factor": p.high_freq_factor,
+                    "original_max_position_embeddings": trained_length(p, config)}
+        if p.kind == "longrope":
+            out = {**params, "rope_type": "longrope", "factor": p.scale,
+                   "short_factor": list(p.short_factor or [1.0] * (dim // 2)), "long_factor": list(p.long_factor),
+                   "original_max_position_embeddings": trained_length(p, config)}
+            if p.attention_factor is not None:
+                out["attention_factor"] = float(p.attention_factor)
+            return out
         if p.kind == "ntk_dynamic":
             # transformers' "dynamic" always takes L = config.max_position_embeddings.
             if trained_length(p, config) != config.max_position_embeddings:
@@ -263,9 +416,20 @@ class Rope:
         fresh = type(original)(original.config).to(original.inv_freq.device)
         return check.module(path), fresh
 
-    def _reference_config(self, p: RopeParams, config):
-        """A copy of `config` with which plain transformers computes this rope."""
+    @staticmethod
+    def _yarn_scale_at(p: RopeParams, n: int, L: int) -> float:
+        """yarn_dynamic's s_n = max(1, s·n/L − (s−1)) for a call of length n."""
+        return max(1.0, p.scale * n / L - (p.scale - 1))
+
+    def _reference_config(self, p: RopeParams, config, n: int | None = None):
+        """A copy of `config` with which plain transformers computes this rope (for yarn_dynamic: on
+        calls of length `n`, i.e. static YaRN at s_n, or the config itself where s_n = 1)."""
         ref = copy.deepcopy(config)
+        if p.kind == "yarn_dynamic":
+            s_n = self._yarn_scale_at(p, n, trained_length(p, config))
+            if s_n > 1:
+                ref.rope_parameters = self.rope_parameters(p.model_copy(update={"kind": "yarn", "scale": s_n}), config)
+            return ref
         params = self.rope_parameters(p, config)
         if params is None:  # ntk_dynamic with a custom L: transformers reads L from max_position_embeddings
             params = self.rope_parameters(p.model_copy(update={"original_max_position": None}), config)
@@ -298,10 +462,13 @@ class Rope:
         _, original = self._modules(check)
         L = trained_length(p, original.config)
         # An explicit yarn temperature is a separate choice from the scale, so the unit instance drops it.
-        unit = build_rope(p.model_copy(update={"scale": 1.0, "attention_factor": None}), original.config)
+        update = {"scale": 1.0, "attention_factor": None}
+        if p.kind == "longrope":  # its per-pair factors are a choice of their own: all 1 is the unit
+            update.update(short_factor=None, long_factor=(1.0,) * original.inv_freq.numel())
+        unit = build_rope(p.model_copy(update=update), original.config)
         unit = unit.to(original.inv_freq.device)
         device = original.inv_freq.device
-        if p.kind == "ntk_dynamic":  # beyond L, α = n/L even at s=1; within L every call is plain RoPE
+        if p.kind in ("ntk_dynamic", "yarn_dynamic"):  # beyond L, s_n = n/L even at s=1; within L plain RoPE
             return max(self._cos_sin_error(unit, original, self._positions(n, device), check)
                        for n in (1, L // 2, L))
         return self._cos_sin_error(unit, original, self._positions(4 * L, device), check)
@@ -309,10 +476,14 @@ class Rope:
     @obligation("equals transformers' rope (cos/sin to 4L)", tol=1e-6)
     def equals_transformers(self, p, check) -> float:
         ours, original = self._modules(check)
-        reference = self._reference_config(p, original.config)
         L, device = trained_length(p, original.config), original.inv_freq.device
+        if p.kind == "yarn_dynamic":  # per call length: static YaRN at s_n from transformers, a fresh one each
+            return max(self._cos_sin_error(ours, type(original)(self._reference_config(p, original.config, n)).to(device),
+                                           self._positions(n, device), check)
+                       for n in (4 * L, L + 1, L, L // 2, 2 * L))
+        reference = self._reference_config(p, original.config)
         make = lambda: type(original)(reference).to(device)  # noqa: E731
-        if p.kind != "ntk_dynamic":
+        if p.kind not in ("ntk_dynamic", "longrope"):
             return self._cos_sin_error(ours, make(), self._positions(4 * L, device), check)
         # Theirs is stateful, so a fresh one per length; ours sees the lengths long-short-long, which
         # would expose frequencies kept from an earlier call.
@@ -323,9 +494,10 @@ class Rope:
     def equals_transformers_model(self, p, check) -> float:
         _, original = self._modules(check)
         L = trained_length(p, original.config)
-        reference = self._reference_config(p, check.config)
         errors = []
-        for end in ((2 * L, L + L // 2) if p.kind == "ntk_dynamic" else (2 * L,)):
+        ends = {"ntk_dynamic": (2 * L, L + L // 2), "yarn_dynamic": (2 * L, L + L // 2), "longrope": (2 * L, L)}
+        for end in ends.get(p.kind, (2 * L,)):
+            reference = self._reference_config(p, check.config, end)
             plain = self._plain_model(check, reference)  # fresh per length: transformers' dynamic keeps state
             ids, positions = self._long_input(check, end)
             errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
@@ -378,6 +550,50 @@ class Rope:
             ids, positions = self._long_input(check, end)
             errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
                                         check.logits(unscaled, ids, position_ids=positions)))
+        return max(errors)
+
+    def _property_llama3(self, p, check) -> float:
+        # From the paper's definition in float64: wavelengths below L/high keep θ_i, above L/low are
+        # θ_i/s, between the smooth blend (1 − γ)θ_i/s + γθ_i.
+        ours, original = self._modules(check)
+        base, dim = rope_settings(original.config)
+        L = trained_length(p, original.config)
+        theta = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        wavelength = 2 * math.pi / theta
+        gamma = ((L / wavelength - p.low_freq_factor) / (p.high_freq_factor - p.low_freq_factor)).clamp(0, 1)
+        expected = (1 - gamma) * theta / p.scale + gamma * theta
+        return ((ours.inv_freq.double().cpu() - expected).abs() / expected).max().item()
+
+    def _property_longrope(self, p, check) -> float:
+        # θ_i/short_i for n ≤ L and θ_i/long_i beyond, cos² + sin² = attention factor², all in float64.
+        ours, original = self._modules(check)
+        base, dim = rope_settings(original.config)
+        L, device = trained_length(p, original.config), original.inv_freq.device
+        theta = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        short = torch.tensor(p.short_factor or [1.0] * (dim // 2), dtype=torch.float64)
+        long = torch.tensor(p.long_factor, dtype=torch.float64)
+        temperature = p.attention_factor if p.attention_factor is not None else (
+            math.sqrt(1 + math.log(p.scale) / math.log(L)) if p.scale > 1 else 1.0)
+        errors = []
+        for n, divisors in ((L, short), (L // 2, short), (L + 1, long), (3 * L, long)):
+            got = ours.frequencies(self._positions(n, device)).double().cpu()
+            expected = theta / divisors
+            errors.append(((got - expected).abs() / expected).max().item())
+            x = torch.zeros(1, device=device)
+            with torch.no_grad():
+                cos, sin = ours(x, self._positions(n, device))
+            errors.append(((cos.double() ** 2 + sin.double() ** 2) - temperature ** 2).abs().max().item())
+        return max(errors)
+
+    def _property_yarn_dynamic(self, p, check) -> float:
+        # Identical to the unscaled model for N ≤ L, and per call exactly our static YaRN at s_n.
+        ours, original = self._modules(check)
+        L, device = trained_length(p, original.config), original.inv_freq.device
+        errors = [self._property_ntk_dynamic(p, check)]
+        for n in (L + 1, 2 * L, 3 * L):
+            static = build_rope(p.model_copy(update={"kind": "yarn", "scale": self._yarn_scale_at(p, n, L)}),
+                                original.config).to(device)
+            errors.append(self._cos_sin_error(ours, static, self._positions(n, device), check))
         return max(errors)
 
     def _property_yarn(self, p, check) -> float:

@@ -302,3 +302,181 @@ def test_identity_obligation_fails_when_scale_one_is_not_plain(monkeypatch):
                         lambda p, c: RescaledRope(real(p, c).inv_freq / (p.scale + 0.5)))
     for kind in ("linear", "ntk", "yarn"):
         assert measure(KINDS[kind], real)["scale=1 is the identity (cos/sin)"] > 1
+
+
+# ------------------------------------------------------- yarn_dynamic, llama3, longrope (issue 7)
+
+LONG = "[" + ", ".join(f"{1 + i / 4:g}" for i in range(8)) + "]"    # 8 pairs: tiny models' rotary dim 16
+SHORT = "[" + ", ".join(f"{1 + i / 40:g}" for i in range(8)) + "]"
+NEW_KINDS = {
+    "yarn_dynamic": "attn: rope(yarn_dynamic, scale=2)",
+    "yarn_dynamic_options": "attn: rope(yarn_dynamic, 3, beta_fast=16, attention_factor=1.1)",
+    "llama3": "attn: rope(llama3, scale=8)",
+    "llama3_bands": "attn: rope(llama3, 4, low_freq_factor=2, high_freq_factor=16, original_max_position=32)",
+    "longrope": f"attn: rope(longrope, scale=4, long_factor={LONG})",
+    "longrope_options": f"attn: rope(longrope, 2, short_factor={SHORT}, long_factor={LONG}, attention_factor=1.3)",
+}
+
+
+@pytest.mark.parametrize("kind", list(NEW_KINDS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_new_kinds_obligations_hold(arch, kind):
+    model = tiny(arch)
+    report = verify(plan_for(NEW_KINDS[kind], model), model)
+    assert report.ok, report.text()
+    assert len(report.measurements) == 4
+
+
+def transformers_config(model, rope_parameters):
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = rope_parameters
+    return config
+
+
+@pytest.mark.parametrize("kind", ["llama3", "llama3_bands", "longrope", "longrope_options"])
+def test_frequencies_equal_transformers_rope_functions(kind):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = tiny("llama")
+    p = plan_for(NEW_KINDS[kind], model).steps[0].params
+    params = Rope().rope_parameters(p, model.config)
+    assert params["rope_type"] == kind.split("_")[0]
+    ours = build_rope(p, model.config)
+    init = ROPE_INIT_FUNCTIONS[params["rope_type"]]
+    config = transformers_config(model, params)
+    length = p.original_max_position or L
+    theirs, factor = init(config, None)  # the short (≤ L) set for longrope
+    assert torch.equal(ours.inv_freq, theirs) and ours.attention_scaling == factor
+    if kind.startswith("longrope"):
+        long, _ = init(config, None, seq_len=length + 1)
+        assert torch.equal(ours.frequencies(torch.arange(length + 1)[None]), long)
+        assert torch.equal(ours.frequencies(torch.arange(length)[None]), theirs)
+        assert not torch.equal(long, theirs)
+    else:  # the band is really blended for these settings: some pairs kept, some divided, some between
+        plain = inverse_frequencies(*rope_settings(model.config))
+        ratio = plain / ours.inv_freq
+        assert torch.isclose(ratio, torch.tensor(p.scale)).any() and ((ratio > 1.01) & (ratio < p.scale - 0.01)).any()
+        assert (ratio == 1).any() == (kind == "llama3")  # L/high_freq_factor = 2 keeps no pair in llama3_bands
+
+
+def test_yarn_dynamic_is_static_yarn_at_the_call_length_and_plain_within_L():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = tiny("qwen2")
+    original = copy.deepcopy(model)
+    p = plan_for(NEW_KINDS["yarn_dynamic"], model).steps[0].params
+    assert Rope().rope_parameters(p, model.config) is None  # transformers cannot express it
+    apply_plan(plan_for(NEW_KINDS["yarn_dynamic"], model), model)
+    ids = tokens()
+    assert torch.equal(logits(model, ids[:, :L]), logits(original, ids[:, :L]))
+    assert (logits(model, ids) - logits(original, ids)).abs().max() > 1e-3
+    rotary, x = model.model.rotary_emb, torch.zeros(1)
+    for n in (4 * L, L, 2 * L, L // 2, L + 1):  # long before short: nothing is kept between calls
+        positions = torch.arange(n)[None]
+        s_n = max(1.0, 2 * n / L - 1)
+        if s_n == 1:
+            expected = original.model.rotary_emb(x, positions)
+        else:
+            yarn = {**original.config.rope_parameters, "rope_type": "yarn", "factor": s_n,
+                    "original_max_position_embeddings": L}
+            theirs, factor = ROPE_INIT_FUNCTIONS["yarn"](transformers_config(original, yarn), None)
+            angles = positions[..., None].float() * theirs
+            emb = torch.cat((angles, angles), -1)
+            expected = (emb.cos() * factor, emb.sin() * factor)
+            assert factor == pytest.approx(0.1 * math.log(s_n) + 1)
+        got = rotary(x, positions)
+        assert max((a - b).abs().max().item() for a, b in zip(got, expected)) <= 1e-6, n
+
+
+@pytest.mark.parametrize("kind", ["llama3", "longrope_options"])
+def test_saved_rope_parameters_reproduce_the_new_kinds(kind):
+    model = tiny("llama")
+    plan = plan_for(NEW_KINDS[kind], model)
+    params = Rope().rope_parameters(plan.steps[0].params, model.config)
+    original = copy.deepcopy(model)
+    apply_plan(plan, model)
+    ids = tokens(N + 16)
+    assert (logits(model, ids) - logits(original, ids)).abs().max() > 1e-3
+    for n in (N + 16, L // 2, L, N):
+        plain = from_saved_config(model, params)
+        assert (logits(model, ids[:, :n]) - logits(plain, ids[:, :n])).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("attn: rope(longrope, scale=2)", "needs long_factor"),
+    ("attn: rope(longrope, scale=2, long_factor=[1.0, 2.0])", "long_factor has 2 entries"),
+    (f"attn: rope(longrope, scale=2, long_factor={LONG}, short_factor=[1.0])", "short_factor has 1 entries"),
+    ("attn: rope(longrope, scale=2, long_factor=[1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])", "must be > 0"),
+    ("attn: rope(llama3, scale=8, low_freq_factor=4, high_freq_factor=2)", "low_freq_factor < high_freq_factor"),
+    ("attn: rope(yarn, scale=2, low_freq_factor=2)", "llama3 option(s) low_freq_factor do not apply to rope(yarn"),
+    (f"attn: rope(ntk, scale=2, long_factor={LONG})", "longrope option(s) long_factor do not apply"),
+    ("attn: rope(llama3, scale=2, attention_factor=1.2)", "attention_factor do not apply to rope(llama3"),
+])
+def test_new_kinds_spec_errors(text, message):
+    with pytest.raises(SpecError) as e:
+        plan_for(text, tiny("llama"))
+    assert message in str(e.value)
+
+
+def test_obligations_fail_on_llama3_without_the_blend(monkeypatch):
+    def wrong(p, c):  # the middle band divided by s like the low frequencies
+        base, dim = rope_settings(c)
+        theta = inverse_frequencies(base, dim)
+        return RescaledRope(torch.where(2 * math.pi / theta >= L / p.high_freq_factor, theta / p.scale, theta))
+
+    ratios = measure(NEW_KINDS["llama3"], wrong)
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+    assert ratios["equals transformers' rope (logits past L)"] > 1
+    assert ratios["defining property of the kind (see docstring)"] > 1
+
+
+def test_obligations_fail_on_longrope_with_one_factor_set():
+    def wrong(p, c):  # the long factors at every length, short calls included
+        base, dim = rope_settings(c)
+        long = rope_module.longrope_frequencies(base, dim, p.long_factor)
+        return rope_module.LongRope(long, long, L, rope_module.longrope_attention_factor(p, L))
+
+    ratios = measure(NEW_KINDS["longrope_options"], wrong, arch="qwen2")
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+    assert ratios["equals transformers' rope (logits past L)"] > 1
+    assert ratios["defining property of the kind (see docstring)"] > 1
+
+
+def test_obligations_fail_on_yarn_dynamic_scaled_within_L_or_without_temperature():
+    class AlwaysScaled(rope_module.DynamicYarnRope):  # s_n never drops to 1: short calls are changed too
+        def scale_at(self, position_ids):
+            return torch.clamp(super().scale_at(position_ids), min=1.5)
+
+    def scaled(p, c):
+        base, dim = rope_settings(c)
+        return AlwaysScaled(base, dim, p.scale, L, p.beta_fast, p.beta_slow, p.attention_factor)
+
+    ratios = measure(NEW_KINDS["yarn_dynamic"], scaled)
+    assert ratios["defining property of the kind (see docstring)"] > 1
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+
+    def cold(p, c):  # no temperature at all
+        base, dim = rope_settings(c)
+        return rope_module.DynamicYarnRope(base, dim, p.scale, L, p.beta_fast, p.beta_slow, 1.0)
+
+    ratios = measure(NEW_KINDS["yarn_dynamic"], cold, arch="qwen2")
+    assert ratios["equals transformers' rope (cos/sin to 4L)"] > 1
+    assert ratios["equals transformers' rope (logits past L)"] > 1
+
+
+def test_identity_obligation_fails_for_new_kinds_when_scale_one_is_not_plain(monkeypatch):
+    real = rope_module.build_rope
+    monkeypatch.setattr(rope_module, "build_rope",
+                        lambda p, c: RescaledRope(real(p, c).frequencies(torch.arange(4 * L)[None]) / (p.scale + 0.5)))
+    for kind in ("yarn_dynamic", "llama3", "longrope"):
+        assert measure(NEW_KINDS[kind], real)["scale=1 is the identity (cos/sin)"] > 1
+
+
+@pytest.mark.slow
+def test_new_kinds_verify_on_smollm2(smollm2_dir):
+    from surgery.models import load_model
+
+    model = load_model(smollm2_dir)
+    for text in ("attn.*: rope(yarn_dynamic, scale=2)", "attn.*: rope(llama3, scale=4)"):
+        report = verify(plan_for(text, model), model)
+        assert report.ok, report.text()
