@@ -107,11 +107,6 @@ class PromptEncoder(VirtualTokens):
 class PTuning(VirtualTokenSteps):
     """P-tuning: virtual tokens from a trainable prompt encoder (MLP or bi-LSTM), prepended to the inputs."""
 
-    length_zero = VirtualTokenSteps.length_zero
-    by_hand = VirtualTokenSteps.by_hand
-    cache_consistent = VirtualTokenSteps.cache_consistent
-    padded_rows = VirtualTokenSteps.padded_rows
-
     def virtual_tokens(self, p: PTuningParams, embed: nn.Module, max_positions: int | None) -> PromptEncoder:
         return PromptEncoder(p, embed.weight.shape[1], embed.weight.device, max_positions)
 

@@ -281,8 +281,8 @@ def swapped(model: nn.Module, tokens: VirtualTokens):
 class VirtualTokenSteps:
     """What every virtual-token technique shares: attaching its :class:`VirtualTokens` module and the
     hooks to the backbone, and the obligations. A technique implements ``virtual_tokens(p, embed,
-    max_positions)`` (its module, before any change is made) and its PEFT export. The registry reads a
-    class's own obligations, so each technique names the shared ones it promises in its class body."""
+    max_positions)`` (its module, before any change is made) and its PEFT export; it inherits the
+    obligations below (the registry reads inherited ones, base first)."""
 
     freezes_base = True
 
@@ -404,11 +404,6 @@ class VirtualTokenSteps:
            reference="https://arxiv.org/abs/2104.08691")
 class PromptTuning(VirtualTokenSteps):
     """Prompt tuning: trainable virtual tokens prepended to the input embeddings (base frozen)."""
-
-    length_zero = VirtualTokenSteps.length_zero
-    by_hand = VirtualTokenSteps.by_hand
-    cache_consistent = VirtualTokenSteps.cache_consistent
-    padded_rows = VirtualTokenSteps.padded_rows
 
     def accepts(self, p: PromptTuningParams, target, module) -> bool:
         vocab = module.weight.shape[0]

@@ -233,8 +233,12 @@ def transform(
     def register(cls: T) -> T:
         if name in REGISTRY:
             raise RuntimeError(f"transform {name!r} registered twice")  # a programming error, not a user's
-        marked: dict[str, tuple[str, float]] = {
-            attr: fn.__surgery_obligation__ for attr, fn in vars(cls).items() if hasattr(fn, "__surgery_obligation__")}
+        # Inherited obligations too (a shared base, e.g. the virtual-token techniques'), base first;
+        # an override keeps its base's place.
+        marked: dict[str, tuple[str, float]] = {}
+        for klass in reversed(cls.__mro__[:-1]):
+            marked.update({attr: fn.__surgery_obligation__ for attr, fn in vars(klass).items()
+                           if hasattr(fn, "__surgery_obligation__")})
         obligations = tuple(ObligationSpec(ob_name, tol, attr) for attr, (ob_name, tol) in marked.items())
         if not obligations:
             raise RuntimeError(f"transform {name!r} declares no obligation")
