@@ -68,7 +68,7 @@ def test_capabilities_are_those_the_class_offers_among_those_its_anchor_kind_rea
 def test_the_registered_transforms_declare_what_save_and_plan_read():
     caps = {name: lookup(name).capabilities for name in ["lora", "ia3", "quantize", "rope", "bitfit", "window",
                                                           "prompt_tuning"]}
-    assert caps["lora"] == {Adapter, PeftExport}
+    assert caps["lora"] == {Adapter, Accepts, PeftExport}  # accepts: r ≤ min(in, out)
     assert caps["ia3"] == {Adapter, Accepts, PeftExport, AdapterPeftTensors}
     assert caps["quantize"] == {ReplacesBase}
     assert ConfigPatch in caps["rope"] and ConfigPatch not in caps["window"]
