@@ -30,3 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_lora_train.py
 	$(PY) benchmarks/bench_merged_inference.py
 	$(PY) benchmarks/bench_diff.py
+	$(PY) benchmarks/bench_attention.py
