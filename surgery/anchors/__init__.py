@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
@@ -47,7 +48,7 @@ class Installer(Protocol):
         """After every step: build the wrappers of a wrapping kind from the plan's trees."""
 
 
-class AnchorKind:
+class AnchorKind(ABC):
     """Base of the anchor kinds, with the defaults of a kind whose steps install themselves."""
 
     anchor: ClassVar[Anchor]
@@ -56,9 +57,9 @@ class AnchorKind:
     wraps: ClassVar[bool] = False
     in_place: ClassVar[bool] = False
 
+    @abstractmethod
     def find(self, transform: str, regions: Sequence[Region], index: RoleIndex) -> list[Target]:
         """Every anchor of this kind inside `regions` (before the transform's ``accepts``)."""
-        raise NotImplementedError
 
     def installer(self, model: nn.Module, edit: Edit) -> Installer:
         return SelfInstalling(model, edit)

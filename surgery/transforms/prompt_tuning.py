@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Annotated, Literal
 
@@ -97,7 +98,7 @@ class PromptTuningParams(Params):
         return self
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(nn.Module, ABC):
     """What the backbone hooks attach and ask: n virtual tokens and their embeddings [n, d].
 
     Prompt tuning stores the embeddings (:class:`PromptEmbedding`); p-tuning computes them with its
@@ -111,12 +112,13 @@ class VirtualTokens(nn.Module):
         self.max_positions = max_positions  # rows of a learned position table (GPT-2, BERT); None: no limit
 
     @property
+    @abstractmethod
     def length(self) -> int:
-        raise NotImplementedError
+        """n, the number of virtual tokens."""
 
+    @abstractmethod
     def embeddings(self) -> torch.Tensor:
         """The virtual tokens' embeddings, [n, d], in the space of the embedding module's output."""
-        raise NotImplementedError
 
 
 class PromptEmbedding(VirtualTokens):
@@ -278,7 +280,7 @@ def swapped(model: nn.Module, tokens: VirtualTokens):
         setattr(backbone, ATTRIBUTE, kept)
 
 
-class VirtualTokenSteps:
+class VirtualTokenSteps(ABC):
     """What every virtual-token technique shares: attaching its :class:`VirtualTokens` module and the
     hooks to the backbone, and the obligations. A technique implements ``virtual_tokens(p, embed,
     max_positions)`` (its module, before any change is made) and its PEFT export; it inherits the
@@ -286,8 +288,9 @@ class VirtualTokenSteps:
 
     freezes_base = True
 
+    @abstractmethod
     def virtual_tokens(self, p, embed: nn.Module, max_positions: int | None) -> VirtualTokens:
-        raise NotImplementedError
+        """The technique's module of virtual tokens (built before any change is made)."""
 
     def apply(self, p, model: nn.Module, targets, edit) -> None:
         name = self.spec.name
