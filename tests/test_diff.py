@@ -408,7 +408,7 @@ def _chromium() -> str:
     if exe is None:
         if os.environ.get("CI", "").lower() in ("true", "1"):
             pytest.fail("chromium is missing: CI must run the picture test (.ci/run installs it)")
-        pytest.skip("chromium not installed (CI installs it)")
+        pytest.skip("needs headless Chromium (Debian package chromium) to render the diff page; .ci/run installs it and under CI=true this test fails instead of skipping")
     return exe
 
 
