@@ -7,8 +7,9 @@ keeps its padding columns before the sinks too (bounded by size + padding, fixed
 With ``pre_rope`` (a sink frame) it stores keys before RoPE, un-rotated with the cos/sin the model
 used, and remembers the recent keys rotated in the frame so decoding rotates only the new ones.
 
-``update`` returns every key the call's queries may need (what was kept plus the new tokens) and
-records their layout (:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
+``update`` returns every key the call's queries may need (the head and the columns its first query
+can see, plus the new tokens: one copy per tensor) and records their layout
+(:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
 Per-call inputs arrive through ``kwargs["surgery_call"]`` (see :mod:`surgery.attention.implementation`);
 the layer belongs to one cache, i.e. to one generation, so nothing here is shared between calls.
 """
@@ -21,6 +22,19 @@ from surgery.attention.frame import Table, unrotate
 from surgery.attention.internals import DynamicLayer
 from surgery.attention.program import Bounded
 from surgery.errors import ApplyError
+
+
+def _pieces(t: torch.Tensor, layout: tuple[int, int], kept: tuple[int, int]) -> list[torch.Tensor]:
+    """Views of `t` (keys in `layout`) holding, in order, the columns of layout `kept` (a subset)."""
+    head, start = kept
+    at = start if layout == (0, 0) else layout[0] + start - layout[1]
+    return [t] if (head, start) == (0, 0) or at == head else [t[..., :head, :], t[..., at:, :]]
+
+
+def _take(t: torch.Tensor, layout: tuple[int, int], kept: tuple[int, int], *new: torch.Tensor) -> torch.Tensor:
+    """The columns of layout `kept` from `t`, followed by `new`: one copy at most."""
+    pieces = [*_pieces(t, layout, kept), *new]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
 
 
 class ProgramLayer(DynamicLayer):
@@ -54,44 +68,50 @@ class ProgramLayer(DynamicLayer):
                 raise ApplyError("a pre-RoPE cache needs the cos/sin the attention module was called with")
             cos, sin = call.position_embeddings
             key_states = unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
-        new = key_states.shape[-2]
         start_col = self.cumulative_length
-        end = start_col + new
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
-        self.layout = (self.head, self.start)
+        end = start_col + key_states.shape[-2]
+        reach = self.policy.size - self.policy.sinks
+        # Return the head and what the call's first query may see (one copy per tensor), …
+        stored, returned = (self.head, self.start), self._kept(start_col - reach + 1, end)
+        keys = _take(self.keys, stored, returned, key_states)
+        values = _take(self.values, stored, returned, value_states)
+        self.layout = returned
         self.cumulative_length = end
         framed = None
         if self.policy.pre_rope and call.program.frame is not None:
-            framed = self._frame(call.program.frame, keys, key_states, start_col, end)
+            framed = self._frame(call.program.frame, keys, key_states, stored, start_col, end)
         self.returned2 = framed
-        # Keep what a later query can see: the head, and the last size − sinks columns.
-        recent = max(end - (self.policy.size - self.policy.sinks), 0)
-        head = min(self.head_span, end)
-        if self.head == 0 and self.start == 0 and recent <= head:
-            self.keys, self.values = keys, values                      # nothing to evict yet
-            self.keys2 = framed
-        else:
-            at = recent if self.head == 0 and self.start == 0 else self.head + max(recent, self.start) - self.start
-            keep = lambda t: torch.cat([t[..., :head, :], t[..., at:, :]], dim=-2)  # noqa: E731
-            self.keys, self.values = keep(keys), keep(values)
-            self.keys2 = keep(framed) if framed is not None else None
-            self.head, self.start = head, max(recent, self.start) if (self.head or self.start) else recent
+        # … and keep what the next call's first query may see: after a single new token that is what
+        # was returned (the one key too old for the next query goes at the next update's copy).
+        kept = returned if key_states.shape[-2] == 1 else self._kept(end - reach + 1, end)
+        self.keys, self.values = _take(keys, returned, kept), _take(values, returned, kept)
+        self.keys2 = _take(framed, returned, kept) if framed is not None else None
+        self.head, self.start = kept
         return keys, values
 
-    def _frame(self, frame, keys, new_keys, start_col: int, end: int):
+    def _kept(self, first: int, end: int) -> tuple[int, int]:
+        """The layout keeping the head and the columns first … end − 1 ((0, 0): every column)."""
+        head = min(self.head_span, end)
+        start = max(first, head)
+        return (head, start) if start > head else (0, 0)
+
+    def _frame(self, frame, keys, new_keys, stored: tuple[int, int], start_col: int, end: int):
         """The returned keys rotated in the frame (see fast.frame_keys), rotating only the new ones;
-        rebased (all re-rotated from the pre-RoPE keys) when positions would pass 2·size."""
+        rebased (all re-rotated from the pre-RoPE keys) when positions would pass 3·size.
+
+        The origin is set one frame size before the first kept column, so that a decoding step can
+        place the sinks in this frame too (at column − origin − (size − 1 − slot) ≥ 0; see
+        fast._step)."""
         from surgery.attention.fast import frame_keys
 
         table = self.frame_table(frame.rotary(), frame.size, new_keys)
         head, start = self.layout
-        columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
-        if self.keys2 is None or end - self.origin > 2 * frame.size:
-            self.origin = start
+        if self.keys2 is None or end - self.origin > 3 * frame.size:
+            self.origin = max(start - frame.size, 0)
+            columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
             return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin, end)
-        fresh = frame_keys(table, new_keys, columns[-new_keys.shape[-2]:], self.origin, end)
-        return torch.cat([self.keys2, fresh], dim=-2)
+        fresh = frame_keys(table, new_keys, torch.arange(start_col, end, device=keys.device), self.origin, end)
+        return _take(self.keys2, stored, self.layout, fresh)
 
     def columns(self) -> torch.Tensor:
         """Columns (sequence indices) of the stored keys, in storage order."""

@@ -42,6 +42,8 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
         out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
+    if x.q.shape[-2] == 1 and _steady(program, x, rotated):
+        return _step(program, x, rotated).transpose(1, 2)
     framed = _framed(program, x, rotated) if program.frame is not None else None
     tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
     out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
@@ -52,6 +54,49 @@ def _plain(program: Program, x: Inputs) -> bool:
     tq, tk = x.q.shape[-2], x.k.shape[-2]
     return (not program.rules and program.frame is None and x.pad is None and x.key_ok is None
             and x.given is None and x.head == 0 and (tq == tk or tq == 1))
+
+
+def _steady(program: Program, x: Inputs, rotated) -> bool:
+    """A decoding step that sees its whole key band unmasked: window stages only, no padding and no
+    caller mask, and — with a sink frame — the cache past its first eviction (sinks at positions
+    0 … sinks − 1, every later position a recent key) with its keys kept in the recent frame."""
+    if x.pad is not None or x.key_ok is not None or x.given is not None or not program.only_windows():
+        return False
+    frame = program.frame
+    return frame is None or (rotated is not None and rotated[0] is not None and x.k_raw and x.head == frame.sinks
+                             and x.end - 1 - min(x.end - 1, frame.size - 1) >= rotated[1])
+
+
+def _step(program: Program, x: Inputs, rotated) -> torch.Tensor:
+    """One query (a decoding step) in the steady state of :func:`_steady`: one fused call over the
+    key band, no mask, no merge ([B, H, 1, Dv]).
+
+    With a sink frame both frames become one: the query sits at its cache slot m = min(i, size − 1)
+    and sink s at slot s, so score = R(m)q·R(s)k_s = R(i − o)q·R(s + i − m − o)k_s; putting the
+    sinks' pre-RoPE keys at s + i − m − o (≥ 0 by the cache's choice of origin o) places them in the
+    recent frame, where the cache already keeps the recent keys at column − o."""
+    lo, hi = _band(program, x, 0, 1)
+    frame = program.frame
+    if frame is None:
+        k, v = x.k[..., lo:hi, :], x.v[..., lo:hi, :]
+        return sdpa(x.q, k, v, scale=x.scaling, enable_gqa=x.q.shape[1] != k.shape[1])
+    keys2, origin = rotated
+    i, sinks = x.end - 1, frame.sinks
+    offset = i - min(i, frame.size - 1) - origin
+    at = torch.arange(offset, offset + sinks, device=x.k.device)
+    sink_keys = rotate(x.k[..., :sinks, :].float(), *x.table.at(at, bound=offset + sinks))
+    c, s = composite(*x.table.at(torch.tensor([i - origin], device=x.q.device), bound=i - origin + 1),
+                     x.cos.float(), x.sin.float())
+    q = rotate(x.q.float(), c[:, None], s[:, None])
+    if lo == sinks and not keys2.requires_grad:
+        # The cache's frame keys hold the sinks at positions the band never uses: put them there.
+        keys2[..., :sinks, :] = sink_keys
+        k, v = keys2[..., :hi, :], x.v[..., :hi, :].float()
+    else:
+        k = torch.cat([sink_keys, keys2[..., max(lo, sinks):hi, :]], dim=-2)
+        v = torch.cat([x.v[..., :sinks, :], x.v[..., max(lo, sinks):hi, :]], dim=-2).float()
+    out = sdpa(q, k, v, scale=x.scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return out.to(x.v.dtype)
 
 
 def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:

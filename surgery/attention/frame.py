@@ -48,6 +48,7 @@ class Table:
         # [size, dim] each; the rotary's own scaling factor (YaRN) is |(cos, sin)| at position 0.
         self.cos, self.sin = cos.float(), sin.float()
         self.scale = self.cos[0:1]  # cos(0)·f = f per dimension
+        self.longest: Table = self  # the longest extension built so far (a cache layer's table lives a stream)
 
     @classmethod
     def of(cls, rotary, size: int, like: torch.Tensor) -> "Table":
@@ -60,9 +61,12 @@ class Table:
         return self.cos.shape[0]
 
     def extend(self, n: int) -> "Table":
-        """This table grown to at least `n` positions (itself when long enough)."""
+        """This table grown to at least `n` positions (itself when long enough); remembered, so a
+        decoding stream extends its table once, not at every step."""
         if n <= len(self):
             return self
+        if n <= len(self.longest):
+            return self.longest
         cos, sin = [self.cos], [self.sin]
         size = self.cos.shape[0]
         step_cos, step_sin = self.cos[-1:] / self.scale, self.sin[-1:] / self.scale  # unit rotation at size − 1
@@ -75,7 +79,8 @@ class Table:
             sin.append(base_sin * last_cos + base_cos * last_sin)
             last_cos, last_sin = cos[-1][-1:] / self.scale, sin[-1][-1:] / self.scale
             total += size - 1
-        return Table(torch.cat(cos), torch.cat(sin))
+        self.longest = Table(torch.cat(cos), torch.cat(sin))
+        return self.longest
 
     def at(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin at `positions` (any shape, non-negative), shape positions.shape + [dim].

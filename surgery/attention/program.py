@@ -22,7 +22,7 @@ technique is one file that builds a stage (see docs/attention.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import torch
@@ -152,6 +152,13 @@ class Program:
         for rule in self.rules:
             ok = ok & rule.visible(i, j)
         return ok
+
+    def only_windows(self) -> bool:
+        """Every stage contributes window rules, a sink frame and a bounded cache at most (no other
+        field set): then a single query sees its whole key band, so a decoding step needs no mask."""
+        base = {"owner", "span", "rules", "frame", "cache", "train_only"}
+        return all(isinstance(rule, WindowRule) for rule in self.rules) and all(
+            getattr(stage, f.name) == f.default for stage in self.stages for f in fields(stage) if f.name not in base)
 
     def describe(self) -> str:
         return " + ".join(s.owner for s in self.stages) or "plain attention"

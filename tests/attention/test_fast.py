@@ -90,6 +90,25 @@ def test_dynamic_rope_frame_and_single_query():
     assert error(prog, inputs(prog, 1, 90, seed=6), tile=16) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["window", "sinks"])
+@pytest.mark.parametrize("origin", [0, 13])
+def test_decoding_step_in_the_steady_state(kind, origin, monkeypatch):
+    """A single query past the first eviction takes the unmasked one-call path (the sinks moved into
+    the recent frame) and equals the reference; the cache's origin may be anything ≤ the sinks' offset."""
+    prog = program(kind, size=10, sinks=2)
+    end = 40
+    head, start = (2, end - 8) if kind == "sinks" else (0, end - 10)
+    x = inputs(prog, 1, end - start + head, head=head, start=start, seed=8)
+    rotated = None
+    if kind == "sinks":
+        rotated = (fast.frame_keys(x.table, x.k, x.key_columns(), origin, end), origin)
+    steps = []
+    monkeypatch.setattr(fast, "_step", lambda *a, real=fast._step: steps.append(1) or real(*a))
+    got, want = fast.attend(prog, x, rotated=rotated), reference.attend(prog, x)
+    assert steps == [1]
+    assert (got - want).abs().max() < 1e-5
+
+
 def test_multi_query_heads_equal_grouped():
     prog = program("sinks")
     assert error(prog, inputs(prog, 30, 30, heads=(4, 4), seed=7), tile=8) < 1e-5
