@@ -262,6 +262,37 @@ def _is_noop_cast(node) -> bool:
     return (out.dtype, out.device, tuple(out.shape), out.layout) == (into.dtype, into.device, tuple(into.shape), into.layout)
 
 
+def _passthrough(node, module) -> torch.fx.Node | None:
+    """For ``getitem(hop, k)`` where `hop` runs a subgraph (``wrap_with_set_grad_enabled`` around a
+    ``no_grad`` block, ``wrap_with_autocast``…) whose k-th output is one of its inputs unchanged: that
+    input (possibly through casts that change nothing). torch.export threads values a block does not touch through it (a rotary's lifted
+    ``inv_freq`` passes through every layer's ``no_grad`` call), which would make each layer read
+    "the previous layer's output" and the same change in 30 layers look like 30 changes."""
+    if node.op != "call_function" or _op_name(node) != "getitem" or len(node.args) != 2:
+        return None
+    hop, k = node.args
+    if not isinstance(hop, torch.fx.Node) or not isinstance(hop.target, torch._ops.HigherOrderOperator):
+        return None
+    at = next((i for i, a in enumerate(hop.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr"), None)
+    sub = getattr(module, hop.args[at].target, None) if at is not None else None
+    if not isinstance(sub, torch.fx.GraphModule) or not isinstance(k, int):
+        return None
+    inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    result = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    result = result if isinstance(result, (list, tuple)) else (result,)
+    operands = hop.args[at + 1:]
+    if k >= len(result):
+        return None
+    out = result[k]
+    while isinstance(out, torch.fx.Node) and _is_noop_cast(out):  # a cast that changes nothing is the input
+        out = out.args[0]
+    result = (*result[:k], out)
+    if k < len(result) and result[k] in inputs and inputs.index(result[k]) < len(operands):
+        source = operands[inputs.index(result[k])]
+        return source if isinstance(source, torch.fx.Node) else None
+    return None
+
+
 def _reason(error: Exception) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     message = lines[0] if lines else ""
@@ -281,6 +312,8 @@ def _snapshot(exported, seconds: float) -> GraphSnapshot:
     for n in graph_nodes:
         if n.name in kept and _is_noop_cast(n):
             kept[n.name] = kept.get(n.args[0].name, n.args[0].name)
+        elif n.name in kept and (source := _passthrough(n, exported.graph_module)) is not None:
+            kept[n.name] = kept.get(source.name, source.name)
     nodes, outputs = [], ()
     for node in graph_nodes:
         if kept.get(node.name, node.name) != node.name:
