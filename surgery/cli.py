@@ -1,4 +1,4 @@
-"""``surgery check | plan | verify | diff | apply | eval | demo``.
+"""``surgery check | plan | verify | diff | apply | import-peft | eval | demo``.
 
 Exit codes: 0 success, 1 a failed obligation, 2 a user error (spec, model directory, arguments).
 User errors print a message (with file:line:col and a caret for spec errors), never a traceback.
@@ -233,6 +233,31 @@ def apply(spec: Path = typer.Argument(..., help="a .surg file"),
     out.print(_counts_table(result.plan))
     with _status(f"saving {output}"):
         result.save(output, merge=merge)
+    out.print(f"[green]saved[/] {output}")
+
+
+@app.command("import-peft")
+def import_peft(peft_dir: Path = typer.Argument(..., help="a PEFT adapter directory (adapter_config.json + "
+                                                        "adapter_model.safetensors)"),
+                model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+                output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist)"),
+                check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run obligations first")):
+    """Move a PEFT adapter over: the equivalent spec, applied to MODEL_DIR with PEFT's trained tensors,
+    saved as a surgery output (its spec.surg is the spec; peft/ is written again)."""
+    from surgery.interop import import_peft as run
+
+    if output.exists():
+        raise SurgeryError(f"{output} already exists; choose a new output directory")
+    _check_writable(output, make_parents=True)
+    _check_outside(output, _model_dir(model_dir))
+    model, _ = _load(model_dir)
+    with _status("importing") as status:
+        result = run(peft_dir, model, check=check_obligations, progress=lambda m: status.update(f"verifying: {m}"))
+    out.print(result.plan.spec.source, markup=False, highlight=False)
+    out.print(_steps_table(result.plan))
+    out.print(_counts_table(result.plan))
+    with _status(f"saving {output}"):
+        result.save(output)
     out.print(f"[green]saved[/] {output}")
 
 

@@ -222,18 +222,20 @@ def _merged_model(model: nn.Module, plan: Plan, merged: set[int]) -> nn.Module:
     return out
 
 
-def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
-    """Write ``peft/`` if the plan is expressible as one PEFT adapter; returns what happened."""
+def peft_adapter(plan: Plan, model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]] | str:
+    """The plan as one PEFT adapter: (``adapter_config.json`` fields, tensors under PEFT's keys, as the
+    model holds them — views of its parameters where the transform stores PEFT's layout), or why
+    it cannot be one."""
     kinds = {}
     for step in plan.steps:
         if step.spec.peft_base:  # e.g. quantize: the PEFT user loads the base quantized
             continue
         if step.spec.offers(PeftExport) is None:
-            return f"not written: {step.transform} has no PEFT equivalent"
+            return f"{step.transform} has no PEFT equivalent"
         kinds.setdefault(step.transform, []).append(step)
     if len(kinds) != 1:
-        return "not written: PEFT holds one adapter type per adapter, the plan has " + ", ".join(sorted(kinds)) if kinds \
-            else "not written: no adapter in the plan"
+        return "PEFT holds one adapter type per adapter, the plan has " + ", ".join(sorted(kinds)) if kinds \
+            else "no adapter in the plan"
     (name, steps), = kinds.items()
     # One PEFT config holds every step: they may differ in where they attach, and in the fields PEFT
     # allows per module (the transform's ``peft_patterns``, e.g. LoRA's rank_pattern).
@@ -248,16 +250,25 @@ def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
             if fields.get(key) == first.get(key):
                 continue
             if key not in spec.peft_patterns:
-                return f"not written: the {name} steps differ in {key!r}, which one PEFT config cannot hold"
+                return f"the {name} steps differ in {key!r}, which one PEFT config cannot hold"
             patterns.setdefault(spec.peft_patterns[key], {}).update({t.path: fields[key] for t in step.targets})
     all_targets = [t for s in steps for t in s.targets]
     config = {**impl.peft(steps[0].params, all_targets), **patterns}
     named = anchors.kind(spec.anchor).peft_tensors(steps, model, config)
     if isinstance(named, str):
-        return named
-    tensors = {k: v.detach().contiguous().clone() for k, v in named.items()}
+        return named.removeprefix("not written: ")
     config.setdefault("task_type", _task_type(model))
     config.setdefault("base_model_name_or_path", None)
+    return config, named
+
+
+def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:
+    """Write ``peft/`` if the plan is expressible as one PEFT adapter; returns what happened."""
+    adapter = peft_adapter(plan, model)
+    if isinstance(adapter, str):
+        return f"not written: {adapter}"
+    config, named = adapter
+    tensors = {k: v.detach().contiguous().clone() for k, v in named.items()}
     peft_dir = tmp / "peft"
     peft_dir.mkdir()
     (peft_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))

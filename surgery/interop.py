@@ -1,0 +1,174 @@
+"""Reading a PEFT adapter directory into ``surgery``: the spec it amounts to, and its trained tensors.
+
+``import_peft(peft_dir, model)`` reads ``adapter_config.json``, writes the equivalent spec (quoted
+module patterns, one rule per distinct setting), compiles it onto `model` and copies PEFT's tensors
+into the new modules. The copy goes through the exporter (:func:`surgery.io.peft_adapter`): it
+names every tensor of the applied plan under PEFT's key, as a view of the parameter that holds it,
+so the import is the export run backwards and the two cannot drift apart. Every key must be used
+exactly once, with its shape, or nothing is changed.
+
+Supported: ``LORA`` (``rank_pattern``/``alpha_pattern``, rsLoRA), ``IA3``, ``PROMPT_TUNING`` and
+``P_TUNING`` (PEFT saves P-tuning's encoder output, so it is imported as the prompt it produces:
+equal outputs, without the encoder). Anything else, or a config field that changes the math and
+has no ``surgery`` equivalent (DoRA, biases, layer subsets, modules_to_save…), is refused with the
+field named.
+
+Obligation (tests/test_interop.py): PEFT → surgery gives PEFT's logits, and the ``peft/`` export of
+the imported model loads in PEFT with the same logits (the round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from surgery.errors import ModelError
+
+# Fields that must hold these values (the math surgery implements); absent fields are fine.
+_LORA_FIXED = {"bias": "none", "use_dora": False, "fan_in_fan_out": False, "layers_to_transform": None,
+               "layers_pattern": None, "modules_to_save": None, "lora_bias": False, "target_parameters": None,
+               "trainable_token_indices": None, "exclude_modules": None, "megatron_config": None}
+_IA3_FIXED = {"fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "exclude_modules": None}
+
+
+def _matches(target_modules, name: str) -> bool:
+    """PEFT's rule: a regex string must match the whole name; a list entry equals the name or its
+    last dotted segments."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules or ())
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _selectors(paths: list[str], every: list[str]) -> list[str]:
+    """Quoted selectors for exactly `paths`: numeric segments become ``*`` where the pattern matches
+    no other module of the model, else the paths one by one."""
+    out, left = [], list(paths)
+    while left:
+        pattern = ".".join("*" if part.isdigit() else part for part in left[0].split("."))
+        hits = [p for p in every if fnmatchcase(p, pattern)]
+        if pattern != left[0] and set(hits) <= set(paths):
+            out.append(pattern)
+            left = [p for p in left if p not in hits]
+        else:
+            out.append(left.pop(0))
+    return [json.dumps(s) for s in out]
+
+
+def _check_fixed(config: dict, fixed: dict, kind: str) -> None:
+    for key, value in fixed.items():
+        if key in config and config[key] not in (value, [], {}) and not (value is None and not config[key]):
+            raise ModelError(f"the PEFT {kind} adapter sets {key}={config[key]!r}, which surgery's "
+                             f"{kind.lower()} does not implement (it needs {value!r})")
+
+
+def spec_from_peft(config: dict, model: nn.Module) -> str:
+    """The spec equivalent to a PEFT ``adapter_config.json`` on `model`."""
+    kind = config.get("peft_type")
+    names = [name for name, _ in model.named_modules() if name]
+    if kind == "LORA":
+        _check_fixed(config, _LORA_FIXED, "LORA")
+        groups: dict[tuple, list[str]] = {}
+        for name, module in model.named_modules():
+            if name and _matches(config.get("target_modules"), name) and not list(module.children()):
+                r = _pattern_value(config.get("rank_pattern"), name, config.get("r", 8))
+                alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
+                groups.setdefault((r, alpha), []).append(name)
+        if not groups:
+            raise ModelError(f"the PEFT LoRA adapter targets {config.get('target_modules')!r}: no module of this model")
+        options = (f", dropout={config['lora_dropout']}" if config.get("lora_dropout") else "") + \
+                  (", rslora=true" if config.get("use_rslora") else "")
+        return "\n".join(f"{', '.join(_selectors(paths, names))}: lora(r={r}, alpha={alpha}{options})"
+                         for (r, alpha), paths in groups.items())
+    if kind == "IA3":
+        _check_fixed(config, _IA3_FIXED, "IA3")
+        paths = [name for name in names if _matches(config.get("target_modules"), name)]
+        if not paths:
+            raise ModelError(f"the PEFT IA3 adapter targets {config.get('target_modules')!r}: no module of this model")
+        return f"{', '.join(_selectors(paths, names))}: ia3"
+    if kind in ("PROMPT_TUNING", "P_TUNING"):
+        if config.get("num_transformer_submodules", 1) != 1:
+            raise ModelError("the PEFT prompt has one prompt per transformer submodule (encoder–decoder); "
+                             "surgery's prompt_tuning prompts decoder-only and encoder models")
+        return f"embed: prompt_tuning(length={int(config['num_virtual_tokens'])})"
+    raise ModelError(f"PEFT adapters of type {kind!r} cannot be imported; supported: LORA, IA3, PROMPT_TUNING, "
+                     "P_TUNING")
+
+
+def read_peft(peft_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of a PEFT adapter directory."""
+    peft_dir = Path(peft_dir)
+    config_file, weights = peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise ModelError(f"{peft_dir} is not a PEFT adapter directory: it has no adapter_config.json")
+    if not weights.is_file():
+        raise ModelError(f"{peft_dir} has no adapter_model.safetensors (PEFT's pickled .bin files are not read)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{config_file} is not valid JSON: {e}") from None
+    try:
+        return config, safetensors.torch.load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ModelError(f"{weights} cannot be read: {e}") from None
+
+
+def import_peft(peft_dir: str | Path, model: nn.Module, *, check: bool = True, progress=None):
+    """Compile the spec equivalent to the PEFT adapter onto `model` and load its tensors.
+
+    Returns the :class:`surgery.api.Result` (``plan.spec.source`` is the spec; ``save`` writes a
+    ``surgery`` output, with ``peft/`` re-exported). On any error `model` is left as it was."""
+    from surgery.api import compile as compile_spec
+    from surgery.syntax import parse
+
+    config_file = Path(peft_dir) / "adapter_config.json"
+    if config_file.is_file():  # a type we cannot import is refused before the tensors are read
+        spec_from_peft(json.loads(config_file.read_text()), model)
+    config, tensors = read_peft(peft_dir)
+    text = spec_from_peft(config, model)
+    result = compile_spec(model, parse(text, file=f"<from {peft_dir}>"), check=check, progress=progress)
+    try:
+        _load(result, config, tensors)
+    except BaseException:
+        result.edit.rollback()
+        raise
+    return result
+
+
+def _load(result, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    from surgery.io import peft_adapter
+
+    ours = peft_adapter(result.plan, result.model)
+    if isinstance(ours, str):
+        raise ModelError(f"the imported plan has no PEFT form to load the tensors into: {ours}")
+    _, named = ours
+    missing = sorted(set(named) - set(tensors))
+    unexpected = sorted(set(tensors) - set(named))
+    if missing or unexpected:
+        raise ModelError("the PEFT tensors do not fit the imported plan: "
+                         + "; ".join(f"{what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+                                     for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    storages = {p.untyped_storage().data_ptr() for p in result.model.parameters()}
+    with torch.no_grad():
+        for key, target in named.items():
+            given = tensors[key]
+            if tuple(given.shape) != tuple(target.shape):
+                raise ModelError(f"PEFT tensor {key} has shape {tuple(given.shape)}, the imported plan "
+                                 f"needs {tuple(target.shape)}")
+            if target.untyped_storage().data_ptr() not in storages:
+                raise ModelError(f"PEFT tensor {key} is derived from the model's parameters, not stored in one, "
+                                 "so it cannot be loaded back")
+            target.copy_(given.to(target.dtype))
