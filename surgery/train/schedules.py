@@ -74,13 +74,19 @@ class Schedules:
         self.hooks: dict[int, StepSchedule] = {}
         for step in result.plan.steps:
             impl = step.spec.offers(Schedule)
-            if impl is not None:
-                self.hooks[step.index] = impl.schedule(step.params, step.targets, self.model)
+            hook = impl.schedule(step.params, step.targets, self.model) if impl is not None else None
+            if hook is not None:
+                self.hooks[step.index] = hook
         self._scaled: list[tuple[dict, float, float]] = []
         result.schedules = self
 
     def __bool__(self) -> bool:
         return bool(self.hooks)
+
+    @property
+    def batch_keys(self) -> set[str]:
+        """Batch entries the steps read (e.g. T-Few's ``answer``) that are not inputs of the model."""
+        return {key for hook in self.hooks.values() for key in getattr(hook, "batch_keys", ())}
 
     def lr_scale(self, step: int | None = None) -> float:
         step = self.step if step is None else step

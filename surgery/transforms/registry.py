@@ -171,9 +171,10 @@ class StepSchedule(Protocol):
 
 @runtime_checkable
 class Schedule(Protocol):
-    """Training-time behaviour of the step on `model` (already surgered) at `targets`."""
+    """Training-time behaviour of the step on `model` (already surgered) at `targets`; None where
+    these parameters ask for none (e.g. ``ia3`` without a loss option)."""
 
-    def schedule(self, p: Any, targets: Sequence[Target], model: nn.Module) -> StepSchedule: ...
+    def schedule(self, p: Any, targets: Sequence[Target], model: nn.Module) -> StepSchedule | None: ...
 
 
 C = TypeVar("C")
