@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from surgery.errors import SurgeryError
@@ -45,6 +45,7 @@ class Options:
     schedule: str = "cosine"
     optim: str = "adamw_torch"
     device: str = "cpu"
+    shuffle: bool = True
 
 
 def check_optim(name: str, device: str) -> None:
@@ -71,10 +72,13 @@ def arguments(checkpoints: Path, opts: Options, *, evaluate: bool) -> transforme
         seed=opts.seed, data_seed=opts.seed, use_cpu=opts.device == "cpu",
         # Several CPU processes (accelerate launch / torchrun) talk over gloo; one process needs none.
         ddp_backend="gloo" if opts.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is an added one the forward uses
         eval_strategy="steps" if eval_every else "no", eval_steps=eval_every or None,
         save_strategy="steps" if opts.save_every else "no", save_steps=opts.save_every or 500,
         logging_strategy="steps", logging_steps=opts.log_every, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False)
+        dataloader_num_workers=0, remove_unused_columns=False,
+        # In order, N processes of batch b see exactly the blocks one process of batch N·b sees.
+        train_sampling_strategy="random" if opts.shuffle else "sequential")
 
 
 class _Log(TrainerCallback):
@@ -114,6 +118,7 @@ def train(result, tokenizer, data: Path, checkpoints: Path, opts: Options, *, re
     model.train()
     trainer = SurgeryTrainer(model=model, args=arguments(checkpoints, opts, evaluate=True),
                              train_dataset=train_set, eval_dataset=eval_set, schedules=result)
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _Log prints lines
     trainer.add_callback(_Log(log))
     if last is not None:
         trainer.surgery.resume(last)

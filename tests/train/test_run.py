@@ -110,3 +110,32 @@ def test_user_errors_exit_2_with_a_message(tmp_path, model_dir, data, capsys, mo
                        capsys, monkeypatch)
     assert code == 2 and "no checkpoint" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, model_dir, data):
+    """Data-parallel on CPU (gloo): 2 processes × batch 2 in order see what 1 process × batch 4 sees."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    surg = spec(tmp_path, "attn.*: relora(r=4, restart_every=2)\n")
+    args = ["-m", "surgery.cli", "train", str(surg), str(model_dir), "--data", str(data), "--steps", "4",
+            "--seq-len", "16", "--lr", "1e-2", "--log-every", "1", "--eval-every", "2", "--no-shuffle"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    runs = {}
+    for name, launch in {"two": [str(torchrun), "--nproc-per-node", "2", "--master-port", "29531"],
+                         "one": [sys.executable]}.items():
+        batch = "2" if name == "two" else "4"
+        proc = subprocess.run([*launch, *args, "--batch-size", batch, "-o", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = proc.stdout
+    assert len(losses(runs["one"])) == 4
+    assert losses(runs["two"]) == pytest.approx(losses(runs["one"]), abs=2e-4)
+    assert losses(runs["two"], "eval") == pytest.approx(losses(runs["one"], "eval"), abs=2e-4)
+    one, two = surgery.load(tmp_path / "one"), surgery.load(tmp_path / "two")
+    for (name, x), y in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
