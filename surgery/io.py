@@ -8,8 +8,8 @@ or not at all; an existing directory is never overwritten. Layout:
   be) exported elsewhere, the sha256 and size of every other file, and a digest of itself.
   ``spec.surg`` is a human-readable copy of its spec and ``report.json`` the verification report:
   neither is read to rebuild the model, and both must still match the manifest. A result that was
-  trained with schedules (:mod:`surgery.train`) also records their state there (``schedules``), for
-  :func:`schedule_state` to give back.
+  trained with schedules (:mod:`surgery.train`) also records their state there (``schedules``; its
+  tensors in ``schedules.safetensors``), for :func:`schedule_state` to give back.
 * Surgery format (when some step is not expressible in plain transformers):
   ``base_config.json`` + ``surgery.safetensors`` (the whole surgered state dict). ``load`` builds the
   base model from the config, re-applies the plan, and loads the state dict: bit-exact.
@@ -64,6 +64,7 @@ from surgery.syntax import parse as parse_text
 from surgery.transforms.registry import ConfigPatch, PeftExport
 
 FORMAT = 2  # 2: a manifest of sha256 hashes and the dtypes; 1 had neither
+SCHEDULE_TENSORS = "schedules.safetensors"  # the tensors of the schedule state, when it has any
 
 
 def _atomic_dir(out_dir: Path) -> Path:
@@ -331,7 +332,11 @@ def _write(result, tmp: Path, merge: bool) -> None:
     }
     schedules = getattr(result, "schedules", None)
     if schedules:
-        meta["schedules"] = schedules.state_dict()
+        from surgery.train.schedules import split_tensors
+
+        meta["schedules"], tensors = split_tensors(schedules.state_dict())
+        if tensors:
+            safetensors.torch.save_file(tensors, str(tmp / SCHEDULE_TENSORS))
     (tmp / "spec.surg").write_text(plan.spec.source)
     if result.report is not None:
         (tmp / "report.json").write_text(json.dumps(result.report.to_json(), indent=2))
@@ -477,7 +482,11 @@ def schedule_state(out_dir: str | Path) -> dict | None:
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     _verify_files(out_dir, manifest)
-    return manifest.schedules
+    if manifest.schedules is None or SCHEDULE_TENSORS not in manifest.files:
+        return manifest.schedules
+    from surgery.train.schedules import join_tensors
+
+    return join_tensors(manifest.schedules, safetensors.torch.load_file(str(out_dir / SCHEDULE_TENSORS)))
 
 
 def _rebuild(out_dir: Path, manifest: Manifest) -> nn.Module:

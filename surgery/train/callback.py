@@ -16,13 +16,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import transformers
 from transformers import TrainerCallback
 
 from surgery.errors import SurgeryError
-from surgery.train.schedules import Schedules
+from surgery.train.schedules import Schedules, join_tensors, split_tensors
 
 STATE_FILE = "surgery_schedules.json"
+TENSOR_FILE = "surgery_schedules.safetensors"
 
 
 class SurgeryCallback(TrainerCallback):
@@ -42,7 +44,10 @@ class SurgeryCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (checkpoint / STATE_FILE).write_text(json.dumps(self.schedules.state_dict(), indent=1))
+            saved, tensors = split_tensors(self.schedules.state_dict())
+            (checkpoint / STATE_FILE).write_text(json.dumps(saved, indent=1))
+            if tensors:
+                safetensors.torch.save_file(tensors, str(checkpoint / TENSOR_FILE))
 
     def resume(self, checkpoint: str | Path) -> None:
         """Load the schedule state a checkpoint of this run holds (call before ``trainer.train``)."""
@@ -50,7 +55,10 @@ class SurgeryCallback(TrainerCallback):
         if self.schedules and not path.is_file():
             raise SurgeryError(f"{checkpoint} has no {STATE_FILE}: it was not written by a run with these schedules")
         if path.is_file():
-            self.schedules.load_state_dict(json.loads(path.read_text()))
+            tensors = Path(checkpoint) / TENSOR_FILE
+            saved = json.loads(path.read_text())
+            self.schedules.load_state_dict(
+                join_tensors(saved, safetensors.torch.load_file(str(tensors)) if tensors.is_file() else {}))
 
 
 class SurgeryTrainer(transformers.Trainer):

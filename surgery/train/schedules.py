@@ -19,9 +19,10 @@ each parameter group for the one ``optimizer.step()`` and taken off again right 
 something (a scheduler) set a new rate in between: so it composes with any scheduler (a
 ``LambdaLR`` recomputes from its base rates) and with none.
 
-State (``state_dict``) is the optimizer steps taken and each step's own state, all JSON; it is
-what :func:`surgery.io.save` writes into ``surgery.json`` when the result carries schedules, and
-a run continued from it is bit-exact with one that never stopped.
+State (``state_dict``) is the optimizer steps taken and each step's own state: JSON values and
+tensors (AdaLoRA's importance statistics). :func:`surgery.io.save` writes the JSON into
+``surgery.json`` and the tensors into ``schedules.safetensors`` when the result carries schedules
+(:func:`split_tensors`), and a run continued from it is bit-exact with one that never stopped.
 """
 
 from __future__ import annotations
@@ -54,6 +55,37 @@ class BaseSchedule:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+TENSOR = "__tensor__"  # {TENSOR: key} stands for a tensor stored beside the JSON
+
+
+def split_tensors(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(`state` with every tensor replaced by ``{TENSOR: key}``, the tensors by key)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if torch.is_tensor(value):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {TENSOR: path}
+        if isinstance(value, Mapping):
+            return {str(k): walk(v, f"{path}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        return value
+
+    return walk(state, ""), tensors
+
+
+def join_tensors(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_tensors`."""
+    if isinstance(state, Mapping):
+        if set(state) == {TENSOR}:
+            return tensors[state[TENSOR]]
+        return {k: join_tensors(v, tensors) for k, v in state.items()}
+    if isinstance(state, list):
+        return [join_tensors(v, tensors) for v in state]
+    return state
 
 
 def unwrap(optimizer: Any) -> torch.optim.Optimizer:
