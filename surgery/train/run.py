@@ -10,6 +10,7 @@ steps' schedules, whose state goes into each checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +98,13 @@ class _Log(TrainerCallback):
             self.log(f"eval step {state.global_step}  held-out loss {logs['eval_loss']:.4f}")
 
 
+def _steps_done(checkpoint: str) -> int:
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SurgeryError(f"{checkpoint} is not a readable Trainer checkpoint: {e}") from None
+
+
 def train(result, tokenizer, data: Path, checkpoints: Path, opts: Options, *, resume: bool = False,
           log: Callable[[str], None] = print) -> SurgeryTrainer:
     """Train `result.model` (a compile result) on `data`; returns the Trainer after training.
@@ -109,6 +117,8 @@ def train(result, tokenizer, data: Path, checkpoints: Path, opts: Options, *, re
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume and last is None:
         raise SurgeryError(f"--resume: no checkpoint in {checkpoints}")
+    if resume and _steps_done(last) >= opts.steps:
+        raise SurgeryError(f"{last} already reached --steps {opts.steps}; give more --steps to train further")
     if not resume and last is not None:
         raise SurgeryError(f"{checkpoints} holds checkpoints of an earlier run; continue it with --resume, "
                            "or remove them")

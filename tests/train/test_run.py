@@ -71,12 +71,19 @@ def test_train_lowers_the_loss_and_saves_a_result_that_loads(tmp_path, model_dir
     assert trained < base - 0.5  # what was saved is the trained model
 
 
-def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, model_dir, data, capsys, monkeypatch):
-    surg = spec(tmp_path, "attn.q, attn.v: relora(r=2, restart_every=2, warmup=1)\n")
+@pytest.mark.parametrize("rule", ["relora(r=2, restart_every=2, warmup=1)",
+                                  "adalora(4, 2, total_step=6, tinit=1, tfinal=2)"])
+def test_a_resumed_run_equals_an_uninterrupted_one(rule, tmp_path, model_dir, data, capsys, monkeypatch):
+    """Checkpoint 3 holds ReLoRA's restart count, and AdaLoRA's importance statistics (tensors), which
+    the mask fixed at step 4 depends on."""
+    surg = spec(tmp_path, f"attn.q, attn.v: {rule}\n")
     common = [surg, model_dir, "--data", data, "--steps", 6, "--batch-size", 2, "--seq-len", 16, "--lr", 1e-2,
               "--eval-every", 3, "--log-every", 1]
     code, full, err = run(["train", *common, "-o", tmp_path / "a"], capsys, monkeypatch)
     assert code == 0, err
+    code, _, err = run(["train", *common, "-o", tmp_path / "b", "--checkpoints", tmp_path / "a.checkpoints",
+                        "--resume"], capsys, monkeypatch)
+    assert code == 2 and "already reached --steps 6" in err
     shutil.rmtree(tmp_path / "a.checkpoints" / "checkpoint-6")  # as if stopped after step 3's checkpoint
     code, resumed, err = run(["train", *common, "-o", tmp_path / "b", "--checkpoints", tmp_path / "a.checkpoints",
                               "--resume"], capsys, monkeypatch)
@@ -87,7 +94,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, model_dir, data, ca
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     schedules = [json.loads((tmp_path / d / "surgery.json").read_text())["schedules"] for d in "ab"]
-    assert schedules[0] == schedules[1] == {"step": 6, "steps": {"0": {"restarts": 3, "last_restart": 5}}}
+    assert schedules[0] == schedules[1]
+    if rule.startswith("relora"):
+        assert schedules[0] == {"step": 6, "steps": {"0": {"restarts": 3, "last_restart": 5}}}
+    else:
+        assert (tmp_path / "a.checkpoints" / "checkpoint-3" / "surgery_schedules.safetensors").is_file()
+        assert sum(not keep for layer in schedules[0]["steps"]["0"]["pattern"] for keep in layer) == 8
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, model_dir, data, capsys, monkeypatch):
