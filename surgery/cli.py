@@ -268,11 +268,11 @@ def train(spec: Path = typer.Argument(..., help="a .surg file"),
     or `torchrun --nproc-per-node N -m surgery.cli train …`.
     """
     from surgery.api import compile as run
-    from surgery.train.run import Options, check_optim, train as run_training
+    from surgery.train.run import Options, check_options, train as run_training
 
     if device not in ("cpu", "auto"):
         raise SurgeryError(f"--device takes cpu or auto, not {device!r}")
-    check_optim(optim, device)
+    check_options(optim, device, schedule)
     parsed = _spec(spec)
     if output.exists():
         raise SurgeryError(f"{output} already exists; choose a new output directory")

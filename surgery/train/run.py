@@ -49,12 +49,17 @@ class Options:
     shuffle: bool = True
 
 
-def check_optim(name: str, device: str) -> None:
-    """Refuse an optimizer transformers does not know, or a bitsandbytes one without CUDA, before any work."""
+def check_options(name: str, device: str, schedule: str = "cosine") -> None:
+    """Refuse an optimizer or schedule transformers does not know, or a bitsandbytes optimizer without
+    CUDA, before any work."""
+    from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 
     from surgery.errors import did_you_mean
 
+    schedules = [s.value for s in SchedulerType]
+    if schedule not in schedules:
+        raise SurgeryError(f"unknown learning-rate schedule {schedule!r}{did_you_mean(schedule, schedules)}")
     known = [o.value for o in OptimizerNames]
     if name not in known:
         raise SurgeryError(f"unknown optimizer {name!r}{did_you_mean(name, known)}")
@@ -64,8 +69,16 @@ def check_optim(name: str, device: str) -> None:
                            f"their state between GPU and CPU memory), and {where}; on CPU use --optim adamw_torch")
 
 
-def arguments(checkpoints: Path, opts: Options, *, evaluate: bool) -> transformers.TrainingArguments:
-    eval_every = opts.eval_every if evaluate else 0
+def arguments(checkpoints: Path, opts: Options) -> transformers.TrainingArguments:
+    """The Trainer's arguments for `opts`; a combination it refuses is a user error, not a traceback."""
+    try:
+        return _arguments(checkpoints, opts)
+    except ValueError as e:
+        raise SurgeryError(f"the Trainer refuses these options: {e}") from None
+
+
+def _arguments(checkpoints: Path, opts: Options) -> transformers.TrainingArguments:
+    eval_every = opts.eval_every
     return transformers.TrainingArguments(
         output_dir=str(checkpoints), max_steps=opts.steps, per_device_train_batch_size=opts.batch_size,
         per_device_eval_batch_size=opts.batch_size, gradient_accumulation_steps=opts.grad_accum,
@@ -113,7 +126,7 @@ def train(result, tokenizer, data: Path, checkpoints: Path, opts: Options, *, re
     included); without it, `checkpoints` must not hold a checkpoint already, so a run never mixes
     with an earlier one unasked.
     """
-    check_optim(opts.optim, opts.device)
+    check_options(opts.optim, opts.device, opts.schedule)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if resume and last is None:
         raise SurgeryError(f"--resume: no checkpoint in {checkpoints}")
@@ -126,7 +139,7 @@ def train(result, tokenizer, data: Path, checkpoints: Path, opts: Options, *, re
     transformers.set_seed(opts.seed)
     model = result.model
     model.train()
-    trainer = SurgeryTrainer(model=model, args=arguments(checkpoints, opts, evaluate=True),
+    trainer = SurgeryTrainer(model=model, args=arguments(checkpoints, opts),
                              train_dataset=train_set, eval_dataset=eval_set, schedules=result)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _Log prints lines
     trainer.add_callback(_Log(log))

@@ -110,6 +110,9 @@ def test_user_errors_exit_2_with_a_message(tmp_path, model_dir, data, capsys, mo
     code, _, err = run(["train", surg, model_dir, "--data", data, "-o", tmp_path / "o", "--optim", "adamw_trch"],
                        capsys, monkeypatch)
     assert code == 2 and "did you mean 'adamw_torch'" in err
+    code, _, err = run(["train", surg, model_dir, "--data", data, "-o", tmp_path / "o", "--schedule", "cosin"],
+                       capsys, monkeypatch)
+    assert code == 2 and "unknown learning-rate schedule 'cosin'" in err and "Traceback" not in err
     code, _, err = run(["train", surg, model_dir, "--data", tmp_path / "none.txt", "-o", tmp_path / "o"],
                        capsys, monkeypatch)
     assert code == 2 and "no such file" in err
