@@ -84,6 +84,7 @@ class Result:
     before_graph: object | None = None  # GraphSnapshot (or the reason capture failed), when asked for
     graph_inputs: torch.Tensor | None = None
     seed: int = 0
+    schedules: object | None = None  # surgery.train.Schedules, once training attaches them (saved with the result)
 
     def diff(self):
         """The before/after diff: module tree, and computation graphs if ``compile(graph_inputs=…)``."""

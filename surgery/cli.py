@@ -1,4 +1,4 @@
-"""``surgery check | plan | verify | diff | apply | import-peft | eval | demo``.
+"""``surgery check | plan | verify | diff | apply | train | import-peft | eval | demo``.
 
 Exit codes: 0 success, 1 a failed obligation, 2 a user error (spec, model directory, arguments).
 User errors print a message (with file:line:col and a caret for spec errors), never a traceback.
@@ -259,6 +259,80 @@ def import_peft(peft_dir: Path = typer.Argument(..., help="a PEFT adapter direct
     with _status(f"saving {output}"):
         result.save(output)
     out.print(f"[green]saved[/] {output}")
+@app.command()
+def train(spec: Path = typer.Argument(..., help="a .surg file"),
+          model_dir: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+          data: Path = typer.Option(..., "--data", help="training text: a UTF-8 file, or .jsonl with a \"text\" per line"),
+          output: Path = typer.Option(..., "-o", "--output", help="output directory (must not exist)"),
+          steps: int = typer.Option(100, "--steps", min=1, help="optimizer steps"),
+          batch_size: int = typer.Option(4, "--batch-size", min=1, help="blocks per step and process"),
+          seq_len: int = typer.Option(256, "--seq-len", min=2, help="tokens per block"),
+          lr: float = typer.Option(2e-4, "--lr", min=0, help="peak learning rate"),
+          grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="micro-batches per optimizer step"),
+          eval_every: int = typer.Option(50, "--eval-every", min=0, help="held-out loss every N steps (0: at the end only)"),
+          save_every: Optional[int] = typer.Option(None, "--save-every", min=0,
+                                                   help="checkpoint every N steps (default: --eval-every; 0: none)"),
+          log_every: int = typer.Option(10, "--log-every", min=1, help="training loss every N steps"),
+          warmup_steps: int = typer.Option(0, "--warmup-steps", min=0, help="linear learning-rate warm-up"),
+          schedule: str = typer.Option("cosine", "--schedule", help="learning-rate schedule (transformers' names)"),
+          optim: str = typer.Option("adamw_torch", "--optim", help="optimizer (transformers' names; "
+                                    "paged_adamw_8bit: QLoRA's, CUDA only)"),
+          device: str = typer.Option("cpu", "--device", help="cpu, or auto (a GPU when present)"),
+          checkpoints: Optional[Path] = typer.Option(None, "--checkpoints",
+                                                     help="checkpoint directory (default: OUT.checkpoints)"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
+          shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="visit the blocks in random order"),
+          merge: bool = typer.Option(False, "--merge", help="fold mergeable steps into the weights when saving"),
+          check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run obligations first"),
+          seed: int = typer.Option(0, **SEED)):
+    """Verify, apply, fine-tune (causal-LM loss) with transformers' Trainer, and save like `apply`.
+
+    Several processes (data-parallel) with the same command: `accelerate launch -m surgery.cli train …`
+    or `torchrun --nproc-per-node N -m surgery.cli train …`.
+    """
+    from surgery.api import compile as run
+    from surgery.train.run import Options, check_options, train as run_training
+
+    if device not in ("cpu", "auto"):
+        raise SurgeryError(f"--device takes cpu or auto, not {device!r}")
+    check_options(optim, device, schedule)
+    parsed = _spec(spec)
+    if output.exists():
+        raise SurgeryError(f"{output} already exists; choose a new output directory")
+    _check_writable(output, make_parents=True)
+    model_path = _model_dir(model_dir)
+    _check_outside(output, model_path)
+    checkpoints = checkpoints or output.with_name(output.name + ".checkpoints")
+    _check_outside(checkpoints, model_path)
+    if not data.is_file():
+        raise SurgeryError(f"--data {data}: no such file")
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"{model_path} has no usable tokenizer, which training needs to read --data: {e}") from None
+    model, _ = _load(model_dir)
+    with _status("verifying and applying") as status:
+        result = run(model, parsed, check=check_obligations, seed=seed,
+                     progress=lambda m: status.update(f"verifying: {m}"))
+    chief = int(os.environ.get("RANK", "0")) == 0  # under accelerate/torchrun one process reports and saves
+    if chief:
+        if result.report:
+            out.print(_report_table(result.report))
+        out.print(_steps_table(result.plan))
+        out.print(_counts_table(result.plan))
+    opts = Options(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, seed=seed,
+                   eval_every=eval_every, save_every=eval_every if save_every is None else save_every,
+                   log_every=log_every, warmup_steps=warmup_steps, schedule=schedule, optim=optim, device=device,
+                   shuffle=shuffle)
+    transformers.logging.set_verbosity_error()  # our progress lines, not the Trainer's notices
+    run_training(result, tokenizer, data, checkpoints, opts, resume=resume,
+                 log=lambda line: out.print(line, markup=False, highlight=False))
+    if chief:
+        with _status(f"saving {output}"):
+            result.save(output, merge=merge)
+        out.print(f"[green]saved[/] {output} (checkpoints in {checkpoints})")
 
 
 def _int_list(text: str, option: str) -> list[int]:

@@ -7,7 +7,9 @@ or not at all; an existing directory is never overwritten. Layout:
   the spec text, the plan, the seed, which steps were merged, the dtypes, what was (or could not
   be) exported elsewhere, the sha256 and size of every other file, and a digest of itself.
   ``spec.surg`` is a human-readable copy of its spec and ``report.json`` the verification report:
-  neither is read to rebuild the model, and both must still match the manifest.
+  neither is read to rebuild the model, and both must still match the manifest. A result that was
+  trained with schedules (:mod:`surgery.train`) also records their state there (``schedules``; its
+  tensors in ``schedules.safetensors``), for :func:`schedule_state` to give back.
 * Surgery format (when some step is not expressible in plain transformers):
   ``base_config.json`` + ``surgery.safetensors`` (the whole surgered state dict). ``load`` builds the
   base model from the config, re-applies the plan, and loads the state dict: bit-exact.
@@ -62,6 +64,7 @@ from surgery.syntax import parse as parse_text
 from surgery.transforms.registry import ConfigPatch, PeftExport
 
 FORMAT = 2  # 2: a manifest of sha256 hashes and the dtypes; 1 had neither
+SCHEDULE_TENSORS = "schedules.safetensors"  # the tensors of the schedule state, when it has any
 
 
 def _atomic_dir(out_dir: Path) -> Path:
@@ -338,6 +341,13 @@ def _write(result, tmp: Path, merge: bool) -> None:
         **_dtypes(to_save),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    schedules = getattr(result, "schedules", None)
+    if schedules:
+        from surgery.train.schedules import split_tensors
+
+        meta["schedules"], tensors = split_tensors(schedules.state_dict())
+        if tensors:
+            safetensors.torch.save_file(tensors, str(tmp / SCHEDULE_TENSORS))
     (tmp / "spec.surg").write_text(plan.spec.source)
     if result.report is not None:
         (tmp / "report.json").write_text(json.dumps(result.report.to_json(), indent=2))
@@ -399,6 +409,7 @@ class Manifest(_Strict):
     versions: dict[str, str]
     files: dict[str, _File]
     digest: str
+    schedules: dict | None = None  # absent unless the result was trained with schedules
 
     @field_validator("dtype")
     @classmethod
@@ -415,7 +426,7 @@ class Manifest(_Strict):
         return names
 
 
-def _read_manifest(out_dir: Path) -> Manifest:
+def read_manifest(out_dir: Path) -> Manifest:
     path = out_dir / "surgery.json"
     if not path.is_file():
         raise SaveError(f"{out_dir} is not a surgery output directory (no surgery.json)")
@@ -461,7 +472,7 @@ def load(out_dir: str | Path) -> nn.Module:
     edited directory is a :class:`SaveError` naming the file, never a model with other outputs.
     """
     out_dir = Path(out_dir)
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     _verify_files(out_dir, manifest)
     try:
         model = _rebuild(out_dir, manifest)
@@ -475,6 +486,18 @@ def load(out_dir: str | Path) -> nn.Module:
         raise SaveError(f"{out_dir / 'surgery.json'} records other dtypes than the rebuilt model has: "
                         + ", ".join(f"{k} ({v})" for k, v in sorted(wrong.items())[:5]))
     return model.eval()
+
+
+def schedule_state(out_dir: str | Path) -> dict | None:
+    """The training schedules' state saved with `out_dir` (None if it has none), verified like :func:`load`."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    _verify_files(out_dir, manifest)
+    if manifest.schedules is None or SCHEDULE_TENSORS not in manifest.files:
+        return manifest.schedules
+    from surgery.train.schedules import join_tensors
+
+    return join_tensors(manifest.schedules, safetensors.torch.load_file(str(out_dir / SCHEDULE_TENSORS)))
 
 
 def _rebuild(out_dir: Path, manifest: Manifest) -> nn.Module:

@@ -22,6 +22,18 @@ def test_finetune_example_runs():
     assert "reload bit-exact: True" in proc.stdout
 
 
+@pytest.mark.parametrize("example", ["train_loop.py", "train_trainer.py"])
+def test_training_examples_run_restarts_and_reload(example):
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / example), "--steps", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("step ") and "loss" in line]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    # Restarts after steps 3 and 7 (restart_every=4), recorded in the state that is saved.
+    assert "schedule state: {'step': 10, 'steps': {'0': {'restarts': 2, 'last_restart': 7}}}" in proc.stdout
+    assert "reload bit-exact: True" in proc.stdout
+
+
 # specs/ on the architectures they are meant for (bitfit needs biases: llama has none).
 SPEC_ARCH = {"bitfit.surg": "qwen2"}
 

@@ -9,6 +9,10 @@ initialisation. Because the scaling is diagonal it folds into the layer exactly:
 
     out:  W' = diag(l) W,  b' = l ⊙ b          in:  W' = W diag(l),  b' = b
 
+Training loss: ``ia3(loss=tfew)`` trains with T-Few's L_LM + L_UL (unlikelihood of the wrong answer
+choices) + L_LN (softmax over length-normalised choice scores), on multiple-choice batches; the
+formulas are in :mod:`surgery.train.losses`. ``loss=lm`` (the default) keeps the model's own loss.
+
 Liu et al. 2022, https://arxiv.org/abs/2205.05638; PEFT's ``IA3Config`` is the reference
 implementation (its ``ia3_l`` is stored [out, 1] / [1, in]; ours is the plain vector).
 
@@ -19,16 +23,37 @@ away from 1; unmerge restores the original weight tensors bit-exactly.
 from __future__ import annotations
 
 import contextlib
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from surgery.errors import SurgeryError
 from surgery.layers import SurgeryLinear, features, linear_forward, linear_weight
+from surgery.train.schedules import BaseSchedule
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 
 class IA3Params(Params):
-    """IA³ has no hyper-parameters: where it scales follows from the role it attaches to."""
+    """Where IA³ scales follows from the role it attaches to; its one option is the training loss."""
+
+    loss: Literal["lm", "tfew"] = Field("lm", description="lm: the model's loss; tfew: T-Few's "
+                                        "L_LM + L_UL + L_LN on multiple-choice batches")
+
+
+class TFewSchedule(BaseSchedule):
+    """T-Few's loss in place of the model's, on batches that carry ``answer`` (see surgery.train.losses)."""
+
+    batch_keys = ("answer",)  # read here, never given to the model
+
+    def loss(self, batch, outputs, loss: torch.Tensor) -> torch.Tensor:
+        from surgery.train.losses import tfew_loss
+
+        if "answer" not in batch or "labels" not in batch:
+            raise SurgeryError("ia3(loss=tfew) trains on multiple-choice batches: C sequences per example "
+                               "(prompt + choice) with `labels` on the choice tokens and `answer` per example")
+        return tfew_loss(outputs.logits, batch["labels"], batch["answer"])
 
 
 class IA3Adapter(nn.Module):
@@ -72,6 +97,10 @@ class IA3:
         device = next(base.parameters()).device
         side = target.option or self._side[target.role]
         return IA3Adapter(side, out_f if side == "out" else in_f, dtype, device)
+
+    def schedule(self, p: IA3Params, targets, model):
+        # One T-Few loss per plan, however many ia3 steps: each replaces the loss with the same value.
+        return TFewSchedule() if p.loss == "tfew" else None
 
     def peft(self, p: IA3Params, targets) -> dict:
         # Full module paths: PEFT matches a key that equals or ends with an entry, and checks that

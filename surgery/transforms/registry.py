@@ -15,8 +15,9 @@ fails. Today:
   (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
 
 Optional capabilities, for any kind: :class:`Accepts` (keep or drop candidate anchors),
-:class:`ConfigPatch` (the step as transformers config fields, so a plain model expresses it) and
-:class:`PeftExport` (with the tensor protocol its anchor kind reads: :class:`AdapterPeftTensors` at
+:class:`ConfigPatch` (the step as transformers config fields, so a plain model expresses it),
+:class:`Schedule` (training-time behaviour: a :class:`StepSchedule` that :mod:`surgery.train` calls
+each optimizer step) and :class:`PeftExport` (with the tensor protocol its anchor kind reads: :class:`AdapterPeftTensors` at
 linear anchors, :class:`ModelPeftTensors` elsewhere). Class attributes read once, at registration:
 
 * ``freezes_base = True``: a fine-tuning method; the pipeline freezes every original parameter
@@ -147,6 +148,35 @@ class ModelPeftTensors(Protocol):
     def peft_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
 
 
+class StepSchedule(Protocol):
+    """One step's behaviour while training, bound to the model it was made for (see :mod:`surgery.train`).
+
+    ``lr_scale(step)`` multiplies the learning rate of optimizer step `step` (0-based) on top of any
+    scheduler; ``on_step(step, optimizer)`` runs after that optimizer step (e.g. ReLoRA's restart);
+    ``loss(batch, outputs, loss)`` returns the training loss given the model's (a regulariser adds to
+    it, a loss option replaces it). ``state_dict()`` is JSON-serialisable and, loaded into a fresh
+    schedule, continues bit-exactly where the saved one stopped.
+    """
+
+    def lr_scale(self, step: int) -> float: ...
+
+    def on_step(self, step: int, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def loss(self, batch: Mapping[str, Any], outputs: Any, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """Training-time behaviour of the step on `model` (already surgered) at `targets`; None where
+    these parameters ask for none (e.g. ``ia3`` without a loss option)."""
+
+    def schedule(self, p: Any, targets: Sequence[Target], model: nn.Module) -> StepSchedule | None: ...
+
+
 C = TypeVar("C")
 
 
@@ -186,7 +216,7 @@ class TransformSpec:
 REGISTRY: dict[str, TransformSpec] = {}
 
 # Capabilities any anchor kind may use; anchor kinds add their own (`required`, `optional`).
-COMMON: tuple[type, ...] = (Accepts, ConfigPatch, PeftExport)
+COMMON: tuple[type, ...] = (Accepts, ConfigPatch, PeftExport, Schedule)
 
 F = TypeVar("F", bound=Callable[..., float])
 

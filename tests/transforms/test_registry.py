@@ -17,6 +17,7 @@ from surgery.transforms.registry import (
     Params,
     PeftExport,
     ReplacesBase,
+    Schedule,
     lookup,
     obligation,
     transform,
@@ -69,7 +70,9 @@ def test_the_registered_transforms_declare_what_save_and_plan_read():
     caps = {name: lookup(name).capabilities for name in ["lora", "ia3", "quantize", "rope", "bitfit", "window",
                                                           "prompt_tuning"]}
     assert caps["lora"] == {Adapter, Accepts, PeftExport}  # accepts: r ≤ min(in, out)
-    assert caps["ia3"] == {Adapter, Accepts, PeftExport, AdapterPeftTensors}
+    assert caps["ia3"] == {Adapter, Accepts, PeftExport, AdapterPeftTensors, Schedule}  # Schedule: loss=tfew
+    assert lookup("relora").capabilities == {Adapter, Accepts, Schedule}  # no PEFT: restarts change the base
+    assert lookup("adalora").capabilities == {Adapter, Accepts, PeftExport, Schedule}
     assert caps["quantize"] == {ReplacesBase}
     assert ConfigPatch in caps["rope"] and ConfigPatch not in caps["window"]
     assert caps["prompt_tuning"] >= {Installs, PeftExport, ModelPeftTensors}
