@@ -56,6 +56,7 @@ class Anchor(str, Enum):
     ROTARY = "rotary"            # the model's rotary position embedding (shared by all layers)
     ATTENTION = "attention"      # attention blocks: attention function, mask, KV cache
     EMBEDDINGS = "embeddings"    # the model's input embeddings / input side
+    SUBLAYER = "sublayer"        # each layer's attention and MLP blocks as wholes (bottleneck adapters)
 
 
 class Params(BaseModel):
