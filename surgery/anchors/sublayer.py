@@ -227,6 +227,9 @@ def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[in
         items: list[nn.Module] = []
         for item in _sequence(tree):
             if isinstance(item, Leaf) and item.index in drops:
+                if not items:  # the adapters come after it: it would drop nothing, silently
+                    raise ApplyError(f"adapter_drop comes before the adapters at {path}, and it drops what comes "
+                                     "before it; write adapter(…) + adapter_drop(…), or drop in a later rule")
                 items = []
                 continue
             built = _assemble(item, modules, drops, path)
