@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -127,15 +127,16 @@ class Sublayer(nn.Module):
         self.slot = slot
 
     def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-        return self.adapter(x, h)
+        out: torch.Tensor = self.adapter(x, h)
+        return out
 
 
-def keep_sublayer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+def keep_sublayer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     slot = getattr(module, INPUT)
     slot.value = args[0] if args else kwargs.get(slot.name)
 
 
-def adapt_sublayer_output(module: nn.Module, args: tuple, output: Any) -> Any:
+def adapt_sublayer_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
     sublayer = getattr(module, ATTR)
     x = sublayer.slot.take()
     if isinstance(output, tuple):  # attention: (output, weights)
@@ -158,7 +159,8 @@ class SublayerPar(nn.ModuleList):
     def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         out = h
         for module in self:
-            out = out + (module.delta(x, h) if hasattr(module, "delta") else module(x, h) - h)
+            delta = getattr(module, "delta", None)
+            out = out + (delta(x, h) if delta is not None else module(x, h) - h)
         return out
 
 
@@ -178,7 +180,7 @@ class SublayerInstaller:
     def add(self, step: Step) -> None:
         adapter = step.spec.offers(SublayerAdapter)
         drop = step.spec.offers(DropsAdapters)
-        hidden = self.model.config.get_text_config().hidden_size
+        hidden: int = cast(Any, self.model).config.get_text_config().hidden_size
         for target in step.targets:
             self.targets[target.path] = target
             if adapter is not None:
