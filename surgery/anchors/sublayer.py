@@ -16,7 +16,8 @@ Steps compose per sublayer into a tree of :mod:`surgery.compose` nodes, realised
 * ``a + b``: h' = b(x, a(x, h));
 * ``a | b``: h' = h + Σᵢ (branchᵢ(x, h) − h), a branch's ``delta(x, h)`` where it has one;
 * a :class:`DropsAdapters` leaf (``adapter_drop``) in a sequence discards everything before it at
-  that sublayer (nested sequences count as one); in a ``|`` group it is an error.
+  that sublayer (nested sequences count as one); before the adapters or in a ``|`` group it is an
+  error when planning.
 
 Installing never replaces a module of the model, so linear and attention anchors inside a
 sublayer keep their paths and compose with it. The composition becomes the output module's
@@ -40,7 +41,7 @@ from surgery.anchors import AnchorKind, anchor_kind, covered
 from surgery.arch import backbone_prefix, detect
 from surgery.arch.select import Region, RoleIndex
 from surgery.compose import Group, Leaf, Par, Seq
-from surgery.errors import ApplyError
+from surgery.errors import ApplyError, SpecError
 from surgery.transforms.registry import Anchor, Target
 
 if TYPE_CHECKING:
@@ -103,6 +104,27 @@ class SublayerKind(AnchorKind):
 
     def installer(self, model: nn.Module, edit: Edit) -> SublayerInstaller:
         return SublayerInstaller(model, edit)
+
+    def tree_errors(self, tree: Node, steps: Sequence[Step]) -> list[SpecError]:
+        """A drop must follow what it drops in a sequence: before the adapters, or a branch of a group
+        that is not a sequence, it is refused at its call (alone at a block it drops nothing there)."""
+        drops = {i for i in tree.leaves() if steps[i].spec.offers(DropsAdapters) is not None}
+        errors = []
+        for group in tree.groups():
+            if isinstance(group, Seq):
+                continue
+            for i in drops & set(group.leaves()):
+                errors.append(SpecError(f"{steps[i].transform} drops the adapters before it in a sequence, so it "
+                                        f"cannot be a branch of '{group.combinator.spelling}'; write "
+                                        f"adapter(…) + {steps[i].transform}(…)", steps[i].span))
+        sequence = _sequence(tree)
+        first = sequence[0]
+        if not errors and isinstance(first, Leaf) and first.index in drops and len(sequence) > 1:
+            name = steps[first.index].transform
+            errors.append(SpecError(f"{name} drops the adapters before it at a block, and the adapters come after "
+                                    f"it; write adapter(…) + {name}(…), or drop in a later rule",
+                                    steps[first.index].span))
+        return errors
 
 
 class InputSlot:
@@ -193,8 +215,8 @@ class SublayerInstaller:
     def finish(self, trees: Mapping[str, Node]) -> None:
         for path, tree in trees.items():
             modules, drops = self.modules.get(path, {}), self.drops.get(path, set())
-            built = _assemble(tree.prune(set(modules) | drops), modules, drops, path)
-            if built is None:  # everything there was dropped (or nothing came before a drop)
+            built = _assemble(tree.prune(set(modules) | drops), modules, drops)
+            if built is None:  # everything there was dropped
                 continue
             source, sink = locate(self.model, self.targets[path])
             slot = InputSlot(next(iter(inspect.signature(source.forward).parameters)))
@@ -219,8 +241,9 @@ def _sequence(tree: Node) -> list[Node]:
     return [tree]
 
 
-def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[int], path: str) -> nn.Module | None:
-    """The module realising `tree`; a drop discards the items before it in its sequence."""
+def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[int]) -> nn.Module | None:
+    """The module realising `tree`; a drop discards the items before it in its sequence (where a
+    drop may stand is checked when planning, :meth:`SublayerKind.tree_errors`)."""
     if tree is None:
         return None
     if isinstance(tree, Leaf):
@@ -229,21 +252,14 @@ def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[in
         items: list[nn.Module] = []
         for item in _sequence(tree):
             if isinstance(item, Leaf) and item.index in drops:
-                if not items:  # the adapters come after it: it would drop nothing, silently
-                    raise ApplyError(f"adapter_drop comes before the adapters at {path}, and it drops what comes "
-                                     "before it; write adapter(…) + adapter_drop(…), or drop in a later rule")
                 items = []
                 continue
-            built = _assemble(item, modules, drops, path)
+            built = _assemble(item, modules, drops)
             if built is not None:
                 items.append(built)
         return None if not items else items[0] if len(items) == 1 else SublayerSeq(items)
-    spelling = tree.combinator.spelling
-    if set(tree.leaves()) & drops:
-        raise ApplyError(f"adapter_drop drops what comes before it in a sequence, so it cannot be a branch of "
-                         f"'{spelling}' (at {path}); write adapter(…) + adapter_drop(…)")
     build = MODULES.get(type(tree))
     if build is None:
-        raise ApplyError(f"{spelling} is not supported at sublayer anchors")
-    branches = [m for m in (_assemble(t, modules, drops, path) for t in tree.items) if m is not None]
+        raise ApplyError(f"{tree.combinator.spelling} is not supported at sublayer anchors")
+    branches = [m for m in (_assemble(t, modules, drops) for t in tree.items) if m is not None]
     return branches[0] if len(branches) == 1 else build(branches)
