@@ -236,3 +236,13 @@ def test_smollm2_verifies_saves_and_loads(smollm2_dir, tmp_path):
     before = logits(base, ids)
     loaded = surgery.load(result.save(tmp_path / "out"))
     assert torch.equal(logits(loaded, ids), before)
+
+
+def test_a_block_whose_projections_are_quantized_gets_a_float_adapter():
+    # Llama's attention has no biases: once q/k/v/o are 4-bit the block holds no float parameter, so
+    # the adapter must take its dtype before (the linear layers are replaced after every step's add).
+    model = tiny("llama")
+    result = surgery.compile(model, "layers[0].attn.*: quantize(nf4); layers[0]: adapter(houlsby)")
+    assert result.report.ok, result.report.text()
+    adapter = model.get_submodule("model.layers.0.self_attn.surgery_sublayer.adapter")
+    assert adapter.down.weight.dtype == torch.float32
