@@ -454,6 +454,8 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
     errors += plan_clashes(steps)  # attention stages claiming one slot (cache policy, frame) of a module
     trees = {kind.anchor: _compose(kind.anchor, steps, rule_trees, errors)
              for kind in anchors.KINDS.values() if kind.wraps}
+    for anchor, by_path in trees.items():  # what the kind itself refuses in a composition
+        errors += [e for path, tree in by_path.items() for e in anchors.kind(anchor).tree_errors(tree, steps)]
     if errors:
         raise SpecErrors(list({str(e): e for e in errors}.values()))
     return Plan(spec, arch.name, steps, {anchor: by_path for anchor, by_path in trees.items() if by_path})

@@ -13,6 +13,7 @@ under its :class:`~surgery.transforms.registry.Anchor` name. It declares:
 * :meth:`AnchorKind.find` — its targets in a :class:`~surgery.arch.select.RoleIndex` within the
   regions a rule's selectors name;
 * :meth:`AnchorKind.installer` — what applies its steps to a model (through the ``Edit`` journal);
+* :meth:`AnchorKind.tree_errors` — what a wrapping kind refuses in a composition, found when planning;
 * :meth:`AnchorKind.mergeable`, :meth:`AnchorKind.peft_tensors` — what saving reads.
 
 A new anchor kind is one file here plus its name in ``Anchor``.
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from surgery.arch.select import Region, RoleIndex, Site
+from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, Installs, ModelPeftTensors, Target
 
 if TYPE_CHECKING:
@@ -63,6 +65,11 @@ class AnchorKind(ABC):
 
     def installer(self, model: nn.Module, edit: Edit) -> Installer:
         return SelfInstalling(model, edit)
+
+    def tree_errors(self, tree: Node, steps: Sequence[Step]) -> list[SpecError]:
+        """What a wrapping kind refuses in the composition `tree` at one target (`steps`: the plan's,
+        by index); planning reports each with its span, once however many targets share it."""
+        return []
 
     def mergeable(self, step: Step, model: nn.Module) -> bool:
         """Whether the applied `step` folds into the model's own weights."""

@@ -3,7 +3,10 @@
 Each file names, relative to the model's backbone (``model.base_model``), the decoder layers'
 ``ModuleList`` and the module path of every role inside a layer (``attn``, ``attn.q``, ``mlp.down``…),
 plus model-level roles (``embed``, ``norm``, ``rotary``) and head roles relative to the top model
-(``lm_head``). Adding an architecture is adding a file; no code branches on ``model_type``.
+(``lm_head``), and the ``sublayers`` (``attn``, ``mlp``) as wholes: per sublayer, the module whose
+first argument is its input and the module whose output is its output before the residual
+connection (a string: one module is both). Adding an architecture is adding a file; no code
+branches on ``model_type``.
 """
 
 from __future__ import annotations
@@ -12,10 +15,19 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from surgery.errors import ModelError
+
+
+class SublayerPaths(BaseModel):
+    """Where a sublayer's input enters and its output leaves, relative to its decoder layer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: str
+    output: str
 
 
 class Architecture(BaseModel):
@@ -28,6 +40,12 @@ class Architecture(BaseModel):
     model: dict[str, str]
     head: dict[str, str]
     causal: bool = True
+    sublayers: dict[str, SublayerPaths] = {}
+
+    @field_validator("sublayers", mode="before")
+    @classmethod
+    def _one_module(cls, value: dict) -> dict:
+        return {k: {"input": v, "output": v} if isinstance(v, str) else v for k, v in value.items()}
 
     @property
     def mapped(self) -> bool:

@@ -11,6 +11,8 @@ fails. Today:
 
 * ``linear`` requires :class:`Adapter` or :class:`ReplacesBase` (composed in a ``SurgeryLinear``;
   a base replacement must be innermost in a sequence);
+* ``sublayer`` requires ``SublayerAdapter`` or ``DropsAdapters`` (:mod:`surgery.anchors.sublayer`,
+  where the kind declares them: modules composed at a whole attention or MLP block);
 * every other kind requires :class:`Installs`: ``apply`` makes *all* its changes through ``edit``
   (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
 
@@ -57,6 +59,7 @@ class Anchor(str, Enum):
     ROTARY = "rotary"            # the model's rotary position embedding (shared by all layers)
     ATTENTION = "attention"      # attention blocks: attention function, mask, KV cache
     EMBEDDINGS = "embeddings"    # the model's input embeddings / input side
+    SUBLAYER = "sublayer"        # each layer's attention and MLP blocks as wholes (bottleneck adapters)
 
 
 class Params(BaseModel):
