@@ -85,7 +85,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     choices = sorted(set(choices))
     close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
     if close:
-        return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+        names = [repr(c) for c in close]
+        return " (did you mean " + (names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]) + "?)"
     if choices and len(choices) <= 12:
         return " (choose from " + ", ".join(repr(c) for c in choices) + ")"
     return ""

@@ -82,7 +82,7 @@ def test_unknown_transform_suggests(llama):
         "<spec>:1:6\n"
         "  mlp: lorra(r=4)\n"
         "       ^^^^^^^^^^\n"
-        "error: unknown transform 'lorra' (did you mean 'lora' or 'relora' or 'adalora'?)"
+        "error: unknown transform 'lorra' (did you mean 'lora', 'relora' or 'adalora'?)"
     )
 
 
