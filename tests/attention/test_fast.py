@@ -12,6 +12,7 @@ from surgery.attention.keys import Inputs
 from surgery.attention.program import Program, Stage
 from surgery.models import tiny
 from surgery.transforms.alibi import AlibiBias
+from surgery.transforms.logn import LogScale
 from surgery.transforms.rope import RopeParams, build_rope
 from surgery.transforms.window import window_stage
 
@@ -30,13 +31,15 @@ ROTARIES = rotaries()
 
 SCORES = {  # score-changing stages, by name (each combined with every window kind below)
     "alibi": Stage("alibi()", bias=(AlibiBias(),)),
+    "logn": Stage("logn(8)", scale=(LogScale(8),)),   # acts from query 8 on: inside every tested length
+    "logn+alibi": Stage("logn(8) + alibi()", bias=(AlibiBias(),), scale=(LogScale(8),)),
 }
 
 
 def program(kind: str, size: int = 12, sinks: int = 3, rotary: str = "plain") -> Program:
-    """`kind`: plain, window or sinks, optionally followed by +NAME of SCORES stages."""
-    base, *extra = kind.split("+")
-    scored = tuple(SCORES[name] for name in extra)
+    """`kind`: plain, window or sinks, optionally followed by +NAME, a SCORES stage."""
+    base, _, extra = kind.partition("+")
+    scored = (SCORES[extra],) if extra else ()
     if base == "plain":
         return Program(scored)
     if base == "window":
@@ -150,7 +153,18 @@ def test_memory_is_a_band_not_a_square(monkeypatch):
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(fast, "sdpa", spy)
-    for kind in ("window", "sinks", "window+alibi", "sinks+alibi"):
+    for kind in ("window", "sinks", "window+logn+alibi", "sinks+logn+alibi"):
         prog = program(kind, size=8, sinks=2)
         fast.attend(prog, inputs(prog, 200, 200), tile=16)
     assert seen and max(k for _, k in seen) <= 16 + 8 + 2 and max(q for q, _ in seen) == 16
+
+
+def test_query_scale_is_a_temperature_per_query():
+    """Dense reference of a query scale: row i equals plain causal attention with scaling × s(i)."""
+    prog = program("plain+logn")
+    x = inputs(prog, 20, 20, heads=(2, 2), seed=10)
+    got = reference.attend(prog, x)
+    for i in (3, 7, 8, 19):
+        s = max(1.0, torch.log(torch.tensor(i + 1.0)).item() / torch.log(torch.tensor(8.0)).item())
+        want = torch.nn.functional.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, scale=x.scaling * s)
+        assert (got[:, i] - want.transpose(1, 2)[:, i]).abs().max() < 1e-5
