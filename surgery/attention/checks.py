@@ -13,13 +13,24 @@ from surgery.attention.rotary import rotary_ref
 
 @contextlib.contextmanager
 def mode(model: nn.Module, training: bool):
-    """`model` in training (or eval) mode for the block, its previous mode restored after."""
-    was = model.training
+    """`model` in training (or eval) mode for the block, its previous mode restored after. In
+    training mode every dropout is off (``nn.Dropout.p`` and attention modules' ``attention_dropout``
+    set to 0), so train-only stages are compared deterministically."""
+    was = {m: m.training for m in model.modules()}
+    rates = [(m, "p", m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
+    rates += [(m, "attention_dropout", m.attention_dropout) for m in model.modules()
+              if isinstance(getattr(m, "attention_dropout", None), float)]
     model.train(training)
     try:
+        if training:
+            for m, name, _ in rates:
+                setattr(m, name, 0.0)
         yield model
     finally:
-        model.train(was)
+        for m, name, rate in rates:
+            setattr(m, name, rate)
+        for m, training_was in was.items():
+            m.training = training_was
 
 
 def fast_vs_dense(check, model: nn.Module, lengths: tuple[int, ...], tile: int, training: bool = False) -> float:
@@ -48,6 +59,21 @@ def fast_vs_dense(check, model: nn.Module, lengths: tuple[int, ...], tile: int, 
         real = mask.bool()
         errors.append(check.max_rel(check.logits(model, ids, attention_mask=mask, surgery_tile=tile)[real],
                                     check.logits(model, ids, attention_mask=mask, surgery_reference=True)[real]))
+    return max(errors)
+
+
+def causal_leak(check, model: nn.Module, length: int, positions: tuple[int, ...]) -> float:
+    """Largest change, in training mode, of the outputs before position j when only token j changes
+    (for each j of `positions`, on both rows): information from a later token reaching an earlier one."""
+    ids = check.tokens(length=length, salt=9)
+    vocab = getattr(check.config, "vocab_size", 128)
+    errors = [0.0]
+    with mode(model, True), torch.no_grad():
+        base = check.logits(model, ids)
+        for j in positions:
+            changed = ids.clone()
+            changed[:, j] = (changed[:, j] + 1 + torch.arange(ids.shape[0])) % vocab
+            errors.append(check.max_abs(check.logits(model, changed)[:, :j], base[:, :j]))
     return max(errors)
 
 

@@ -1,6 +1,6 @@
 """The fast path equals the dense reference on random inputs: every stage combination the registry
 allows (plain, window, window with sinks; composed with a dynamic rope; score biases alone and with
-each window), lengths that are and are not multiples of the tile, grouped-query heads, left padding,
+each window; per-head rules), lengths that are and are not multiples of the tile, grouped-query heads, left padding,
 and bounded-cache key layouts."""
 
 import pytest
@@ -14,6 +14,7 @@ from surgery.models import tiny
 from surgery.transforms.alibi import AlibiBias
 from surgery.transforms.logn import LogScale
 from surgery.transforms.rope import RopeParams, build_rope
+from surgery.transforms.s2attn import s2attn_stage
 from surgery.transforms.window import window_stage
 
 D = 16
@@ -33,6 +34,8 @@ SCORES = {  # score-changing stages, by name (each combined with every window ki
     "alibi": Stage("alibi()", bias=(AlibiBias(),)),
     "logn": Stage("logn(8)", scale=(LogScale(8),)),   # acts from query 8 on: inside every tested length
     "logn+alibi": Stage("logn(8) + alibi()", bias=(AlibiBias(),), scale=(LogScale(8),)),
+    "s2attn": s2attn_stage(6),                          # head rules (the executors ignore train_only)
+    "s2attn+alibi": Stage("s2attn(5) + alibi()", rules=s2attn_stage(5).rules, bias=(AlibiBias(),)),
 }
 
 
