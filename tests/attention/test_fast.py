@@ -171,3 +171,18 @@ def test_query_scale_is_a_temperature_per_query():
         s = max(1.0, torch.log(torch.tensor(i + 1.0)).item() / torch.log(torch.tensor(8.0)).item())
         want = torch.nn.functional.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, scale=x.scaling * s)
         assert (got[:, i] - want.transpose(1, 2)[:, i]).abs().max() < 1e-5
+
+
+def test_a_bias_without_a_window_is_tiled_too(monkeypatch):
+    """alibi over 200 keys: masks are [B, H, tile, ≤ 200] per call, never [200, 200]."""
+    seen = []
+    real = fast.sdpa
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(fast, "sdpa", spy)
+    prog = program("plain+logn+alibi")
+    fast.attend(prog, inputs(prog, 200, 200), tile=16)
+    assert len(seen) == 13 and all(shape[:3] == (2, 4, 16) or shape[2] == 200 % 16 for shape in seen)

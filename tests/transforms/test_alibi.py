@@ -113,6 +113,12 @@ def test_drop_clashes_with_a_sink_window_but_keep_composes():
         fast = model(input_ids=ids, surgery_tile=7).logits
         dense = model(input_ids=ids, surgery_reference=True).logits
     assert (fast - dense).abs().max() < 1e-5
+    from surgery.transforms.window import Window
+
+    ids = _ids(40, batch=2, seed=5)  # past the window: sinks at their slots, the bias at the slots too
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+    assert (Window._decode(model, ids, prefill=5) - full).abs().max() < 1e-5
 
 
 def test_alibi_changes_the_model_and_keep_differs_from_drop():
