@@ -18,7 +18,8 @@ Every rotation happens once per call, moving the model's rotated vectors straigh
 
 Score biases (ALiBi), head rules (S2-Attn) and query scales (log-n) stay inside the tile: a bias or
 a head rule makes the tile's mask float or per head, [B, H, tile, band] (never N × N); the sinks get
-their bias at their slots in the t × sinks scores; a query scale multiplies the tile's queries.
+their bias at their slots in the t × sinks scores; a query scale multiplies the tile's queries (or,
+alone on an unpadded call, the queries of the one fused causal call).
 
 Obligation (tests/attention/test_fast.py and window's obligations): equals
 :func:`surgery.attention.reference.attend` on random inputs at lengths that are and are not
@@ -43,7 +44,10 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
     a cache layer kept from earlier calls, so decoding rotates only its new keys."""
     if _plain(program, x):  # causal attention, no padding: the fused kernel as transformers calls it
         tq, tk = x.q.shape[-2], x.k.shape[-2]
-        out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
+        q, scale = x.q, program.query_scale(x.query_columns()[None])  # without padding, columns are stream indices
+        if scale is not None:  # a query scale (log-n) keeps the fused causal kernel: it only multiplies q
+            q = q * scale[:, None, :, None].to(q.dtype)
+        out = sdpa(q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
     framed = _framed(program, x, rotated) if program.frame is not None else None
@@ -54,8 +58,8 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
 
 def _plain(program: Program, x: Inputs) -> bool:
     tq, tk = x.q.shape[-2], x.k.shape[-2]
-    return (not program.rules and program.frame is None and not program.scores_changed and x.pad is None
-            and x.key_ok is None and x.given is None and x.head == 0 and (tq == tk or tq == 1))
+    return (not program.rules and not program.head_rules and not program.biased and program.frame is None
+            and x.pad is None and x.key_ok is None and x.given is None and x.head == 0 and (tq == tk or tq == 1))
 
 
 def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:

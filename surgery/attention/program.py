@@ -193,9 +193,8 @@ class Program:
         return any(s.unrotated for s in self.stages)
 
     @property
-    def scores_changed(self) -> bool:
-        """Whether a score bias, a query scale or a head rule acts (not plain causal attention)."""
-        return any(s.bias or s.scale for s in self.stages) or bool(self.head_rules)
+    def biased(self) -> bool:
+        return any(s.bias for s in self.stages)
 
     @property
     def frame(self) -> SinkFrame | None:

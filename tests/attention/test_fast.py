@@ -186,3 +186,17 @@ def test_a_bias_without_a_window_is_tiled_too(monkeypatch):
     prog = program("plain+logn+alibi")
     fast.attend(prog, inputs(prog, 200, 200), tile=16)
     assert len(seen) == 13 and all(shape[:3] == (2, 4, 16) or shape[2] == 200 % 16 for shape in seen)
+
+
+def test_a_query_scale_alone_keeps_the_fused_causal_kernel(monkeypatch):
+    calls = []
+    real = fast.sdpa
+
+    def spy(q, k, v, **kwargs):
+        calls.append(kwargs.get("is_causal", False))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(fast, "sdpa", spy)
+    prog = program("plain+logn")
+    assert error(prog, inputs(prog, 40, 40, seed=11), tile=8) < 1e-5
+    assert calls == [True]  # one call over all 40 queries, no mask

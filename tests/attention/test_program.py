@@ -75,7 +75,7 @@ def test_biases_add_scales_multiply_and_unrotated_claims_the_frame():
     assert torch.equal(program.bias(i, j, 3), (i - j)[:, None].float().expand(-1, 3, -1, -1) + 1)
     assert torch.equal(program.query_scale(torch.arange(4)), torch.tensor([2.0, 4.0, 6.0, 8.0]))
     assert Program().bias(i, j, 3) is None and Program().query_scale(i) is None
-    assert program.scores_changed and not Program((Stage("w", rules=(WindowRule(4),)),)).scores_changed
+    assert program.biased and not Program((Stage("w", rules=(WindowRule(4),)),)).biased
     drop = Stage("alibi(rope=drop)", unrotated=True)
     assert drop.claims() == ("frame",)
     assert [c.slot for c in clashes([drop, Stage("window(8, sinks=2)", frame=SinkFrame(8, 2, None))])] == ["frame"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from surgery.apply import apply_plan
-from surgery.attention import fast
 from surgery.errors import SpecError
 from surgery.models import tiny
 from surgery.planner import build_plan
@@ -74,17 +73,10 @@ def test_padding_counted_as_stream_fails_padded_rows(monkeypatch):
 
 
 def test_scale_from_the_call_not_the_stream_fails_cached_decode(monkeypatch):
-    real = fast._tile
+    from surgery.attention.keys import Inputs
 
-    def call_local(program, x, a, b, framed):  # i counted within the call: a decoding query looks like i = 0
-        local = program.query_scale
-        try:
-            object.__setattr__(program, "query_scale", lambda i: local(i - x.q_start))
-            return real(program, x, a, b, framed)
-        finally:
-            object.__delattr__(program, "query_scale")
-
-    monkeypatch.setattr(fast, "_tile", call_local)
+    # queries numbered within the call: a decoding query looks like i = 0
+    monkeypatch.setattr(Inputs, "query_columns", lambda self: torch.arange(self.q.shape[-2]))
     assert "cached decode equals the full forward (rel.)" in _failures("attn: logn(8)")
 
 
