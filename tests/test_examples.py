@@ -55,4 +55,5 @@ def test_readme_tour_is_a_spec_that_verifies():
     result = surgery.compile(model, tour)
     assert result.report.ok, result.report.text()
     assert [s.transform for s in result.plan.steps] == [
-        "rope", "window", "lora", "lora", "ia3", "quantize", "lora", "prompt_tuning", "adapter", "adapter_drop", "lora"]
+        "rope", "window", "logn", "alibi", "s2attn", "lora", "lora", "ia3", "quantize", "lora", "prompt_tuning",
+        "adapter", "adapter_drop", "lora"]

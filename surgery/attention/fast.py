@@ -16,6 +16,11 @@ runs the CPU kernel 4× slower.
 Every rotation happens once per call, moving the model's rotated vectors straight into the frame
 (:func:`surgery.attention.frame.composite`).
 
+Score biases (ALiBi), head rules (S2-Attn) and query scales (log-n) stay inside the tile: a bias or
+a head rule makes the tile's mask float or per head, [B, H, tile, band] (never N × N); the sinks get
+their bias at their slots in the t × sinks scores; a query scale multiplies the tile's queries (or,
+alone on an unpadded call, the queries of the one fused causal call).
+
 Obligation (tests/attention/test_fast.py and window's obligations): equals
 :func:`surgery.attention.reference.attend` on random inputs at lengths that are and are not
 multiples of the tile, for every stage combination the registry allows.
@@ -39,7 +44,10 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
     a cache layer kept from earlier calls, so decoding rotates only its new keys."""
     if _plain(program, x):  # causal attention, no padding: the fused kernel as transformers calls it
         tq, tk = x.q.shape[-2], x.k.shape[-2]
-        out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
+        q, scale = x.q, program.query_scale(x.query_columns()[None])  # without padding, columns are stream indices
+        if scale is not None:  # a query scale (log-n) keeps the fused causal kernel: it only multiplies q
+            q = q * scale[:, None, :, None].to(q.dtype)
+        out = sdpa(q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
     if x.q.shape[-2] == 1 and _steady(program, x, rotated):
@@ -52,8 +60,8 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
 
 def _plain(program: Program, x: Inputs) -> bool:
     tq, tk = x.q.shape[-2], x.k.shape[-2]
-    return (not program.rules and program.frame is None and x.pad is None and x.key_ok is None
-            and x.given is None and x.head == 0 and (tq == tk or tq == 1))
+    return (not program.rules and not program.head_rules and not program.biased and program.frame is None
+            and x.pad is None and x.key_ok is None and x.given is None and x.head == 0 and (tq == tk or tq == 1))
 
 
 def _steady(program: Program, x: Inputs, rotated) -> bool:
@@ -106,7 +114,7 @@ def _step(program: Program, x: Inputs, rotated) -> torch.Tensor:
 def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:
     """Key positions [lo, hi) that the query tile [a, b) (indices into the call's queries) may see."""
     hi = x.head + (x.q_start + b) - x.start
-    reach = program.reach()
+    reach = program.reach(x.q.shape[1])
     if reach is None:
         return 0, hi
     first = max(x.q_start + a - reach + 1, 0)  # the earliest column any query of the tile reaches
@@ -171,41 +179,58 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
     pad = x.pads()[:, None, None]
     i = q_cols[None, :, None] - pad                                        # [B, t, 1]
     j = k_cols[None, None, :] - pad                                        # [B, 1, n]
-    visible = program.visible(i, j) & (j >= 0)
+    heads = x.q.shape[1]
+    visible = (program.visible(i, j) & (j >= 0))[:, None]                 # [B, 1|H, t, n]
+    per_head = program.head_visible(i, j, heads)
+    if per_head is not None:
+        visible = visible & per_head
     if x.key_ok is not None:
-        visible = visible & x.key_ok[:, lo:hi][:, None, :]
+        visible = visible & x.key_ok[:, lo:hi][:, None, None, :]
     if program.frame is not None:
-        visible = visible & (j >= program.frame.sinks)                     # sinks come through their own frame
+        visible = visible & (j >= program.frame.sinks)[:, None]           # sinks come through their own frame
     if x.pad is not None:
-        visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
+        visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))[:, None]
     given = None
     if x.given is not None:
         given = x.given[..., a:b, :][..., lo:hi]
         if given.dtype == torch.bool:
-            visible, given = visible & given[:, 0], None
+            visible, given = visible & given, None
+    bias = program.bias(i, j, heads)                                       # [B|1, H|1, t, n] or None
+    if given is not None:
+        bias = given.float() if bias is None else bias + given.float()
+    scale = program.query_scale(i[..., 0])                                # [B, t] or None
     if program.frame is None:
         q, k, v = x.q[..., a:b, :], x.k[..., lo:hi, :], x.v[..., lo:hi, :]
-        mask = visible[:, None] if given is None else torch.where(visible[:, None], given.to(q.dtype), float("-inf"))
+        if scale is not None:
+            q = q * scale[:, None, :, None].to(q.dtype)
+        mask = visible if bias is None else torch.where(visible, bias.to(q.dtype), float("-inf"))
         return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=q.shape[1] != k.shape[1])
     q_rec, q_sink, keys, (sink_k, sink_v, present) = framed
     q_rec, q_sink = q_rec[..., a:b, :], q_sink[..., a:b, :]
+    if scale is not None:
+        q_rec, q_sink = q_rec * scale[:, None, :, None], q_sink * scale[:, None, :, None]
     B, H, t, D = q_sink.shape
     hkv, S = sink_k.shape[1], program.frame.sinks
     groups = H // hkv
-    s = torch.arange(S, device=device)
-    sink_ok = present[:, None, :] & (s[None, None, :] <= i)                # [B, t, S]: sink s exists for query i
+    s = torch.arange(S, device=device)[None, None, :]                      # sink s is stream index s
+    sink_ok = (present[:, None, :] & program.visible(i, s))[:, None]       # [B, 1|H, t, S]: sink s exists for query i
+    if per_head is not None:
+        sink_ok = sink_ok & program.head_visible(i, s, heads)
     # Sinks: explicit scores in their frame (t × S per head, small).
     scores = (q_sink.view(B, hkv, groups, t, D) @ sink_k[:, :, None].transpose(-1, -2)).view(B, H, t, S) * x.scaling
-    scores = scores.masked_fill(~sink_ok[:, None], float("-inf"))
+    sink_bias = program.bias(i.clamp(max=program.frame.size - 1), s, heads)  # at the query's slot and the sink's
+    if sink_bias is not None:
+        scores = scores + sink_bias
+    scores = scores.masked_fill(~sink_ok, float("-inf"))
     # Recent band: the fused kernel, which also returns its log-sum-exp.
     band = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
-    if given is not None:
-        band = band + given[:, 0].float()
+    if bias is not None:
+        band = band + bias
     k_band = keys[..., lo:hi, :].repeat_interleave(groups, dim=1) if groups > 1 else keys[..., lo:hi, :]
     v_band = x.v[..., lo:hi, :].float()
     v_band = v_band.repeat_interleave(groups, dim=1) if groups > 1 else v_band
-    out, lse = internals.sdpa_with_lse(q_rec, k_band, v_band, band[:, None], x.scaling)
-    empty = ~visible.any(-1)[:, None]                                     # a query whose band is all masked (only sinks)
+    out, lse = internals.sdpa_with_lse(q_rec, k_band, v_band, band, x.scaling)
+    empty = ~visible.any(-1)                                              # a query whose band is all masked (only sinks)
     lse = lse.masked_fill(empty, float("-inf"))
     out = out.masked_fill(empty[..., None], 0.0)
     # Log-sum-exp merge: softmax over the union of both parts, exactly.

@@ -76,6 +76,11 @@ def before_attention(module: nn.Module, args, kwargs):
         elif layer.policy != program.cache:
             raise ApplyError(f"the KV cache of layer {module.layer_idx} was built for {layer.policy}, "
                              f"not {program.cache}")
+    if program.unrotated and kwargs.get("position_embeddings") is not None:
+        # The module rotates q and k with what it is handed: the identity rotation leaves them un-rotated
+        # (cos·x + sin·J(x) = x), in the forward and in whatever it caches.
+        cos, sin = kwargs["position_embeddings"]
+        kwargs = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
     call = Call(program, kwargs.get("position_embeddings"), layer, _pads(kwargs.get("attention_mask")), **options)
     return args, {**kwargs, "surgery_call": call}
 

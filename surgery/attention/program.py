@@ -9,11 +9,21 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
   frame: the model's own rotation (see :mod:`surgery.attention.frame`).
 * a **cache policy** (:class:`Bounded`): what the KV cache keeps. Without one, everything
   (transformers' own cache layer).
+* **head rules** (:class:`HeadRule`): a mask rule that applies to a share of the heads only
+  (S2-Attn's shifted groups); ANDed with the rest on those heads.
+* **score biases** (:class:`ScoreBias`): additive terms of the scores, per head (ALiBi); they
+  combine by sum. A bias is evaluated at the positions the frame gives query and key (with a sink
+  frame a sink sits at its cache slot and the query at min(i, size − 1)).
+* **query scales** (:class:`QueryScale`): a factor on the scores of query i (log-n scaling), i.e.
+  on q_i before q·k; they combine by product. The bias is added after scaling:
+  score = s(i)·q_i·k_j·scaling + bias(i, j).
+* ``unrotated``: queries and keys are not rotated at all (ALiBi replacing RoPE): the attention
+  module is handed the identity rotation, so its cache holds un-rotated keys. It is a frame.
 * ``train_only``: the stage acts only while the module is training (``module.training``).
 
 Stages say what they claim: a frame and a cache policy are exclusive slots, so two stages that
 both set one are a clash (:func:`clashes`), reported by the planner with both spans instead of
-letting the last writer win. Mask rules never clash: they combine by AND.
+letting the last writer win. Mask rules, biases and scales never clash: they combine.
 
 The program is data; :mod:`surgery.attention.reference` (dense, the obligations' oracle) and
 :mod:`surgery.attention.fast` (tiled, O(tile × reach) memory) execute it. A new attention
@@ -23,6 +33,7 @@ technique is one file that builds a stage (see docs/attention.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from typing import Protocol
 
 import torch
@@ -37,6 +48,41 @@ class MaskRule(Protocol):
     def reach(self) -> int | None:
         """How far back a query sees outside its sinks: key j needs i − j < reach (None: unbounded).
         The fast path visits only these keys (plus the frame's sinks)."""
+
+
+class ScoreBias(Protocol):
+    """An additive term of the scores, per head."""
+
+    def __call__(self, i: torch.Tensor, j: torch.Tensor, heads: int) -> torch.Tensor:
+        """Float [B|1, heads|1, t, n]: the term for query i ([B, t, 1]) and key j ([B, 1, n]), both
+        positions in the frame (stream indices in the absolute frame), for each of `heads` heads."""
+
+
+class QueryScale(Protocol):
+    """A factor on every score of query i."""
+
+    def __call__(self, i: torch.Tensor) -> torch.Tensor:
+        """Float, the shape of i (stream indices; negative on padding rows, whose value is unused)."""
+
+
+@dataclass(frozen=True)
+class HeadRule:
+    """`rule` on the heads h with ⌊start·H⌋ ≤ h < ⌊stop·H⌋ of H query heads only (other heads: no
+    restriction from it). Shares of H, because a stage is built before the model's head count is known."""
+
+    rule: MaskRule
+    start: Fraction = Fraction(0)
+    stop: Fraction = Fraction(1)
+
+    def heads(self, count: int) -> range:
+        return range(int(self.start * count), int(self.stop * count))
+
+    def visible(self, i: torch.Tensor, j: torch.Tensor, count: int) -> torch.Tensor:
+        """Bool [B, count, t, n] from i [B, t, 1] and j [B, 1, n]."""
+        on = torch.zeros(count, dtype=torch.bool, device=i.device)
+        heads = self.heads(count)
+        on[heads.start:heads.stop] = True
+        return self.rule.visible(i, j)[:, None] | ~on[None, :, None, None]
 
 
 @dataclass(frozen=True)
@@ -80,13 +126,17 @@ class Stage:
 
     owner: str                       # e.g. "window(16, sinks=4)"
     span: object = None              # the spec position, for clash reports
-    rules: tuple = ()                # MaskRule…
+    rules: tuple = ()                # MaskRule… and HeadRule…
     frame: SinkFrame | None = None
     cache: Bounded | None = None
     train_only: bool = False
+    bias: tuple = ()                 # ScoreBias…
+    scale: tuple = ()                # QueryScale…
+    unrotated: bool = False          # the identity rotation (a frame of its own)
 
     def claims(self) -> tuple[str, ...]:
-        return tuple(slot for slot in ("frame", "cache") if getattr(self, slot) is not None)
+        slots = tuple(slot for slot in ("frame", "cache") if getattr(self, slot) is not None)
+        return slots + ("frame",) if self.unrotated and "frame" not in slots else slots
 
 
 @dataclass(frozen=True)
@@ -131,7 +181,20 @@ class Program:
 
     @property
     def rules(self) -> tuple:
-        return tuple(r for s in self.stages for r in s.rules)
+        """The rules on every head."""
+        return tuple(r for s in self.stages for r in s.rules if not isinstance(r, HeadRule))
+
+    @property
+    def head_rules(self) -> tuple[HeadRule, ...]:
+        return tuple(r for s in self.stages for r in s.rules if isinstance(r, HeadRule))
+
+    @property
+    def unrotated(self) -> bool:
+        return any(s.unrotated for s in self.stages)
+
+    @property
+    def biased(self) -> bool:
+        return any(s.bias for s in self.stages)
 
     @property
     def frame(self) -> SinkFrame | None:
@@ -141,13 +204,23 @@ class Program:
     def cache(self) -> Bounded | None:
         return next((s.cache for s in self.stages if s.cache is not None), None)
 
-    def reach(self) -> int | None:
-        """The smallest reach of the rules (None: some query may see every earlier key)."""
+    def reach(self, heads: int | None = None) -> int | None:
+        """How far back any query sees (None: some query may see every earlier key): the smallest
+        reach of the rules on every head; given the head count, the largest over heads of each
+        head's smallest reach, head rules included."""
         reaches = [r.reach() for r in self.rules if r.reach() is not None]
-        return min(reaches) if reaches else None
+        bound = min(reaches) if reaches else None
+        if heads is None or not self.head_rules:
+            return bound
+        per_head = [bound] * heads
+        for rule in self.head_rules:
+            reach = rule.rule.reach()
+            for h in rule.heads(heads) if reach is not None else ():
+                per_head[h] = reach if per_head[h] is None else min(per_head[h], reach)
+        return None if None in per_head else max(per_head)
 
     def visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Causality AND every rule, on stream indices (broadcast)."""
+        """Causality AND every rule on every head, on stream indices (broadcast)."""
         ok = j <= i
         for rule in self.rules:
             ok = ok & rule.visible(i, j)
@@ -157,8 +230,27 @@ class Program:
         """Every stage contributes window rules, a sink frame and a bounded cache at most (no other
         field set): then a single query sees its whole key band, so a decoding step needs no mask."""
         base = {"owner", "span", "rules", "frame", "cache", "train_only"}
-        return all(isinstance(rule, WindowRule) for rule in self.rules) and all(
+        return all(isinstance(rule, WindowRule) for stage in self.stages for rule in stage.rules) and all(
             getattr(stage, f.name) == f.default for stage in self.stages for f in fields(stage) if f.name not in base)
+    def head_visible(self, i: torch.Tensor, j: torch.Tensor, heads: int) -> torch.Tensor | None:
+        """The head rules ANDed, [B, heads, t, n] from i [B, t, 1] and j [B, 1, n] (None: no head rules)."""
+        ok = None
+        for rule in self.head_rules:
+            ok = rule.visible(i, j, heads) if ok is None else ok & rule.visible(i, j, heads)
+        return ok
+
+    def bias(self, i: torch.Tensor, j: torch.Tensor, heads: int) -> torch.Tensor | None:
+        """The sum of the score biases at frame positions i [B, t, 1], j [B, 1, n] (None: no bias)."""
+        terms = [term(i, j, heads) for s in self.stages for term in s.bias]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def query_scale(self, i: torch.Tensor) -> torch.Tensor | None:
+        """The product of the query scales at stream indices i (None: no scale)."""
+        total = None
+        for s in self.stages:
+            for factor in s.scale:
+                total = factor(i) if total is None else total * factor(i)
+        return total
 
     def describe(self) -> str:
         return " + ".join(s.owner for s in self.stages) or "plain attention"

@@ -2,10 +2,12 @@
 
 For row b, query column i and key column j, with stream indices i' = i − pad_b, j' = j − pad_b:
 
-    visible  = j ≤ i  and  j' ≥ 0  and  key j is real  and  every rule(i', j')
+    visible  = j ≤ i  and  j' ≥ 0  and  key j is real  and  every rule(i', j')  and  head h's rules(i', j')
     score    = q_i · k_j · scaling                          (absolute frame: as the model rotated them)
     score    = R(i)q_i · R(j)k_j · scaling                  (sink frame, recent key: true distance)
     score    = R(min(i', size−1))q_i · R(j')k_j · scaling   (sink frame, sink j' < sinks: cache slots)
+    score    = s(i')·score + bias_h(i', j')                 (query scales; biases at the frame's positions:
+                                                             bias_h(min(i', size−1), j') for a sink)
     out_i    = softmax over visible j of score, times v_j
 
 A padding query row (i' < 0) sees only itself, so it stays finite. This builds [B, H, Tq, Tk]
@@ -31,10 +33,14 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
     pad = x.pads()[:, None, None]
     i = q_cols[None, :, None] - pad                         # [B, Tq, 1] stream index of each query
     j = k_cols[None, None, :] - pad                         # [B, 1, Tk] stream index of each key
-    visible = program.visible(i, j) & (j >= 0)
+    heads = q.shape[1]
+    visible = (program.visible(i, j) & (j >= 0))[:, None]  # [B, 1|H, Tq, Tk]
+    per_head = program.head_visible(i, j, heads)
+    if per_head is not None:
+        visible = visible & per_head
     if x.key_ok is not None:
-        visible = visible & x.key_ok[:, None, :]
-    visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))  # padding rows see themselves
+        visible = visible & x.key_ok[:, None, None, :]
+    visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))[:, None]  # padding rows see themselves
     frame = program.frame
     if frame is None:
         scores = q @ k.transpose(-1, -2)
@@ -47,11 +53,19 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
         sink = rotate(q, cos_qs[:, None], sin_qs[:, None]) @ rotate(k, cos_ks[:, None], sin_ks[:, None]).transpose(-1, -2)
         scores = torch.where((j < frame.sinks)[:, None], sink, recent)
     scores = scores.float() * x.scaling
+    scale = program.query_scale(i[..., 0])                  # [B, Tq]
+    if scale is not None:
+        scores = scores * scale[:, None, :, None]
+    bias = program.bias(i, j, heads)
+    if bias is not None and frame is not None:             # a sink's bias at its slot, the query's at min(i', size−1)
+        bias = torch.where((j < frame.sinks)[:, None], program.bias(i.clamp(max=frame.size - 1), j, heads), bias)
+    if bias is not None:
+        scores = scores + bias
     if x.given is not None:
         visible = visible & x.given.bool() if x.given.dtype == torch.bool else visible
         if x.given.dtype != torch.bool:
             scores = scores + x.given.float()
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     out = weights @ v.float()
     return out.transpose(1, 2).to(x.q.dtype if frame is None else x.v.dtype)

@@ -1,6 +1,7 @@
 """The fast path equals the dense reference on random inputs: every stage combination the registry
-allows (plain, window, window with sinks; composed with a dynamic rope), lengths that are and are
-not multiples of the tile, grouped-query heads, left padding, and bounded-cache key layouts."""
+allows (plain, window, window with sinks; composed with a dynamic rope; score biases alone and with
+each window; per-head rules), lengths that are and are not multiples of the tile, grouped-query heads, left padding,
+and bounded-cache key layouts."""
 
 import pytest
 import torch
@@ -8,9 +9,12 @@ import torch
 from surgery.attention import fast, reference
 from surgery.attention.frame import Table
 from surgery.attention.keys import Inputs
-from surgery.attention.program import Program
+from surgery.attention.program import Program, Stage
 from surgery.models import tiny
+from surgery.transforms.alibi import AlibiBias
+from surgery.transforms.logn import LogScale
 from surgery.transforms.rope import RopeParams, build_rope
+from surgery.transforms.s2attn import s2attn_stage
 from surgery.transforms.window import window_stage
 
 D = 16
@@ -26,12 +30,24 @@ def rotaries():
 ROTARIES = rotaries()
 
 
+SCORES = {  # score-changing stages, by name (each combined with every window kind below)
+    "alibi": Stage("alibi()", bias=(AlibiBias(),)),
+    "logn": Stage("logn(8)", scale=(LogScale(8),)),   # acts from query 8 on: inside every tested length
+    "logn+alibi": Stage("logn(8) + alibi()", bias=(AlibiBias(),), scale=(LogScale(8),)),
+    "s2attn": s2attn_stage(6),                          # head rules (the executors ignore train_only)
+    "s2attn+alibi": Stage("s2attn(5) + alibi()", rules=s2attn_stage(5).rules, bias=(AlibiBias(),)),
+}
+
+
 def program(kind: str, size: int = 12, sinks: int = 3, rotary: str = "plain") -> Program:
-    if kind == "plain":
-        return Program()
-    if kind == "window":
-        return Program((window_stage(size, 0),))
-    return Program((window_stage(size, sinks, ROTARIES[rotary]),))
+    """`kind`: plain, window or sinks, optionally followed by +NAME, a SCORES stage."""
+    base, _, extra = kind.partition("+")
+    scored = (SCORES[extra],) if extra else ()
+    if base == "plain":
+        return Program(scored)
+    if base == "window":
+        return Program((window_stage(size, 0), *scored))
+    return Program((*scored, window_stage(size, sinks, ROTARIES[rotary])))
 
 
 def inputs(prog: Program, tq: int, tk: int, *, pad=None, head=0, start=0, seed=0, heads=(4, 2)) -> Inputs:
@@ -63,24 +79,29 @@ def error(prog, x, tile):
     return (got[keep] - want[keep]).abs().max().item()
 
 
-@pytest.mark.parametrize("kind", ["plain", "window", "sinks"])
+KINDS = ["plain", "window", "sinks"]
+SCORED = [f"{base}+{name}" for name in SCORES for base in KINDS]
+
+
+@pytest.mark.parametrize("kind", KINDS + SCORED)
 @pytest.mark.parametrize("n, tile", [(16, 8), (37, 8), (37, 64), (50, 7)])
 def test_full_forward(kind, n, tile):
     prog = program(kind)
     assert error(prog, inputs(prog, n, n, seed=n), tile) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["plain", "window", "sinks"])
+@pytest.mark.parametrize("kind", KINDS + SCORED)
 def test_left_padding(kind):
     prog = program(kind)
     assert error(prog, inputs(prog, 41, 41, pad=[5, 0], seed=3), tile=8) < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["window", "sinks"])
+@pytest.mark.parametrize("kind", ["window", "sinks"] + [k for k in SCORED if not k.startswith("plain")])
 def test_bounded_cache_layouts(kind):
     # keys: columns 0..2 (head: sinks) then 20..39; queries: the last 4 columns (a decoding chunk)
     prog = program(kind, size=20, sinks=3)
-    x = inputs(prog, 4, 3 + 20, head=3 if kind == "sinks" else 0, start=20 if kind == "sinks" else 17, seed=4)
+    sinks = kind.startswith("sinks")
+    x = inputs(prog, 4, 3 + 20, head=3 if sinks else 0, start=20 if sinks else 17, seed=4)
     assert error(prog, x, tile=2) < 1e-5
 
 
@@ -110,9 +131,31 @@ def test_decoding_step_in_the_steady_state(kind, origin, pad, monkeypatch):
     assert (got - want).abs().max() < 1e-5
 
 
-def test_multi_query_heads_equal_grouped():
-    prog = program("sinks")
+@pytest.mark.parametrize("kind", ["sinks", *SCORED])
+def test_multi_query_heads_equal_grouped(kind):
+    prog = program(kind)
     assert error(prog, inputs(prog, 30, 30, heads=(4, 4), seed=7), tile=8) < 1e-5
+
+
+@pytest.mark.parametrize("kind", SCORED)
+def test_a_single_decoding_query(kind):
+    prog = program(kind)
+    assert error(prog, inputs(prog, 1, 40, seed=8), tile=8) < 1e-5
+
+
+def test_sink_bias_is_taken_at_the_cache_slots():
+    """With sinks, ALiBi sees a sink at its slot and the query at min(i, size − 1), not at its
+    stream distance: the reference's sink scores must carry exactly that bias."""
+    with_bias, without = program("sinks+alibi", size=6, sinks=2), program("sinks", size=6, sinks=2)
+    x = inputs(with_bias, 1, 30, seed=9)
+    x.q = torch.zeros_like(x.q)          # all scores 0: the weights are the bias alone
+    out = reference.attend(with_bias, x)[0, 0, 0]  # head 0 of 4 (slope 2^-2), the last query (i = 29)
+    m = 0.25
+    # visible: sinks 0, 1 at slots 0, 1 (query at slot 5: distances 5, 4), recent 26..29 (distances 3..0)
+    weights = torch.softmax(-m * torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.0]), dim=0)
+    v = x.v[0, 0, [0, 1, 26, 27, 28, 29]]
+    assert (out - weights @ v).abs().max() < 1e-5
+    assert (reference.attend(without, x)[0, 0, 0] - v.mean(0)).abs().max() < 1e-5
 
 
 def test_plain_reference_is_causal_attention():
@@ -133,7 +176,47 @@ def test_memory_is_a_band_not_a_square(monkeypatch):
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(fast, "sdpa", spy)
-    for kind in ("window", "sinks"):
+    for kind in ("window", "sinks", "window+logn+alibi", "sinks+logn+alibi"):
         prog = program(kind, size=8, sinks=2)
         fast.attend(prog, inputs(prog, 200, 200), tile=16)
     assert seen and max(k for _, k in seen) <= 16 + 8 + 2 and max(q for q, _ in seen) == 16
+
+
+def test_query_scale_is_a_temperature_per_query():
+    """Dense reference of a query scale: row i equals plain causal attention with scaling × s(i)."""
+    prog = program("plain+logn")
+    x = inputs(prog, 20, 20, heads=(2, 2), seed=10)
+    got = reference.attend(prog, x)
+    for i in (3, 7, 8, 19):
+        s = max(1.0, torch.log(torch.tensor(i + 1.0)).item() / torch.log(torch.tensor(8.0)).item())
+        want = torch.nn.functional.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, scale=x.scaling * s)
+        assert (got[:, i] - want.transpose(1, 2)[:, i]).abs().max() < 1e-5
+
+
+def test_a_bias_without_a_window_is_tiled_too(monkeypatch):
+    """alibi over 200 keys: masks are [B, H, tile, ≤ 200] per call, never [200, 200]."""
+    seen = []
+    real = fast.sdpa
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(fast, "sdpa", spy)
+    prog = program("plain+logn+alibi")
+    fast.attend(prog, inputs(prog, 200, 200), tile=16)
+    assert len(seen) == 13 and all(shape[:3] == (2, 4, 16) or shape[2] == 200 % 16 for shape in seen)
+
+
+def test_a_query_scale_alone_keeps_the_fused_causal_kernel(monkeypatch):
+    calls = []
+    real = fast.sdpa
+
+    def spy(q, k, v, **kwargs):
+        calls.append(kwargs.get("is_causal", False))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(fast, "sdpa", spy)
+    prog = program("plain+logn")
+    assert error(prog, inputs(prog, 40, 40, seed=11), tile=8) < 1e-5
+    assert calls == [True]  # one call over all 40 queries, no mask

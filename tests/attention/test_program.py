@@ -64,3 +64,35 @@ def test_planner_reports_a_clash_with_both_spans():
         build_plan(parse("layers[0].attn: window(8)\nlayers[1].attn: fake_bounded(4)"), tiny("llama"))  # disjoint: fine
     finally:
         registry.REGISTRY.pop("fake_bounded", None)
+
+
+def test_biases_add_scales_multiply_and_unrotated_claims_the_frame():
+    i, j = torch.arange(5)[None, :, None], torch.arange(5)[None, None, :]
+    first = lambda i, j, heads: (i - j)[:, None].float().expand(-1, heads, -1, -1)  # noqa: E731
+    second = lambda i, j, heads: torch.ones(1, heads, 1, 1)  # noqa: E731
+    program = Program((Stage("a", bias=(first,), scale=(lambda i: i.float() + 1,)),
+                       Stage("b", bias=(second,), scale=(lambda i: torch.full(i.shape, 2.0),))))
+    assert torch.equal(program.bias(i, j, 3), (i - j)[:, None].float().expand(-1, 3, -1, -1) + 1)
+    assert torch.equal(program.query_scale(torch.arange(4)), torch.tensor([2.0, 4.0, 6.0, 8.0]))
+    assert Program().bias(i, j, 3) is None and Program().query_scale(i) is None
+    assert program.biased and not Program((Stage("w", rules=(WindowRule(4),)),)).biased
+    drop = Stage("alibi(rope=drop)", unrotated=True)
+    assert drop.claims() == ("frame",)
+    assert [c.slot for c in clashes([drop, Stage("window(8, sinks=2)", frame=SinkFrame(8, 2, None))])] == ["frame"]
+
+
+def test_head_rules_apply_to_their_share_of_heads_and_bound_the_reach():
+    from fractions import Fraction
+
+    from surgery.attention.program import HeadRule
+
+    half = Fraction(1, 2)
+    program = Program((Stage("s", rules=(HeadRule(WindowRule(2), 0, half), HeadRule(WindowRule(3), half, 1))),))
+    assert program.rules == () and len(program.head_rules) == 2
+    i, j = torch.arange(6)[None, :, None], torch.arange(6)[None, None, :]
+    seen = program.head_visible(i, j, 5) & program.visible(i, j)[:, None]      # heads 0, 1 | 2, 3, 4
+    assert seen.shape == (1, 5, 6, 6)
+    assert seen[0, 1, 5].nonzero().flatten().tolist() == [4, 5] and seen[0, 2, 5].nonzero().flatten().tolist() == [3, 4, 5]
+    assert program.reach() is None and program.reach(5) == 3     # without the head count: unbounded
+    only_some = Program((Stage("s", rules=(HeadRule(WindowRule(2), 0, half),)),))
+    assert only_some.reach(4) is None                            # heads 2, 3 see everything
