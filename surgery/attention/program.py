@@ -9,9 +9,11 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
   frame: the model's own rotation (see :mod:`surgery.attention.frame`).
 * a **cache policy** (:class:`Bounded`): what the KV cache keeps. Without one, everything
   (transformers' own cache layer).
+* a **K/V prefix** (:class:`KVPrefix`): learned keys and values every query sees before the stream
+  (prefix tuning, P-tuning v2).
 * ``train_only``: the stage acts only while the module is training (``module.training``).
 
-Stages say what they claim: a frame and a cache policy are exclusive slots, so two stages that
+Stages say what they claim: a frame, a cache policy and a K/V prefix are exclusive slots, so two stages that
 both set one are a clash (:func:`clashes`), reported by the planner with both spans instead of
 letting the last writer win. Mask rules never clash: they combine by AND.
 
@@ -75,6 +77,27 @@ class Bounded:
 
 
 @dataclass(frozen=True)
+class KVPrefix:
+    """P learned keys and values that every query sees before the stream (prefix tuning, P-tuning v2).
+
+    ``kv(module, kwargs)`` gives them per call: (keys [B|1, Hkv, P, D], values [B|1, Hkv, P, Dv]),
+    resolved by the attention pre-hook (None in a stage built only for the planner's clash check).
+    They sit outside the stream: every query row — padding rows too — sees all P of them, whatever
+    causality, padding and the mask rules say; they are never cached, so a bounded cache never
+    evicts them; and they are not rotated: a prefix key is scored against the query as the frame
+    places it — the model's rotation in the absolute frame (the transform numbers the stream from
+    P, as PEFT's prefix in the cache does), slot P + min(i, size − 1) in a sink frame (so the prefix
+    sits in the cache slots before the sinks, and a window not yet full equals the absolute frame).
+
+    Exclusive: two prefixes on one module are a clash rather than concatenated, because each
+    technique that owns a prefix also numbers the stream after it (positions start at P), and two
+    owners would each shift the positions by their own P."""
+
+    length: int
+    kv: object = None  # callable (module, kwargs) -> (keys, values)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One transform's contribution to a program (see the module docstring)."""
 
@@ -84,9 +107,10 @@ class Stage:
     frame: SinkFrame | None = None
     cache: Bounded | None = None
     train_only: bool = False
+    prefix: KVPrefix | None = None   # K/V prefix (prefix tuning, P-tuning v2)
 
     def claims(self) -> tuple[str, ...]:
-        return tuple(slot for slot in ("frame", "cache") if getattr(self, slot) is not None)
+        return tuple(slot for slot in ("frame", "cache", "prefix") if getattr(self, slot) is not None)
 
 
 @dataclass(frozen=True)
@@ -140,6 +164,10 @@ class Program:
     @property
     def cache(self) -> Bounded | None:
         return next((s.cache for s in self.stages if s.cache is not None), None)
+
+    @property
+    def prefix(self) -> KVPrefix | None:
+        return next((s.prefix for s in self.stages if s.prefix is not None), None)
 
     def reach(self) -> int | None:
         """The smallest reach of the rules (None: some query may see every earlier key)."""
