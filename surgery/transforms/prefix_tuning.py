@@ -184,19 +184,19 @@ class PrefixSteps:
         return p.reparam, p.hidden
 
     def owner(self, p) -> str:
-        return f"{self.spec.name}({p.length})"  # type: ignore[attr-defined]
+        return f"{self.spec.name}({p.length})"
 
     def stage(self, p, span=None, kv=None) -> Stage:
         return Stage(self.owner(p), span, prefix=KVPrefix(p.length, kv))
 
     def accepts(self, p, target, module: nn.Module) -> bool:
         if not getattr(module, "is_causal", False):
-            raise SpecError(f"{self.spec.name}(...) prepends keys to a causal decoder's attention, but "  # type: ignore[attr-defined]
+            raise SpecError(f"{self.spec.name}(...) prepends keys to a causal decoder's attention, but "
                             f"{target.path} ({type(module).__name__}) attends in both directions")
         return True
 
     def apply(self, p, model: nn.Module, targets, edit) -> None:
-        name = self.spec.name  # type: ignore[attr-defined]
+        name = self.spec.name
         backbone = model.get_submodule(backbone_prefix(model).rstrip("."))
         if getattr(backbone, ATTRIBUTE, None) is not None:
             raise ApplyError(f"the model already has a K/V prefix; {name} adds one per attention layer, once")
