@@ -4,8 +4,8 @@ Columns are sequence indices (one per token the stream has seen, padding include
 out as two contiguous column ranges, described by Python ints so no tensor value steers control
 flow (``torch.export`` can then capture the graph): positions 0 … head − 1 hold columns
 0 … head − 1 (a bounded cache's sinks and the left padding before them), positions head … hold
-columns start … end − 1. Queries are the last ``Tq`` columns, end − Tq … end − 1. A K/V prefix (``prefix``) has no column:
-it sits before the stream, outside this layout.
+columns start … end − 1. Queries are the last ``Tq`` columns, end − Tq … end − 1. A K/V prefix
+(``prefix``) has no column: it sits before the stream, outside this layout.
 """
 
 from __future__ import annotations

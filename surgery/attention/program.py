@@ -13,9 +13,9 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
   (prefix tuning, P-tuning v2).
 * ``train_only``: the stage acts only while the module is training (``module.training``).
 
-Stages say what they claim: a frame, a cache policy and a K/V prefix are exclusive slots, so two stages that
-both set one are a clash (:func:`clashes`), reported by the planner with both spans instead of
-letting the last writer win. Mask rules never clash: they combine by AND.
+Stages say what they claim: a frame, a cache policy and a K/V prefix are exclusive slots, so two
+stages that both set one are a clash (:func:`clashes`), reported by the planner with both spans
+instead of letting the last writer win. Mask rules never clash: they combine by AND.
 
 The program is data; :mod:`surgery.attention.reference` (dense, the obligations' oracle) and
 :mod:`surgery.attention.fast` (tiled, O(tile × reach) memory) execute it. A new attention

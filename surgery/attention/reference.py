@@ -15,8 +15,8 @@ unmasked and unrotated:
     score_p  = R(P + min(i', size−1))q_i · k_p · scaling    (sink frame)
 
 and the softmax runs over [prefix; visible keys]. A padding query row (i' < 0) sees only itself
-(and the prefix), so it stays finite. This builds [B, H, Tq, Tk]
-tensors: it is the obligations' oracle, never the path a forward takes.
+(and the prefix), so it stays finite. This builds [B, H, Tq, Tk] tensors: it is the obligations'
+oracle, never the path a forward takes.
 """
 
 from __future__ import annotations
