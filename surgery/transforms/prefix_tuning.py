@@ -34,7 +34,9 @@ itself for ``none`` — in PEFT's layout (layer-major, keys before values, then 
 ``prompt_embeddings`` PEFT saves. Written when the step covers every attention layer of the model
 (PEFT prefixes all of them); resuming training in PEFT starts from the folded table.
 
-Causal decoders only: the attention program is causal.
+Causal decoders only: the attention program is causal. On learned absolute positions (GPT-2) the
+prefix takes the first P rows of the table, as in PEFT: a length ≥ the table is refused when the
+step is applied, and a stream that runs past the table is a :class:`ModelError` naming the limit.
 
 Obligations (a prefix always changes attention, so there is no identity at init; instead):
 
@@ -61,6 +63,7 @@ And:
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,8 +73,8 @@ from torch import nn
 
 from surgery.arch import backbone_prefix
 from surgery.attention import KVPrefix, Stage, install, rotary_ref
-from surgery.errors import ApplyError, SpecError
-from surgery.transforms.prompt_tuning import _as_kwargs
+from surgery.errors import ApplyError, ModelError, SpecError
+from surgery.transforms.prompt_tuning import _as_kwargs, learned_positions
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 ATTRIBUTE = "surgery_prefix"  # where the encoder lives on the backbone
@@ -95,9 +98,10 @@ class PrefixEncoder(nn.Module):
     ([P, d'] with the MLP ``transform``, or [P, L·2·Hkv·D] alone); float32, cast where used."""
 
     def __init__(self, length: int, layers: int, heads: int, head_dim: int, reparam: str, hidden: int | None,
-                 device=None):
+                 device=None, max_positions: int | None = None):
         super().__init__()
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
+        self.max_positions = max_positions  # rows of a learned position table (GPT-2); None: no limit
         width = layers * 2 * heads * head_dim
         token_dim = heads * head_dim
         if reparam == "mlp":
@@ -160,7 +164,13 @@ def _before_backbone(module: nn.Module, args, kwargs):
     tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
     if tokens is None:
         return (), kwargs  # the model itself reports the missing input
-    kwargs["position_ids"] = _positions(kwargs, tokens.shape[1], encoder.length, tokens.device)
+    positions = _positions(kwargs, tokens.shape[1], encoder.length, tokens.device)
+    limit = encoder.max_positions
+    if limit is not None and positions.numel() and int(positions.max()) >= limit:
+        raise ModelError(f"the model has {limit} learned positions and the K/V prefix takes the first "
+                         f"{encoder.length}, so a stream may hold at most {limit - encoder.length} tokens; "
+                         f"this one reaches {int(positions.max()) + 1 - encoder.length}")
+    kwargs["position_ids"] = positions
     kwargs[KWARG] = encoder.kv()
     return (), kwargs
 
@@ -204,9 +214,17 @@ class PrefixSteps:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        if "position_ids" not in inspect.signature(backbone.forward).parameters:
+            raise ApplyError(f"{name} numbers the stream after its prefix, but {type(backbone).__name__} "
+                             "takes no position_ids")
+        table = learned_positions(model)
+        if table is not None and p.length >= table[1]:
+            raise SpecError(f"{model.config.model_type} has {table[1]} learned positions ({table[0]}); a prefix of "
+                            f"{p.length} leaves none for the input ({name} needs a length of at most {table[1] - 1})")
         reparam, hidden = self.settings(p)
         device = next(modules[0].parameters()).device
-        encoder = PrefixEncoder(p.length, len(modules), heads, head_dim, reparam, hidden, device)
+        encoder = PrefixEncoder(p.length, len(modules), heads, head_dim, reparam, hidden, device,
+                                table[1] if table else None)
         edit.set_attr(backbone, ATTRIBUTE, encoder)
         edit.hook(backbone.register_forward_pre_hook(_before_backbone, with_kwargs=True))
         for index, module in enumerate(modules):
@@ -329,7 +347,8 @@ class PrefixSteps:
         encoder = find_encoder(check.surgered)
         with torch.no_grad():
             flat = encoder.flat().detach().clone()
-        folded = PrefixEncoder(encoder.length, encoder.layers, encoder.heads, encoder.head_dim, "none", None)
+        folded = PrefixEncoder(encoder.length, encoder.layers, encoder.heads, encoder.head_dim, "none", None,
+                               max_positions=encoder.max_positions)
         with torch.no_grad():
             folded.embedding.weight.copy_(flat)
         ids = check.tokens(length=10, salt=4)

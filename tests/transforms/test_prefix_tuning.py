@@ -284,3 +284,27 @@ def test_smollm2_verifies_and_peft_agrees(smollm2_dir, tmp_path):
         ours = base(input_ids=ids).logits
         theirs = peft.PeftModel.from_pretrained(load_model(smollm2_dir), str(out / "peft")).eval()(input_ids=ids).logits
     assert (theirs - ours).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------------------------------ learned positions
+
+
+def test_gpt2_verifies_and_peft_agrees_with_the_prefix_in_the_first_positions(tmp_path):
+    """GPT-2 looks positions up in a table: the stream starts at row P, as under PEFT."""
+    import peft
+
+    model = tiny("gpt2")
+    result = surgery.compile(model, "attn: p_tuning_v2(3)")
+    assert result.report.ok, result.report.text()
+    out = result.save(tmp_path / "out")
+    ids = tokens()
+    theirs = peft.PeftModel.from_pretrained(tiny("gpt2"), str(out / "peft")).eval()
+    assert (logits(theirs, ids) - logits(model, ids)).abs().max().item() <= 1e-5
+
+
+def test_a_stream_past_the_learned_positions_is_refused_by_name():
+    with pytest.raises(SpecError, match=r"needs a length of at most 63"):
+        surgery.compile(tiny("gpt2"), "attn: prefix_tuning(64)")
+    model, _ = surgered("gpt2", "attn: prefix_tuning(4)")
+    with pytest.raises(surgery.ModelError, match=r"at most 60 tokens; this one reaches 61"):
+        logits(model, tokens(length=61))
