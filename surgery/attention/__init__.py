@@ -3,8 +3,8 @@ contribute stages to (see :mod:`surgery.attention.program` and docs/attention.md
 
 from surgery.attention.frame import Table
 from surgery.attention.implementation import ATTR, NAME, Call, install
-from surgery.attention.program import Bounded, Clash, MaskRule, Program, SinkFrame, Stage, WindowRule, clashes
+from surgery.attention.program import Bounded, Clash, KVPrefix, MaskRule, Program, SinkFrame, Stage, WindowRule, clashes
 from surgery.attention.rotary import RotaryRef, rotary_ref
 
-__all__ = ["ATTR", "NAME", "Bounded", "Call", "Clash", "MaskRule", "Program", "RotaryRef", "SinkFrame",
+__all__ = ["ATTR", "NAME", "Bounded", "Call", "Clash", "KVPrefix", "MaskRule", "Program", "RotaryRef", "SinkFrame",
            "Stage", "Table", "WindowRule", "clashes", "install", "rotary_ref"]

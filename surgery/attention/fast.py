@@ -13,6 +13,11 @@ Two alternatives were measured and dropped: sinks as zero keys with their scores
 mask (needs a float mask per head, tile × reach × heads), and concatenated features
 ([q_recent | q_sink] against [k | 0] and [0 | k_sink]), which doubles the head dimension and
 runs the CPU kernel 4× slower.
+A K/V prefix (P keys every query sees, outside the stream) joins each tile as P more keys: in
+the absolute frame prepended to the tile's key band (its mask columns all true) for the one fused
+call; in a sink frame as P more explicit scores beside the sinks', with the query rotated at slot
+P + min(i, size − 1), merged by the same log-sum-exp. P is small (tens), so a tile then visits
+P + tile + reach keys.
 Every rotation happens once per call, moving the model's rotated vectors straight into the frame
 (:func:`surgery.attention.frame.composite`).
 
@@ -61,7 +66,8 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
 def _plain(program: Program, x: Inputs) -> bool:
     tq, tk = x.q.shape[-2], x.k.shape[-2]
     return (not program.rules and not program.head_rules and not program.biased and program.frame is None
-            and x.pad is None and x.key_ok is None and x.given is None and x.head == 0 and (tq == tk or tq == 1))
+            and x.pad is None and x.key_ok is None and x.given is None and x.head == 0 and (tq == tk or tq == 1)
+            and x.prefix is None)
 
 
 def _steady(program: Program, x: Inputs, rotated) -> bool:
@@ -143,7 +149,12 @@ def _framed(program: Program, x: Inputs, rotated):
     slots = (q_cols[None, :] - pad[:, None]).clamp(0, frame.size - 1)      # the query's cache slot
     cs, ss = composite(*table.at(slots, bound=frame.size), cos, sin)
     q = x.q.float()
-    return rotate(q, c[:, None], s[:, None]), rotate(q, cs[:, None], ss[:, None]), keys2, _sinks(program, x)
+    q_prefix = None
+    if x.prefix is not None:  # the prefix sits in the P slots before the sinks
+        cp, sp = composite(*table.at(slots + x.prefix[0].shape[-2], bound=frame.size + x.prefix[0].shape[-2]), cos, sin)
+        q_prefix = rotate(q, cp[:, None], sp[:, None])
+    return (rotate(q, c[:, None], s[:, None]), rotate(q, cs[:, None], ss[:, None]), keys2, _sinks(program, x),
+            q_prefix)
 
 
 def _sinks(program: Program, x: Inputs):
@@ -204,8 +215,13 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
         if scale is not None:
             q = q * scale[:, None, :, None].to(q.dtype)
         mask = visible if bias is None else torch.where(visible, bias.to(q.dtype), float("-inf"))
+        if x.prefix is not None:  # [prefix; band], the prefix columns visible to every query
+            pk, pv = x.prefix_kv()
+            k, v = torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
+            lead = (*mask.shape[:-1], pk.shape[-2])
+            mask = torch.cat([mask.new_ones(lead) if mask.dtype == torch.bool else mask.new_zeros(lead), mask], dim=-1)
         return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=q.shape[1] != k.shape[1])
-    q_rec, q_sink, keys, (sink_k, sink_v, present) = framed
+    q_rec, q_sink, keys, (sink_k, sink_v, present), q_prefix = framed
     q_rec, q_sink = q_rec[..., a:b, :], q_sink[..., a:b, :]
     if scale is not None:
         q_rec, q_sink = q_rec * scale[:, None, :, None], q_sink * scale[:, None, :, None]
@@ -222,6 +238,16 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
     if sink_bias is not None:
         scores = scores + sink_bias
     scores = scores.masked_fill(~sink_ok, float("-inf"))
+    if q_prefix is not None:  # the prefix: P more explicit scores, always visible, merged with the sinks'
+        pk, pv = x.prefix_kv()
+        P = pk.shape[-2]
+        q_pre = q_prefix[..., a:b, :]
+        if scale is not None:
+            q_pre = q_pre * scale[:, None, :, None]
+        q_pre = q_pre.reshape(B, hkv, groups, t, D)
+        prefix_scores = (q_pre @ pk.float()[:, :, None].transpose(-1, -2)).view(B, H, t, P) * x.scaling
+        scores, S = torch.cat([scores, prefix_scores], dim=-1), S + P
+        sink_v = torch.cat([sink_v, pv.to(sink_v.dtype)], dim=-2)
     # Recent band: the fused kernel, which also returns its log-sum-exp.
     band = torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(~visible, float("-inf"))
     if bias is not None:

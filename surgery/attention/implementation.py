@@ -46,6 +46,7 @@ class Call:
     reference: bool = False
     tile: int = fast.TILE
     record: bool = False
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # the program's K/V prefix for this call
 
 
 # ------------------------------------------------------------------------------ per call
@@ -81,6 +82,8 @@ def before_attention(module: nn.Module, args, kwargs):
         # (cos·x + sin·J(x) = x), in the forward and in whatever it caches.
         cos, sin = kwargs["position_embeddings"]
         kwargs = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
+    if program.prefix is not None:  # resolved per call (a trainable prefix changes between calls)
+        options["prefix"] = program.prefix.kv(module, kwargs)
     call = Call(program, kwargs.get("position_embeddings"), layer, _pads(kwargs.get("attention_mask")), **options)
     return args, {**kwargs, "surgery_call": call}
 
@@ -101,7 +104,7 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
         given = attention_mask[..., :key.shape[-2]]  # a 4D mask the caller built: honoured as given
     x = Inputs(query, key, value, scaling, head=head, start=start, pad=pad, key_ok=key_ok, given=given,
-               dropout=dropout if module.training else 0.0)
+               dropout=dropout if module.training else 0.0, prefix=call.prefix)
     rotated = None
     frame = program.frame
     if frame is not None:

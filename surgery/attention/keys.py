@@ -4,7 +4,8 @@ Columns are sequence indices (one per token the stream has seen, padding include
 out as two contiguous column ranges, described by Python ints so no tensor value steers control
 flow (``torch.export`` can then capture the graph): positions 0 … head − 1 hold columns
 0 … head − 1 (a bounded cache's sinks and the left padding before them), positions head … hold
-columns start … end − 1. Queries are the last ``Tq`` columns, end − Tq … end − 1.
+columns start … end − 1. Queries are the last ``Tq`` columns, end − Tq … end − 1. A K/V prefix
+(``prefix``) has no column: it sits before the stream, outside this layout.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class Inputs:
     sin: torch.Tensor | None = None
     k_raw: bool = False                 # keys come from a pre-RoPE cache
     dropout: float = 0.0
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V prefix: keys, values [B|1, Hkv, P, D]
+
+    def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V prefix expanded to the batch: keys [B, Hkv, P, D], values [B, Hkv, P, Dv]."""
+        keys, values = self.prefix
+        b = self.q.shape[0]
+        return keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1)
 
     def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, k) before RoPE, float32 (a sink frame's inputs)."""

@@ -19,11 +19,13 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
   score = s(i)·q_i·k_j·scaling + bias(i, j).
 * ``unrotated``: queries and keys are not rotated at all (ALiBi replacing RoPE): the attention
   module is handed the identity rotation, so its cache holds un-rotated keys. It is a frame.
+* a **K/V prefix** (:class:`KVPrefix`): learned keys and values every query sees before the stream
+  (prefix tuning, P-tuning v2).
 * ``train_only``: the stage acts only while the module is training (``module.training``).
 
-Stages say what they claim: a frame and a cache policy are exclusive slots, so two stages that
-both set one are a clash (:func:`clashes`), reported by the planner with both spans instead of
-letting the last writer win. Mask rules, biases and scales never clash: they combine.
+Stages say what they claim: a frame, a cache policy and a K/V prefix are exclusive slots, so two
+stages that both set one are a clash (:func:`clashes`), reported by the planner with both spans
+instead of letting the last writer win. Mask rules, biases and scales never clash: they combine.
 
 The program is data; :mod:`surgery.attention.reference` (dense, the obligations' oracle) and
 :mod:`surgery.attention.fast` (tiled, O(tile × reach) memory) execute it. A new attention
@@ -121,6 +123,27 @@ class Bounded:
 
 
 @dataclass(frozen=True)
+class KVPrefix:
+    """P learned keys and values that every query sees before the stream (prefix tuning, P-tuning v2).
+
+    ``kv(module, kwargs)`` gives them per call: (keys [B|1, Hkv, P, D], values [B|1, Hkv, P, Dv]),
+    resolved by the attention pre-hook (None in a stage built only for the planner's clash check).
+    They sit outside the stream: every query row — padding rows too — sees all P of them, whatever
+    causality, padding and the mask rules say; they are never cached, so a bounded cache never
+    evicts them; and they are not rotated: a prefix key is scored against the query as the frame
+    places it — the model's rotation in the absolute frame (the transform numbers the stream from
+    P, as PEFT's prefix in the cache does), slot P + min(i, size − 1) in a sink frame (so the prefix
+    sits in the cache slots before the sinks, and a window not yet full equals the absolute frame).
+
+    Exclusive: two prefixes on one module are a clash rather than concatenated, because each
+    technique that owns a prefix also numbers the stream after it (positions start at P), and two
+    owners would each shift the positions by their own P."""
+
+    length: int
+    kv: object = None  # callable (module, kwargs) -> (keys, values)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One transform's contribution to a program (see the module docstring)."""
 
@@ -133,9 +156,10 @@ class Stage:
     bias: tuple = ()                 # ScoreBias…
     scale: tuple = ()                # QueryScale…
     unrotated: bool = False          # the identity rotation (a frame of its own)
+    prefix: KVPrefix | None = None   # K/V prefix (prefix tuning, P-tuning v2)
 
     def claims(self) -> tuple[str, ...]:
-        slots = tuple(slot for slot in ("frame", "cache") if getattr(self, slot) is not None)
+        slots = tuple(slot for slot in ("frame", "cache", "prefix") if getattr(self, slot) is not None)
         return slots + ("frame",) if self.unrotated and "frame" not in slots else slots
 
 
@@ -203,6 +227,10 @@ class Program:
     @property
     def cache(self) -> Bounded | None:
         return next((s.cache for s in self.stages if s.cache is not None), None)
+
+    @property
+    def prefix(self) -> KVPrefix | None:
+        return next((s.prefix for s in self.stages if s.prefix is not None), None)
 
     def reach(self, heads: int | None = None) -> int | None:
         """How far back any query sees (None: some query may see every earlier key): the smallest

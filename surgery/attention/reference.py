@@ -10,8 +10,15 @@ For row b, query column i and key column j, with stream indices i' = i − pad_b
                                                              bias_h(min(i', size−1), j') for a sink)
     out_i    = softmax over visible j of score, times v_j
 
-A padding query row (i' < 0) sees only itself, so it stays finite. This builds [B, H, Tq, Tk]
-tensors: it is the obligations' oracle, never the path a forward takes.
+With a K/V prefix (keys k_p, values v_p, p < P) every query row also sees all P prefix entries,
+unmasked and unrotated:
+
+    score_p  = q_i · k_p · scaling                          (absolute frame: q as the model rotated it)
+    score_p  = R(P + min(i', size−1))q_i · k_p · scaling    (sink frame)
+
+(times the query scale s(i'), no bias) and the softmax runs over [prefix; visible keys]. A padding query row (i' < 0) sees only itself
+(and the prefix), so it stays finite. This builds [B, H, Tq, Tk] tensors: it is the obligations'
+oracle, never the path a forward takes.
 """
 
 from __future__ import annotations
@@ -66,6 +73,17 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
         if x.given.dtype != torch.bool:
             scores = scores + x.given.float()
     scores = scores.masked_fill(~visible, float("-inf"))
+    if x.prefix is not None:  # [prefix; stream]: the prefix columns first, never masked
+        keys, values = (t.repeat_interleave(groups, dim=1).float() for t in x.prefix_kv())
+        pq = q.float()
+        if frame is not None:
+            cos_p, sin_p = x.table.at(keys.shape[-2] + i[..., 0].clamp(0, frame.size - 1))
+            pq = rotate(q, cos_p[:, None], sin_p[:, None])
+        prefix_scores = (pq @ keys.transpose(-1, -2)) * x.scaling
+        if scale is not None:
+            prefix_scores = prefix_scores * scale[:, None, :, None]
+        scores = torch.cat([prefix_scores, scores], dim=-1)
+        v = torch.cat([values.to(v.dtype), v], dim=-2)
     weights = torch.softmax(scores, dim=-1)
     out = weights @ v.float()
     return out.transpose(1, 2).to(x.q.dtype if frame is None else x.v.dtype)
