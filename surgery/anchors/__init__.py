@@ -13,7 +13,8 @@ under its :class:`~surgery.transforms.registry.Anchor` name. It declares:
 * :meth:`AnchorKind.find` — its targets in a :class:`~surgery.arch.select.RoleIndex` within the
   regions a rule's selectors name;
 * :meth:`AnchorKind.installer` — what applies its steps to a model (through the ``Edit`` journal);
-* :meth:`AnchorKind.mergeable`, :meth:`AnchorKind.peft_tensors` — what saving reads.
+* :meth:`AnchorKind.mergeable`, :meth:`AnchorKind.peft_tensors` — what saving reads;
+* :meth:`AnchorKind.clashes` — steps of this kind that cannot share one model (checked when planning).
 
 A new anchor kind is one file here plus its name in ``Anchor``.
 """
@@ -29,7 +30,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 import torch
 from torch import nn
 
-from surgery.arch.select import Region, RoleIndex, Site
+from surgery.arch.select import GENERATE, Region, RoleIndex, Site
+from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, Installs, ModelPeftTensors, Target
 
 if TYPE_CHECKING:
@@ -67,6 +69,10 @@ class AnchorKind(ABC):
     def mergeable(self, step: Step, model: nn.Module) -> bool:
         """Whether the applied `step` folds into the model's own weights."""
         return False
+
+    def clashes(self, steps: Sequence[Step]) -> list[SpecError]:
+        """Errors for steps of this kind (in plan order) that cannot share one model (default: none)."""
+        return []
 
     def peft_tensors(self, steps: Sequence[Step], model: nn.Module, config: dict[str, object]) -> (
             dict[str, torch.Tensor] | str):
@@ -116,7 +122,8 @@ def within(path: str, site_path: str) -> bool:
 
 
 def sites(regions: Sequence[Region]) -> list[Site]:
-    return [s for r in regions for s in r.sites]
+    """The modules the regions select (a ``generate`` site is the model's generation, no module)."""
+    return [s for r in regions for s in r.sites if s.role != GENERATE]
 
 
 def covered(path: str, regions: Sequence[Region]) -> bool:
