@@ -109,7 +109,7 @@ def _steps_table(plan) -> Table:
     for col in ("step", "transform", "targets", "at"):
         table.add_column(col)
     for step in plan.steps:
-        paths = [t.path + (f" ({t.option})" if t.option else "") for t in step.targets]
+        paths = [(t.path or f"({t.role or 'model'})") + (f" ({t.option})" if t.option else "") for t in step.targets]
         shown = "\n".join(paths[:4]) + (f"\n… {len(paths) - 4} more" if len(paths) > 4 else "")
         table.add_row(str(step.index), step.describe(), shown, f"{step.span.file}:{step.span.line}:{step.span.column}")
     return table
