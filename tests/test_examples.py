@@ -43,4 +43,4 @@ def test_readme_tour_is_a_spec_that_verifies():
     result = surgery.compile(model, tour)
     assert result.report.ok, result.report.text()
     assert [s.transform for s in result.plan.steps] == [
-        "rope", "window", "lora", "lora", "ia3", "quantize", "lora", "prompt_tuning", "lora"]
+        "rope", "window", "lora", "lora", "ia3", "quantize", "lora", "prompt_tuning", "lora", "nbce"]
