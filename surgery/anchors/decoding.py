@@ -150,3 +150,29 @@ def generate(model: nn.Module, strategy: Decodes, params: Any, input_ids: torch.
         return sequences
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores) if config.output_scores else None,
                                      logits=tuple(logits) if config.output_logits else None)
+
+
+@torch.no_grad()
+def stream_log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[t] | ids[<t]) for t = 1 … N−1 ([N−1], float32), decoding the 1-D stream `ids` one
+    token at a time as the model generates: through its decoding strategy when it has one (teacher
+    forced: the strategy is sent each true token instead of one it chose), else one forward per token
+    with the model's own KV cache (so a ``window(w, sinks=S)`` model keeps its bounded cache)."""
+    from transformers import DynamicCache
+
+    ids = ids.reshape(1, -1)
+    n = ids.shape[1]
+    out = torch.empty(max(n - 1, 0))
+    generation = vars(model).get("generate")
+    if isinstance(generation, Generation):
+        steps = generation.strategy.next_token_scores(generation.params, model, ids[:, :1], torch.ones_like(ids[:, :1]), {})
+        for t in range(1, n):
+            out[t - 1] = (next(steps) if t == 1 else steps.send(ids[:, t - 1]))[0, ids[0, t]]
+        steps.close()
+        return out
+    cache = DynamicCache(config=model.config)
+    for t in range(n - 1):
+        logits = model(input_ids=ids[:, t:t + 1], position_ids=torch.tensor([[t]], device=ids.device), cache=cache,
+                       use_cache=True).logits[0, -1]
+        out[t] = torch.log_softmax(logits.float(), -1)[ids[0, t + 1]]
+    return out
