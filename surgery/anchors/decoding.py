@@ -110,7 +110,7 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, strategy: Decodes, params: Any, input_ids: torch.Tensor | None,
+def generate(model: Any, strategy: Decodes, params: Any, input_ids: torch.Tensor | None,
              attention_mask: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
     """Generate from `input_ids` ([B, T]) choosing each token from `strategy`'s scores (module docstring)."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -148,12 +148,13 @@ def generate(model: nn.Module, strategy: Decodes, params: Any, input_ids: torch.
     steps.close()
     if not config.return_dict_in_generate:
         return sequences
-    return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores) if config.output_scores else None,
-                                     logits=tuple(logits) if config.output_logits else None)
+    fields: dict[str, Any] = dict(sequences=sequences, scores=tuple(scores) if config.output_scores else None,
+                                  logits=tuple(logits) if config.output_logits else None)
+    return GenerateDecoderOnlyOutput(**fields)
 
 
 @torch.no_grad()
-def stream_log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def stream_log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids[t] | ids[<t]) for t = 1 … N−1 ([N−1], float32), decoding the 1-D stream `ids` one
     token at a time as the model generates: through its decoding strategy when it has one (teacher
     forced: the strategy is sent each true token instead of one it chose), else one forward per token
