@@ -109,7 +109,7 @@ def _steps_table(plan) -> Table:
     for col in ("step", "transform", "targets", "at"):
         table.add_column(col)
     for step in plan.steps:
-        paths = [t.path + (f" ({t.option})" if t.option else "") for t in step.targets]
+        paths = [(t.path or f"({t.role or 'model'})") + (f" ({t.option})" if t.option else "") for t in step.targets]
         shown = "\n".join(paths[:4]) + (f"\n… {len(paths) - 4} more" if len(paths) > 4 else "")
         table.add_row(str(step.index), step.describe(), shown, f"{step.span.file}:{step.span.line}:{step.span.column}")
     return table
@@ -352,6 +352,8 @@ def eval_(specs: list[str] = typer.Argument(None, metavar="[SPEC]... MODEL_DIR",
           passkey: int = typer.Option(0, "--passkey", min=0, help="passkey trials per length (0: none)"),
           passkey_lengths: Optional[str] = typer.Option(None, "--passkey-lengths",
                                                         help="passkey lengths (default: --lengths)"),
+          stream: int = typer.Option(0, "--stream", min=0, help="decode the text's first N tokens one at a "
+                                     "time: perplexity and tokens/s (0: none)"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
           plot: Optional[Path] = typer.Option(None, "--plot", help="write a plot: FILE.png, or FILE.html "
                                               "(self-contained page)"),
@@ -383,7 +385,7 @@ def eval_(specs: list[str] = typer.Argument(None, metavar="[SPEC]... MODEL_DIR",
                   console=err) as bar:
         task = bar.add_task("evaluating", total=None)
         result = ev.evaluate(model, parsed, ids=ids, tokenizer=tokenizer, lengths=ppl_lengths, passkey=passkey,
-                             passkey_lengths=key_lengths, seed=seed, check=check_obligations,
+                             passkey_lengths=key_lengths, stream=stream, seed=seed, check=check_obligations,
                              progress=lambda d, done, total: bar.update(task, description=d, completed=done,
                                                                         total=total),
                              partial=lambda so_far: _write_eval(so_far, json_out, plot))

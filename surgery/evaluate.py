@@ -22,6 +22,14 @@ leading space, which is how byte-level BPE splits the joined text), so its lengt
 length, as many whole filler repetitions as fit) and the key's token position are exact. The model
 decodes a few tokens greedily; the answer is the first integer in them; a trial passes when it is K.
 
+**Streaming** (``stream=N``, StreamingLLM's protocol): the first N tokens decoded one at a time as
+the model generates — with its KV cache (a ``window(w, sinks=S)`` model's bounded one), or through
+its decoding strategy (``generate: recompute(w)``: each token from a fresh forward over the last w),
+teacher-forced — reporting the perplexity of every next token and tokens per second (wall clock,
+with the untouched model's as the anchor of the ratio). A spec with a decoding step changes
+generation, not the forward, so its per-length perplexity is not computed (it would be the
+untouched model's); its figure is the stream's.
+
 **Default text**: every topic of Python's bundled ``pydoc_data.topics`` (the help texts of the
 language reference), sorted by key and joined by blank lines, tokenized without special tokens —
 public, shipped with every Python, and long enough for 16k tokens (issue 7's protocol).
@@ -36,6 +44,7 @@ import json
 import math
 import random
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -164,6 +173,32 @@ def sequence_loss(model: nn.Module, ids: torch.Tensor, trained_length: int, *, c
     return loss
 
 
+@dataclass
+class Stream:
+    """Teacher-forced token-by-token decoding of a stream: summed nll (nats), targets, wall-clock seconds."""
+
+    nll: float
+    count: int
+    seconds: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.count)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.count / self.seconds if self.seconds else math.inf
+
+
+def stream_loss(model: nn.Module, ids: torch.Tensor) -> Stream:
+    """The loss of decoding the 1-D `ids` one token at a time as `model` generates (module docstring)."""
+    from surgery.anchors.decoding import stream_log_probs
+
+    start = time.perf_counter()
+    log_probs = stream_log_probs(model, ids.to(next(model.parameters()).device))
+    return Stream(-log_probs.double().sum().item(), log_probs.numel(), time.perf_counter() - start)
+
+
 # --------------------------------------------------------------------------------- passkey
 
 
@@ -248,6 +283,7 @@ class Row:
     length: int
     loss: Loss | None = None
     passkey: list[Trial] = field(default_factory=list)
+    stream: Stream | None = None
 
     @property
     def passkey_accuracy(self) -> float | None:
@@ -276,6 +312,9 @@ class Evaluation:
             if r.loss is not None:
                 entry.update(ppl=r.loss.ppl, ppl_first_L=r.loss.ppl_first, ppl_past_L=r.loss.ppl_past,
                              targets_first_L=r.loss.count_first, targets_past_L=r.loss.count_past)
+            if r.stream is not None:
+                entry.update(stream_ppl=r.stream.ppl, stream_tokens_per_s=r.stream.tokens_per_s,
+                             stream_targets=r.stream.count)
             if r.passkey:
                 entry["passkey_accuracy"] = r.passkey_accuracy
                 entry["passkey"] = [{**asdict(t), "ok": t.ok} for t in r.passkey]
@@ -302,6 +341,11 @@ class Evaluation:
                                      f"first L {r.loss.ppl_first:.2f})")
                     else:
                         parts.append(f"ppl {r.loss.ppl:.2f}")
+                if r is not None and r.stream is not None:
+                    anchor = self.row(UNTOUCHED, n)
+                    speed = (f" ({r.stream.tokens_per_s / anchor.stream.tokens_per_s:.2f}×)"
+                             if anchor is not None and anchor.stream is not None and anchor is not r else "")
+                    parts.append(f"stream ppl {r.stream.ppl:.2f}, {r.stream.tokens_per_s:.1f} tok/s{speed}")
                 if r is not None and r.passkey:
                     parts.append(f"passkey {sum(t.ok for t in r.passkey)}/{len(r.passkey)}")
                 cells.append("\n".join(parts) or "—")
@@ -384,7 +428,8 @@ def _check_lengths(name: str, lengths: Sequence[int], available: int | None) -> 
 
 def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None = None, tokenizer=None,
              lengths: Sequence[int] = (4096, 8192, 16384), passkey: int = 0,
-             passkey_lengths: Sequence[int] | None = None, seed: int = 0, trained_length: int | None = None,
+             passkey_lengths: Sequence[int] | None = None, stream: int = 0, seed: int = 0,
+             trained_length: int | None = None,
              check: bool = True, chunk: int = 1024, answer_tokens: int = 8,
              progress: Callable[[str, int, int], None] | None = None,
              partial: Callable[["Evaluation"], None] | None = None) -> Evaluation:
@@ -392,7 +437,8 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
 
     `ids` are the text's token ids (default: the tokenized :func:`default_text`, which needs
     `tokenizer`); perplexity runs at `lengths` (none if empty), `passkey` trials at `passkey_lengths`
-    (default `lengths`; needs `tokenizer`). Each spec is compiled on a copy of `model` (its
+    (default `lengths`; needs `tokenizer`), token-by-token decoding over the first `stream` tokens
+    (none if 0). Each spec is compiled on a copy of `model` (its
     obligations checked first unless ``check=False``). `progress(description, done, total)` is
     called before each compile and each forward (`done` of `total` finished so far); `partial` with
     the results so far after each spec (to keep what finished when a long run is stopped).
@@ -408,7 +454,12 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
         ids = tokenize(tokenizer, default_text())
     if ids is not None:
         ids = ids.reshape(-1)
+    if stream and ids is None:
+        if tokenizer is None:
+            raise EvalError("streaming needs the text's token ids or a tokenizer")
+        ids = tokenize(tokenizer, default_text()).reshape(-1)
     lengths = _check_lengths("a length", lengths, None if ids is None else ids.numel())
+    stream_at = _check_lengths("a stream length", [stream], None if ids is None else ids.numel())[0] if stream else 0
     key_lengths = _check_lengths("a passkey length", lengths if passkey_lengths is None else passkey_lengths, None)
     if passkey and tokenizer is None:
         raise EvalError("passkey retrieval needs a tokenizer")
@@ -417,7 +468,7 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
     parsed = [s if isinstance(s, ast.Spec) else parse(s) for s in specs]
     labels = [UNTOUCHED] + [spec_label(s) for s in parsed]
     rows: list[Row] = []
-    total = len(parsed) + len(labels) * (len(lengths) + sum(len(t) for t in prompts.values()))
+    total = len(parsed) + len(labels) * (len(lengths) + sum(len(t) for t in prompts.values()) + bool(stream_at))
     done = 0
 
     def report(description: str) -> None:
@@ -434,9 +485,13 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
             compile_spec(working, spec, check=check, seed=seed)
         working.eval()
         by_length: dict[int, Row] = {}
+        decodes = hasattr(working, "surgery_decoding")  # its forward is the untouched model's: see the docstring
         for n in lengths:
             report(f"{label}: perplexity at {n:,}")
-            by_length[n] = Row(label, n, loss=sequence_loss(working, ids[:n], L, chunk=chunk))
+            by_length[n] = Row(label, n, loss=None if decodes else sequence_loss(working, ids[:n], L, chunk=chunk))
+        if stream_at:
+            report(f"{label}: streaming {stream_at:,} tokens")
+            by_length.setdefault(stream_at, Row(label, stream_at)).stream = stream_loss(working, ids[:stream_at])
         for n, trials in prompts.items():
             row = by_length.setdefault(n, Row(label, n))
             for i, prompt in enumerate(trials):

@@ -452,6 +452,8 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
                 ))
                 break
     errors += plan_clashes(steps)  # attention stages claiming one slot (cache policy, frame) of a module
+    for kind in anchors.KINDS.values():  # e.g. two generation strategies for one model
+        errors += kind.clashes([s for s in steps if s.spec.anchor is kind.anchor])
     trees = {kind.anchor: _compose(kind.anchor, steps, rule_trees, errors)
              for kind in anchors.KINDS.values() if kind.wraps}
     for anchor, by_path in trees.items():  # what the kind itself refuses in a composition

@@ -206,3 +206,31 @@ def test_partial_results_after_each_spec_and_progress_counts():
     assert [specs for specs, _ in seen] == [result.specs[:1], result.specs[:2], result.specs]
     assert [len(rows) for _, rows in seen] == [2, 4, 6]
     assert steps == [(i, 8) for i in range(9)]  # 2 compiles + 3 specs × 2 lengths, then done
+
+
+def test_streaming_compares_streamingllm_with_recompute():
+    """--stream: token-by-token decoding as each model generates, teacher-forced, against by-hand losses."""
+    import surgery
+
+    model = tiny("llama")
+    ids = text_ids(60, seed=3)
+    specs = ["attn: window(8, sinks=2)", "generate: recompute(8)"]
+    result = ev.evaluate(model, specs, ids=ids, lengths=[40], stream=50)
+    untouched, window, recompute = (result.row(s, 50).stream for s in ["untouched", *specs])
+    # Untouched: the KV cache decodes what one forward computes.
+    assert math.log(untouched.ppl) == pytest.approx(per_target_nll(model, ids[:50]).mean().item(), abs=1e-5)
+    # StreamingLLM: its cached decoding equals its own full forward (the window's obligation).
+    windowed = surgery.compile(tiny("llama"), specs[0]).model
+    assert math.log(window.ppl) == pytest.approx(per_target_nll(windowed, ids[:50]).mean().item(), abs=1e-5)
+    # Recompute: each target from a fresh forward over the 8 tokens before it.
+    with torch.no_grad():
+        fresh = [-torch.log_softmax(model(input_ids=ids[max(0, t - 8):t][None]).logits[0, -1].float(), -1)[ids[t]]
+                 for t in range(1, 50)]
+    assert math.log(recompute.ppl) == pytest.approx(torch.stack(fresh).double().mean().item(), abs=1e-5)
+    assert len({round(s.ppl, 3) for s in (untouched, window, recompute)}) == 3  # three different decodings
+    assert all(s.count == 49 and s.tokens_per_s > 0 for s in (untouched, window, recompute))
+    # A decoding spec changes generation, not the forward: no one-forward perplexity for it.
+    assert result.row(specs[1], 40).loss is None and result.row(specs[0], 40).loss is not None
+    data = {(r["spec"], r["length"]): r for r in result.to_dict()["results"]}
+    assert data[(specs[1], 50)]["stream_ppl"] == pytest.approx(recompute.ppl)
+    assert "stream ppl" in str(result.table().columns[2]._cells[2])

@@ -56,4 +56,4 @@ def test_readme_tour_is_a_spec_that_verifies():
     assert result.report.ok, result.report.text()
     assert [s.transform for s in result.plan.steps] == [
         "rope", "window", "logn", "alibi", "s2attn", "lora", "lora", "ia3", "quantize", "lora", "prompt_tuning",
-        "adapter", "adapter_drop", "prefix_tuning", "lora"]
+        "adapter", "adapter_drop", "prefix_tuning", "lora", "nbce"]

@@ -14,7 +14,8 @@ under its :class:`~surgery.transforms.registry.Anchor` name. It declares:
   regions a rule's selectors name;
 * :meth:`AnchorKind.installer` — what applies its steps to a model (through the ``Edit`` journal);
 * :meth:`AnchorKind.tree_errors` — what a wrapping kind refuses in a composition, found when planning;
-* :meth:`AnchorKind.mergeable`, :meth:`AnchorKind.peft_tensors` — what saving reads.
+* :meth:`AnchorKind.mergeable`, :meth:`AnchorKind.peft_tensors` — what saving reads;
+* :meth:`AnchorKind.clashes` — steps of this kind that cannot share one model (checked when planning).
 
 A new anchor kind is one file here plus its name in ``Anchor``.
 """
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 import torch
 from torch import nn
 
-from surgery.arch.select import Region, RoleIndex, Site
+from surgery.arch.select import GENERATE, Region, RoleIndex, Site
 from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, Installs, ModelPeftTensors, Target
 
@@ -74,6 +75,10 @@ class AnchorKind(ABC):
     def mergeable(self, step: Step, model: nn.Module) -> bool:
         """Whether the applied `step` folds into the model's own weights."""
         return False
+
+    def clashes(self, steps: Sequence[Step]) -> list[SpecError]:
+        """Errors for steps of this kind (in plan order) that cannot share one model (default: none)."""
+        return []
 
     def peft_tensors(self, steps: Sequence[Step], model: nn.Module, config: dict[str, object]) -> (
             dict[str, torch.Tensor] | str):
@@ -123,7 +128,8 @@ def within(path: str, site_path: str) -> bool:
 
 
 def sites(regions: Sequence[Region]) -> list[Site]:
-    return [s for r in regions for s in r.sites]
+    """The modules the regions select (a ``generate`` site is the model's generation, no module)."""
+    return [s for r in regions for s in r.sites if s.role != GENERATE]
 
 
 def covered(path: str, regions: Sequence[Region]) -> bool:

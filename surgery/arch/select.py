@@ -6,7 +6,8 @@ Semantics (docs/language.md has the user-facing version):
 * ``layers[3]``, ``layers[0:8]``, ``layers[-4:]`` restrict the layers; ``layers[0:8].mlp`` narrows further.
 * ``X.*`` selects role ``X`` together with all of its sub-roles (``attn.*`` = attn, attn.q, …).
   ``*`` as a segment matches any role at that depth; ``*`` alone is the whole model.
-* ``embed``, ``norm``, ``rotary``, ``lm_head``, ``model`` are model-level roles.
+* ``embed``, ``norm``, ``rotary``, ``lm_head``, ``model`` are model-level roles; ``generate`` is the
+  model's generation (``model.generate``), which only decoding transforms attach to.
 * A quoted selector is an ``fnmatch`` pattern over the model's own module names.
 """
 
@@ -22,6 +23,8 @@ from torch import nn
 from surgery.arch import Architecture, backbone_prefix, no_role_map
 from surgery.errors import SpecError, did_you_mean
 from surgery.syntax import ast
+
+GENERATE = "generate"  # the role of the model's generation: the decoding anchor (no module)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,8 @@ class RoleIndex:
         self.layers_path = prefix + arch.layers
         layers = self.modules.get(self.layers_path) if arch.mapped else None
         self.num_layers = len(layers) if layers is not None else 0
-        self.model_roles: dict[str, list[str]] = {"model": [""]}
+        # `generate`: how the model generates (the decoding anchor), a role of the whole model, no module.
+        self.model_roles: dict[str, list[str]] = {"model": [""], GENERATE: [""]}
         for role, rel in arch.model.items():
             if prefix + rel in self.modules:
                 self.model_roles[role] = [prefix + rel]
@@ -164,7 +168,7 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
     span = selector.span
     if segments[0].name == "*" and len(segments) == 1:
         return Region(selector, (Site("", "model"),))
-    if not index.arch.mapped and str(selector) != "model":
+    if not index.arch.mapped and str(selector) not in ("model", GENERATE):
         example = index.example_path()
         raise SpecError(f"role selector {str(selector)!r} needs a role map: {no_role_map(index.arch)}, or select "
                         "modules by quoted path" + (f', e.g. "{example}"' if example else ""), span)
@@ -183,7 +187,7 @@ def resolve(selector: ast.Selector, index: RoleIndex) -> Region:
     sites: list[Site] = []
     if len(layer_ids) == index.num_layers and selector.segments[0].name != "layers":
         for role in _match_roles(pattern, sorted(index.model_roles)):
-            sites += [index.site(p) for p in index.model_roles[role]]
+            sites += [Site(p, role) for p in index.model_roles[role]]  # `generate` and `model` share ""
     for role in _match_roles(pattern, sorted(index.arch.layer)):
         for i in layer_ids:
             sites += [Site(p, role, i) for p in index.layer_role_paths(role, i)]

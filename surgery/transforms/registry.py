@@ -13,6 +13,7 @@ fails. Today:
   a base replacement must be innermost in a sequence);
 * ``sublayer`` requires ``SublayerAdapter`` or ``DropsAdapters`` (:mod:`surgery.anchors.sublayer`,
   where the kind declares them: modules composed at a whole attention or MLP block);
+* ``decoding`` requires :class:`Decodes` (a generation strategy the anchor kind runs as ``model.generate``);
 * every other kind requires :class:`Installs`: ``apply`` makes *all* its changes through ``edit``
   (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
 
@@ -36,7 +37,7 @@ only this step applied (``check.surgered``) against the untouched model (``check
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
@@ -60,6 +61,7 @@ class Anchor(str, Enum):
     ATTENTION = "attention"      # attention blocks: attention function, mask, KV cache
     EMBEDDINGS = "embeddings"    # the model's input embeddings / input side
     SUBLAYER = "sublayer"        # each layer's attention and MLP blocks as wholes (bottleneck adapters)
+    DECODING = "decoding"        # how the model generates (``model.generate``), not a module
 
 
 class Params(BaseModel):
@@ -111,6 +113,17 @@ class Installs(Protocol):
     """Change the model at `targets`, every change through `edit`, so a failed plan rolls back."""
 
     def apply(self, p: Any, model: nn.Module, targets: list[Target], edit: Edit) -> None: ...
+
+
+@runtime_checkable
+class Decodes(Protocol):
+    """A generation strategy: the scores of each next token, as a generator that yields ``[B, V]``
+    log-probabilities and is sent the ``[B]`` tokens chosen from them (:mod:`surgery.anchors.decoding`
+    chooses them as ``generate()`` does). `extra` holds the call's keyword arguments that are not
+    generation settings (e.g. NBCE's ``context``); the strategy refuses any it does not take."""
+
+    def next_token_scores(self, p: Any, model: nn.Module, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor, extra: dict[str, Any]) -> Generator[torch.Tensor, torch.Tensor, None]: ...
 
 
 @runtime_checkable

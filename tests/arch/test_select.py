@@ -150,7 +150,7 @@ def test_unknown_roles_suggest(models):
     assert "(did you mean 'mlp.down'?)" in failure(m, "mlp.donw")
     assert "(did you mean 'attn.q'?)" in failure(m, "attn.qq")
     # Nothing close: name the roles there are.
-    assert "(its roles are attn, embed, layers, lm_head, mlp, model, norm, rotary)" in failure(m, "xyz")
+    assert "(its roles are attn, embed, generate, layers, lm_head, mlp, model, norm, rotary)" in failure(m, "xyz")
 
 
 def test_fused_qkv_suggestions(models):
@@ -161,7 +161,7 @@ def test_fused_qkv_suggestions(models):
 
 
 def test_no_rotary_on_gpt2(models):
-    assert "(its roles are attn, embed, layers, lm_head, mlp, model, norm)" in failure(models["gpt2"], "rotary")
+    assert "(its roles are attn, embed, generate, layers, lm_head, mlp, model, norm)" in failure(models["gpt2"], "rotary")
 
 
 def test_layer_index_out_of_range_names_the_range(models):
