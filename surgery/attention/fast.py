@@ -27,9 +27,9 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from surgery.attention import internals
-from surgery.attention.frame import Table, composite, rotate
+from surgery.attention.frame import Table, composite, real_rotation, rotate
 from surgery.attention.keys import Inputs
-from surgery.attention.program import Program
+from surgery.attention.program import Program, RelativeFrame
 
 TILE = 256  # queries per tile: each query then visits tile + reach keys; large enough for sdpa to be efficient
 
@@ -42,8 +42,13 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
         out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
-    framed = _framed(program, x, rotated) if program.frame is not None else None
-    tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
+    if isinstance(program.frame, RelativeFrame):
+        framed = _relative(program, x)
+        tiles = [_tile_relative(program, x, a, min(a + tile, x.q.shape[-2]), framed)
+                 for a in range(0, x.q.shape[-2], tile)]
+    else:
+        framed = _framed(program, x, rotated) if program.frame is not None else None
+        tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
     out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
     return out.transpose(1, 2)
 
@@ -166,3 +171,97 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
     sinks = w_sink.view(B, hkv, groups, t, S) @ sink_v.float()[:, :, None]
     merged = (w_band * out + sinks.view(B, H, t, -1)) / (w_band + w_sink.sum(-1, keepdim=True))
     return merged.to(x.v.dtype)
+
+
+# ------------------------------------------------------------------------------ ReRoPE's two frames
+#
+# RelativeFrame (ReRoPE, Leaky ReRoPE): key j is *near* query i when d = i − j < w, else *far*.
+# Near keys and queries are rotated in the table frame at column − origin (origin: the first
+# column any query of the call sees as near), so a near score is the model's RoPE at distance d.
+# Far keys are rotated at j'/k and queries at w + (i' − w)/k (j', i' stream indices; ReRoPE: keys at
+# 0, queries at w), so a far score sees position w + (d − w)/k. Each tile runs the fused kernel once
+# per frame, over the near band (≤ tile + w keys) and over the far keys, and the two results are
+# merged exactly by their log-sum-exps. The keys' layout is contiguous (a PreRope cache evicts
+# nothing): key position p holds column p.
+
+
+def _relative(program: Program, x: Inputs):
+    """Per call: (origin, queries and keys in the near frame, queries and keys in the far frame)."""
+    frame: RelativeFrame = program.frame
+    table, w = x.table, frame.window
+    pad, end = x.pads(), x.end
+    cos, sin = x.cos.float(), x.sin.float()                                 # [B|1, Tq, D] the model's rotation of q
+    q = x.q.float()
+    q_cols = x.query_columns()
+    origin = max(0, x.q_start - w + 1)                                      # no query of the call sees a column before it as near
+    given_k = (None, None) if x.k_raw else (cos[:, None, origin - x.q_start:], sin[:, None, origin - x.q_start:])
+    k_near = frame_keys(table, x.k[..., origin:, :], torch.arange(origin, end, device=q.device), origin, end, *given_k)
+    c, s = composite(*table.at(q_cols - origin, bound=end - origin), cos, sin)
+    q_near = rotate(q, c[:, None], s[:, None])
+    far = max(0, end - w)                                                   # columns a query of the call may see as far
+    k_far = q_far = None
+    if far:
+        given = (None, None) if x.k_raw else (cos[:, None, :far], sin[:, None, :far])
+        leak = frame.leak(x.lengths().to(q.device))                           # [B] or None (ReRoPE)
+        if leak is None:  # every far key at position 0, every query at w
+            ck, sk = composite(*table.at(torch.zeros(far, dtype=torch.long, device=q.device), bound=1), *given)
+            cq, sq = composite(*table.at(torch.full_like(q_cols, w), bound=w + 1), cos, sin)
+        else:
+            j = (torch.arange(far, device=q.device)[None] - pad[:, None]).clamp(min=0)   # [B, far] stream index
+            i = (q_cols[None] - pad[:, None]).clamp(min=0)
+            ck, sk = composite(*(t[:, None] for t in real_rotation(table, j / leak[:, None])), *given)
+            cq, sq = composite(*real_rotation(table, w + (i - w) / leak[:, None]), cos, sin)
+            cq, sq = cq[:, None], sq[:, None]
+        k_far = rotate(x.k[..., :far, :].float(), ck, sk)
+        q_far = rotate(q, cq if cq.ndim == 4 else cq[:, None], sq if sq.ndim == 4 else sq[:, None])
+    return origin, q_near, k_near, q_far, k_far
+
+
+def _tile_relative(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
+    origin, q_near, k_near, q_far, k_far = framed
+    w = program.frame.window
+    lo, hi = _band(program, x, a, b)                                       # what the rules let the tile see
+    device = x.q.device
+    q_cols = torch.arange(x.q_start + a, x.q_start + b, device=device)
+    pad = x.pads()[:, None, None]
+    groups = x.q.shape[1] // x.k.shape[1]
+
+    def part(q, keys, first: int, last: int, near: bool):
+        """(out, lse) of the tile against key columns [first, last) in one frame; None if empty."""
+        if last <= first:
+            return None
+        k_cols = torch.arange(first, last, device=device)
+        i, j = q_cols[None, :, None] - pad, k_cols[None, None, :] - pad
+        visible = program.visible(i, j) & (j >= 0)
+        visible = visible & ((i - j < w) if near else (i - j >= w))
+        if x.key_ok is not None:
+            visible = visible & x.key_ok[:, first:last][:, None, :]
+        if near and x.pad is not None:
+            visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=device)
+        if x.given is not None:
+            given = x.given[..., a:b, first:last]
+            if given.dtype == torch.bool:
+                visible = visible & given[:, 0]
+            else:
+                mask = mask + given[:, 0].float()
+        mask = mask.masked_fill(~visible, float("-inf"))
+        v = x.v[..., first:last, :].float()
+        if groups > 1:
+            keys, v = keys.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out, lse = internals.sdpa_with_lse(q[..., a:b, :], keys, v, mask[:, None], x.scaling)
+        empty = ~visible.any(-1)[:, None]                                  # [B, 1, t]: nothing visible here
+        return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+
+    near_first = max(lo, x.q_start + a - w + 1)
+    near = part(q_near, k_near[..., near_first - origin:hi - origin, :], near_first, hi, near=True)
+    far_last = min(hi, x.q_start + b - w)
+    far = part(q_far, k_far[..., lo:far_last, :], lo, far_last, near=False) if q_far is not None else None
+    parts = [p for p in (near, far) if p is not None]
+    if len(parts) == 1:
+        return parts[0][0].to(x.v.dtype)
+    (out1, lse1), (out2, lse2) = parts
+    # Log-sum-exp merge: softmax over the union of both frames' keys, exactly.
+    top = torch.maximum(lse1, lse2).clamp(min=torch.finfo(torch.float32).min)[..., None]
+    w1, w2 = torch.exp(lse1[..., None] - top), torch.exp(lse2[..., None] - top)
+    return ((w1 * out1 + w2 * out2) / (w1 + w2)).to(x.v.dtype)

@@ -60,6 +60,13 @@ class Inputs:
             return torch.zeros(self.q.shape[0], dtype=torch.long, device=self.q.device)
         return self.pad
 
+    def lengths(self) -> torch.Tensor:
+        """[B] tokens each row's stream holds in this call: its real keys (padding on either side
+        excluded), else every column from its first real one."""
+        if self.key_ok is not None:
+            return self.key_ok.sum(-1)
+        return self.end - self.pads()
+
     def position_of(self, columns: torch.Tensor) -> torch.Tensor:
         """Key positions of `columns` (each in the head range or in start … end − 1)."""
         return torch.where(columns < self.head, columns, columns - self.start + self.head)

@@ -5,10 +5,10 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
 * **mask rules** (:class:`MaskRule`): key j is visible to query i iff *every* rule allows it (AND),
   on top of causality and padding. Indices are *stream* indices: counted from each row's first
   real token, so a left-padded row behaves like the same row alone.
-* a **frame** (:class:`SinkFrame`): where queries and keys are rotated. Without one, the absolute
-  frame: the model's own rotation (see :mod:`surgery.attention.frame`).
-* a **cache policy** (:class:`Bounded`): what the KV cache keeps. Without one, everything
-  (transformers' own cache layer).
+* a **frame** (:class:`SinkFrame`, :class:`RelativeFrame`): where queries and keys are rotated.
+  Without one, the absolute frame: the model's own rotation (see :mod:`surgery.attention.frame`).
+* a **cache policy** (:class:`Bounded`, :class:`PreRope`): what the KV cache keeps. Without one,
+  everything (transformers' own cache layer).
 * ``train_only``: the stage acts only while the module is training (``module.training``).
 
 Stages say what they claim: a frame and a cache policy are exclusive slots, so two stages that
@@ -65,6 +65,57 @@ class SinkFrame:
 
 
 @dataclass(frozen=True)
+class RelativeFrame:
+    """ReRoPE's frame (Su 2023): the relative position d = i − j (stream indices) is used as is below
+    ``window`` = w and becomes w + (d − w)/k beyond it; ``k`` = None is ReRoPE (every far key at
+    distance w), a number Leaky ReRoPE, and ``trained`` = L makes k follow the stream:
+    k_n = max(1, n/L) for a row whose stream holds n tokens in this call (so n ≤ L is plain RoPE and
+    every far position stays below L).
+
+    The near band (d < w) runs in the table frame (queries and keys at their columns, the fused
+    kernel); the far keys form a second frame — query at w + (i − w)/k, key at j/k (ReRoPE: query at
+    w, key at 0), so q·k depends on w + (d − w)/k only — merged by log-sum-exp. Positions come from
+    a table of ``size`` = w + 1 slots (``Table.of(rotary(), w + 1)``: a dynamic rotary computes its
+    frequencies for a (w + 1)-token context, in every call alike); fractional positions use the
+    table's frequencies (:func:`surgery.attention.frame.real_rotation`)."""
+
+    window: int
+    k: float | None
+    rotary: object  # callable returning the rotary module (RotaryRef), resolved at call time
+    trained: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.window + 1
+
+    def leak(self, n: torch.Tensor) -> torch.Tensor | None:
+        """k per row for rows holding `n` tokens (float64 [B]); None for ReRoPE."""
+        if self.trained is not None:
+            return (n.double() / self.trained).clamp(min=1.0)
+        return None if self.k is None else torch.full(n.shape, float(self.k), dtype=torch.float64, device=n.device)
+
+    def distance(self, d: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        """The position a score sees at relative distance `d` (k broadcast against d), float64."""
+        far = torch.full_like(d, self.window, dtype=torch.float64) if k is None else self.window + (d - self.window) / k
+        return torch.where(d < self.window, d.double(), far)
+
+
+@dataclass(frozen=True)
+class PreRope:
+    """A KV cache keeping every key, before RoPE (un-rotated with the cos/sin the model used).
+
+    With ``rotary`` (consistent dynamic NTK) the layer hands attention every key rotated at its
+    position by the rotary as called for *this* call (``rotary()(k, positions of all keys)``: a
+    dynamic rotary computes the current length's frequencies), so one call uses one base
+    throughout; without it a frame (:class:`RelativeFrame`) re-rotates the keys itself."""
+
+    rotary: object = None
+    pre_rope: bool = True
+    sinks: int = 0
+    size: None = None  # nothing is evicted
+
+
+@dataclass(frozen=True)
 class Bounded:
     """A KV cache keeping the first ``sinks`` tokens of each row and the most recent ``size − sinks``.
     With ``pre_rope`` keys are cached before RoPE (a frame re-rotates them)."""
@@ -81,8 +132,8 @@ class Stage:
     owner: str                       # e.g. "window(16, sinks=4)"
     span: object = None              # the spec position, for clash reports
     rules: tuple = ()                # MaskRule…
-    frame: SinkFrame | None = None
-    cache: Bounded | None = None
+    frame: SinkFrame | RelativeFrame | None = None
+    cache: Bounded | PreRope | None = None
     train_only: bool = False
 
     def claims(self) -> tuple[str, ...]:
@@ -134,11 +185,11 @@ class Program:
         return tuple(r for s in self.stages for r in s.rules)
 
     @property
-    def frame(self) -> SinkFrame | None:
+    def frame(self) -> SinkFrame | RelativeFrame | None:
         return next((s.frame for s in self.stages if s.frame is not None), None)
 
     @property
-    def cache(self) -> Bounded | None:
+    def cache(self) -> Bounded | PreRope | None:
         return next((s.cache for s in self.stages if s.cache is not None), None)
 
     def reach(self) -> int | None:
