@@ -7,13 +7,9 @@ keeps its padding columns before the sinks too (bounded by size + padding, fixed
 With ``pre_rope`` (a sink frame) it stores keys before RoPE, un-rotated with the cos/sin the model
 used, and remembers the recent keys rotated in the frame so decoding rotates only the new ones.
 
-With a :class:`PreRope` policy nothing is evicted and every key is stored before RoPE: a
-:class:`RelativeFrame` (ReRoPE) re-rotates them per call, near and far keys differently. With
-``PreRope(rotary)`` (consistent dynamic NTK) the layer also stores each key's position (the
-``position_ids`` the attention module was given; without them, the row's stream index) and hands
-attention every key rotated at its position by the rotary called for this call's positions, so a
-dynamic rotary's current base rotates the whole cache (transformers' cache keeps each key in the
-base of the step that computed it). That costs one rotation of the cache per call, O(N·D).
+With a :class:`PreRope` policy nothing is evicted and every key is stored before RoPE: the frame
+re-rotates them per call (:class:`RelativeFrame`: near and far keys differently;
+:class:`ConsistentFrame`: with the base of each query's length).
 
 ``update`` returns every key the call's queries may need (what was kept plus the new tokens) and
 records their layout (:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
@@ -25,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from surgery.attention.frame import Table, rotate, unrotate
+from surgery.attention.frame import Table, unrotate
 from surgery.attention.internals import DynamicLayer
 from surgery.attention.program import Bounded, PreRope, SinkFrame
 from surgery.errors import ApplyError
@@ -48,7 +44,6 @@ class ProgramLayer(DynamicLayer):
         self.returned2 = None      # the same for the keys the last update returned
         self.origin = 0
         self.max_distance = 0      # largest query–key distance attention used (when recorded)
-        self.positions = None      # PreRope(rotary): [B, stored] position of each stored key
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kwargs=None, **rest):
         call = (kwargs or {}).get("surgery_call")
@@ -62,12 +57,9 @@ class ProgramLayer(DynamicLayer):
             if call is None or call.position_embeddings is None:
                 raise ApplyError("a pre-RoPE cache needs the cos/sin the attention module was called with")
             cos, sin = call.position_embeddings
-            rotated = key_states
             key_states = unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
         new = key_states.shape[-2]
         start_col = self.cumulative_length
-        if isinstance(self.policy, PreRope) and self.policy.rotary is not None:
-            return self._rerotated(rotated, key_states, value_states, call, kwargs or {})
         end = start_col + new
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
@@ -90,29 +82,6 @@ class ProgramLayer(DynamicLayer):
             self.keys2 = keep(framed) if framed is not None else None
             self.head, self.start = head, max(recent, self.start) if (self.head or self.start) else recent
         return keys, values
-
-    def _rerotated(self, rotated, raw, values, call, kwargs):
-        """PreRope(rotary): store the raw keys and their positions; return every key rotated at its
-        position by the rotary as called for this call (the new keys as the model rotated them when
-        nothing is cached yet, which is the same rotation)."""
-        batch, new = raw.shape[0], raw.shape[-2]
-        positions = kwargs.get("position_ids")
-        if positions is None:  # the row's stream index, as generate() numbers positions
-            pad = call.pad if call.pad is not None else torch.zeros(batch, dtype=torch.long, device=raw.device)
-            columns = torch.arange(self.cumulative_length, self.cumulative_length + new, device=raw.device)
-            positions = (columns[None] - pad[:, None]).clamp(min=0)
-        positions = positions.expand(batch, -1)
-        first = self.keys.shape[-2] == 0
-        self.keys = torch.cat([self.keys, raw], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
-        self.positions = positions if first else torch.cat([self.positions, positions], dim=-1)
-        self.cumulative_length += new
-        self.layout = (0, 0)
-        if first:
-            return rotated, self.values
-        with torch.no_grad():
-            cos, sin = self.policy.rotary()(self.keys.float(), self.positions)
-        return rotate(self.keys.float(), cos.float()[:, None], sin.float()[:, None]).to(raw.dtype), self.values
 
     def _frame(self, frame, keys, new_keys, start_col: int, end: int):
         """The returned keys rotated in the frame (see fast.frame_keys), rotating only the new ones;
@@ -159,7 +128,6 @@ class ProgramLayer(DynamicLayer):
         self.origin = 0
         self.layout = (0, 0)
         self.max_distance = 0
-        self.positions = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ApplyError("a bounded attention cache cannot be cropped: evicted tokens are gone "

@@ -29,7 +29,7 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 from surgery.attention import internals
 from surgery.attention.frame import Table, composite, real_rotation, rotate
 from surgery.attention.keys import Inputs
-from surgery.attention.program import Program, RelativeFrame
+from surgery.attention.program import ConsistentFrame, Program, RelativeFrame
 
 TILE = 256  # queries per tile: each query then visits tile + reach keys; large enough for sdpa to be efficient
 
@@ -42,6 +42,8 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
         out = sdpa(x.q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
+    if isinstance(program.frame, ConsistentFrame):
+        return _consistent(program, x, tile).transpose(1, 2)
     if isinstance(program.frame, RelativeFrame):
         framed = _relative(program, x)
         tiles = [_tile_relative(program, x, a, min(a + tile, x.q.shape[-2]), framed)
@@ -230,21 +232,10 @@ def _tile_relative(program: Program, x: Inputs, a: int, b: int, framed) -> torch
         """(out, lse) of the tile against key columns [first, last) in one frame; None if empty."""
         if last <= first:
             return None
-        k_cols = torch.arange(first, last, device=device)
-        i, j = q_cols[None, :, None] - pad, k_cols[None, None, :] - pad
-        visible = program.visible(i, j) & (j >= 0)
-        visible = visible & ((i - j < w) if near else (i - j >= w))
-        if x.key_ok is not None:
-            visible = visible & x.key_ok[:, first:last][:, None, :]
-        if near and x.pad is not None:
-            visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
-        mask = torch.zeros(visible.shape, dtype=torch.float32, device=device)
-        if x.given is not None:
-            given = x.given[..., a:b, first:last]
-            if given.dtype == torch.bool:
-                visible = visible & given[:, 0]
-            else:
-                mask = mask + given[:, 0].float()
+        visible, mask = _visibility(program, x, a, b, first, last)
+        i, j = q_cols[None, :, None] - pad, torch.arange(first, last, device=device)[None, None, :] - pad
+        near_or_far = (i - j < w) if near else (i - j >= w)
+        visible = visible & near_or_far                                     # a padding query's own key is near
         mask = mask.masked_fill(~visible, float("-inf"))
         v = x.v[..., first:last, :].float()
         if groups > 1:
@@ -265,3 +256,89 @@ def _tile_relative(program: Program, x: Inputs, a: int, b: int, framed) -> torch
     top = torch.maximum(lse1, lse2).clamp(min=torch.finfo(torch.float32).min)[..., None]
     w1, w2 = torch.exp(lse1[..., None] - top), torch.exp(lse2[..., None] - top)
     return ((w1 * out1 + w2 * out2) / (w1 + w2)).to(x.v.dtype)
+
+
+def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: int):
+    """(visible [B, t, n] bool, additive float mask [B, t, n]) of the query tile [a, b) against key
+    positions [first, last) of a contiguous layout: causality, the rules, padding (a padding query
+    sees itself), and a 4D mask the caller gave."""
+    device = x.q.device
+    q_cols = torch.arange(x.q_start + a, x.q_start + b, device=device)
+    k_cols = torch.arange(first, last, device=device)
+    pad = x.pads()[:, None, None]
+    i, j = q_cols[None, :, None] - pad, k_cols[None, None, :] - pad
+    visible = program.visible(i, j) & (j >= 0)
+    if x.key_ok is not None:
+        visible = visible & x.key_ok[:, first:last][:, None, :]
+    if x.pad is not None:
+        visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
+    mask = torch.zeros(visible.shape, dtype=torch.float32, device=device)
+    if x.given is not None:
+        given = x.given[..., a:b, first:last]
+        if given.dtype == torch.bool:
+            visible = visible & given[:, 0]
+        else:
+            mask = mask + given[:, 0].float()
+    return visible, mask
+
+
+# ------------------------------------------------------------------------------ consistent dynamic NTK
+#
+# ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = i′ + 1. Tiles whose every query
+# has n ≤ L (known from Python ints: stream index ≤ column) share plain RoPE: keys rotated once, the
+# fused kernel. Past L each query has its own base, so its scores are formed explicitly, q rotated by
+# (i′ − j′)·θ(n_i) against the raw keys ((R(a)q)·(R(b)k) = (R(a − b)q)·k), in chunks of queries that
+# bound the [chunk, keys, D] rotation to MEMORY floats per head-batch.
+
+MEMORY = 1 << 24
+
+
+def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """q·R((i′ − j′)·θ(i′ + 1))·k for raw q [B, H, t, D] and raw k [B, H, n, D] (heads repeated),
+    stream indices q_pos [B, t] and k_pos [B, n]: [B, H, t, n] (float32, unscaled)."""
+    theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
+    angles = (q_pos[:, :, None] - k_pos[:, None, :]).float()[..., None] * theta[:, :, None, :]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]                     # [B, 1, t, n, D]
+    rotated = rotate(q[:, :, :, None, :], angles.cos(), angles.sin())
+    return (rotated * k[:, :, None, :, :]).sum(-1)
+
+
+def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
+    rotary = program.frame.rotary()
+    q, k = x.raw()
+    groups = q.shape[1] // k.shape[1]
+    pad = x.pads()
+    q_pos = x.query_columns()[None] - pad[:, None]                            # [B, Tq] stream indices
+    k_pos = x.key_columns()[None] - pad[:, None]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    v = x.v.float().repeat_interleave(groups, dim=1) if groups > 1 else x.v.float()
+    plain = None
+    outs = []
+    for a in range(0, q.shape[-2], tile):
+        b = min(a + tile, q.shape[-2])
+        lo, hi = _band(program, x, a, b)
+        visible, mask = _visibility(program, x, a, b, lo, hi)
+        mask = mask.masked_fill(~visible, float("-inf"))[:, None]           # [B, 1, t, n]
+        if x.q_start + b <= rotary.trained:  # every query of the tile has n ≤ L: plain RoPE, fused
+            if plain is None:
+                inv = rotary.inv_freq.float()
+
+                def at(pos, inv=inv):
+                    angles = pos.float()[..., None] * inv
+                    angles = torch.cat((angles, angles), dim=-1)[:, None]
+                    return angles.cos(), angles.sin()
+
+                plain = (rotate(q, *at(q_pos)), rotate(k, *at(k_pos.clamp(min=0))))
+            out = sdpa(plain[0][..., a:b, :], plain[1][..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask,
+                       scale=x.scaling, dropout_p=x.dropout)
+        else:
+            chunk = max(1, min(b - a, MEMORY // max(1, q.shape[0] * q.shape[1] * (hi - lo) * q.shape[-1])))
+            pieces = []
+            for s in range(a, b, chunk):
+                e = min(s + chunk, b)
+                scores = consistent_scores(rotary, q[..., s:e, :], k[..., lo:hi, :], q_pos[:, s:e], k_pos[:, lo:hi])
+                weights = torch.softmax(scores * x.scaling + mask[:, :, s - a:e - a], dim=-1)
+                pieces.append(weights @ v[..., lo:hi, :])
+            out = torch.cat(pieces, dim=2)
+        outs.append(out)
+    return torch.cat(outs, dim=2).to(x.v.dtype)

@@ -5,7 +5,7 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
 * **mask rules** (:class:`MaskRule`): key j is visible to query i iff *every* rule allows it (AND),
   on top of causality and padding. Indices are *stream* indices: counted from each row's first
   real token, so a left-padded row behaves like the same row alone.
-* a **frame** (:class:`SinkFrame`, :class:`RelativeFrame`): where queries and keys are rotated.
+* a **frame** (:class:`SinkFrame`, :class:`RelativeFrame`, :class:`ConsistentFrame`): where queries and keys are rotated.
   Without one, the absolute frame: the model's own rotation (see :mod:`surgery.attention.frame`).
 * a **cache policy** (:class:`Bounded`, :class:`PreRope`): what the KV cache keeps. Without one,
   everything (transformers' own cache layer).
@@ -101,15 +101,24 @@ class RelativeFrame:
 
 
 @dataclass(frozen=True)
+class ConsistentFrame:
+    """Consistent dynamic NTK's frame: query i (stream index i′, so its stream holds n = i′ + 1
+    tokens) and every key j it sees are rotated at their stream indices with the frequencies
+    ``rotary().frequencies_at(n)`` — the dynamic base of the query's own length. Query i's score
+    then depends on tokens 0 … i only, so a full forward equals prefill + token-by-token decoding
+    at every step (transformers' dynamic NTK rotates a whole call with the call's length and keeps
+    each cached key in the base of the step that computed it). Queries with n ≤ L share plain
+    RoPE and run in the fused kernel; past L each query has its own base (explicit scores)."""
+
+    rotary: object  # callable returning a rotary module with frequencies_at(n) and `trained` (L)
+    size: int = 2   # the table the implementation builds (unused: this frame rotates from θ(n))
+
+
+@dataclass(frozen=True)
 class PreRope:
-    """A KV cache keeping every key, before RoPE (un-rotated with the cos/sin the model used).
+    """A KV cache keeping every key, before RoPE (un-rotated with the cos/sin the model used); the
+    frame (:class:`RelativeFrame`, :class:`ConsistentFrame`) re-rotates them per call."""
 
-    With ``rotary`` (consistent dynamic NTK) the layer hands attention every key rotated at its
-    position by the rotary as called for *this* call (``rotary()(k, positions of all keys)``: a
-    dynamic rotary computes the current length's frequencies), so one call uses one base
-    throughout; without it a frame (:class:`RelativeFrame`) re-rotates the keys itself."""
-
-    rotary: object = None
     pre_rope: bool = True
     sinks: int = 0
     size: None = None  # nothing is evicted
@@ -132,7 +141,7 @@ class Stage:
     owner: str                       # e.g. "window(16, sinks=4)"
     span: object = None              # the spec position, for clash reports
     rules: tuple = ()                # MaskRule…
-    frame: SinkFrame | RelativeFrame | None = None
+    frame: SinkFrame | RelativeFrame | ConsistentFrame | None = None
     cache: Bounded | PreRope | None = None
     train_only: bool = False
 
@@ -185,7 +194,7 @@ class Program:
         return tuple(r for s in self.stages for r in s.rules)
 
     @property
-    def frame(self) -> SinkFrame | RelativeFrame | None:
+    def frame(self) -> SinkFrame | RelativeFrame | ConsistentFrame | None:
         return next((s.frame for s in self.stages if s.frame is not None), None)
 
     @property
@@ -211,21 +220,28 @@ class Program:
 def plan_clashes(steps) -> list:
     """Spec errors for attention stages of a plan that clash on one module, each with both spans.
 
-    `steps` are plan steps; a transform contributes a stage through ``stage(params, span)``. The
-    same transform twice on a module is the planner's own error, so it is not repeated here."""
+    `steps` are plan steps; a transform contributes a stage through ``stage(params, span)`` (None:
+    no stage for these parameters). A rotary step's stage goes to every attention module (its
+    target is the shared rotary embedding). The same transform twice on a module is the planner's
+    own error, so it is not repeated here."""
     from surgery.errors import SpecError
-    from surgery.transforms.registry import AttentionStage
+    from surgery.transforms.registry import Anchor, AttentionStage
 
     by_module: dict[str, list[tuple[object, Stage]]] = {}
+    everywhere: list[tuple[object, Stage]] = []
     for step in steps:
         contributes = step.spec.offers(AttentionStage)
-        if contributes is None:
+        stage = None if contributes is None else contributes.stage(step.params, span=step.span)
+        if stage is None:
             continue
-        stage = contributes.stage(step.params, span=step.span)
+        if step.spec.anchor is Anchor.ROTARY:
+            everywhere.append((step, stage))
+            continue
         for target in step.targets:
             by_module.setdefault(target.path, []).append((step, stage))
     errors, reported = [], set()
-    for path, entries in by_module.items():
+    for path, own in by_module.items():
+        entries = sorted(everywhere + own, key=lambda entry: entry[0].index)
         step_of = {id(stage): step for step, stage in entries}
         for clash in clashes([stage for _, stage in entries]):
             first, second = step_of[id(clash.first)], step_of[id(clash.second)]

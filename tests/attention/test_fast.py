@@ -165,3 +165,26 @@ def test_relative_reference_is_the_explicit_matrix():
     scores = scores.diagonal_scatter(diagonal, dim1=-2, dim2=-1)
     want = (torch.softmax(scores, -1) @ x.v).transpose(1, 2)
     assert (reference.attend(one, x) - want).abs().max() < 1e-5
+
+
+def consistent_program(trained: int = 20) -> Program:
+    from surgery.attention.program import ConsistentFrame
+
+    config = tiny("llama", hidden_size=64, num_attention_heads=4).config
+    rotary = build_rope(RopeParams(kind="ntk_consistent", scale=4.0, original_max_position=trained), config)
+    return Program((Stage("rope(ntk_consistent)", frame=ConsistentFrame(lambda: rotary), cache=PreRope()),))
+
+
+@pytest.mark.parametrize("n, tile", [(16, 8), (37, 8), (37, 64), (50, 7)])
+def test_consistent_frame_full_forward(n, tile):
+    """Tiles within L (fused, plain RoPE) and past it (a base per query) against the dense reference."""
+    prog = consistent_program()
+    assert error(prog, inputs(prog, n, n, seed=n), tile) < 1e-5
+
+
+def test_consistent_frame_padding_decoding_and_a_window_rule():
+    prog = consistent_program()
+    assert error(prog, inputs(prog, 41, 41, pad=[5, 0], seed=3), tile=8) < 1e-5
+    assert error(prog, inputs(prog, 3, 40, seed=4), tile=2) < 1e-5
+    prog = prog.then(Stage("window(12)", rules=(WindowRule(12),)))
+    assert error(prog, inputs(prog, 45, 45, seed=9), tile=8) < 1e-5
