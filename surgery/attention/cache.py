@@ -42,6 +42,7 @@ class ProgramLayer(DynamicLayer):
         self.table: Table | None = None
         self.keys2 = None          # the stored keys rotated in a frame (fast.frame_keys), at column − origin
         self.returned2 = None      # the same for the keys the last update returned
+        self.returned_raw = True   # whether the keys the last update returned are pre-RoPE
         self.origin = 0
         self.max_distance = 0      # largest query–key distance attention used (when recorded)
 
@@ -57,7 +58,7 @@ class ProgramLayer(DynamicLayer):
             if call is None or call.position_embeddings is None:
                 raise ApplyError("a pre-RoPE cache needs the cos/sin the attention module was called with")
             cos, sin = call.position_embeddings
-            key_states = unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
+            rotated, key_states = key_states, unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
         new = key_states.shape[-2]
         start_col = self.cumulative_length
         end = start_col + new
@@ -81,7 +82,10 @@ class ProgramLayer(DynamicLayer):
             self.keys, self.values = keep(keys), keep(values)
             self.keys2 = keep(framed) if framed is not None else None
             self.head, self.start = head, max(recent, self.start) if (self.head or self.start) else recent
-        return keys, values
+        # A PreRope layer's first call (a prefill) hands attention the keys as the model rotated them,
+        # so a prefill is exactly the full forward without a cache (no un-rotation round trip).
+        self.returned_raw = not (isinstance(self.policy, PreRope) and start_col == 0)
+        return (keys if self.returned_raw else rotated), values
 
     def _frame(self, frame, keys, new_keys, start_col: int, end: int):
         """The returned keys rotated in the frame (see fast.frame_keys), rotating only the new ones;

@@ -23,6 +23,8 @@ multiples of the tile, for every stage combination the registry allows.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
@@ -284,13 +286,23 @@ def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: i
 
 # ------------------------------------------------------------------------------ consistent dynamic NTK
 #
-# ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = i′ + 1. Tiles whose every query
-# has n ≤ L (known from Python ints: stream index ≤ column) share plain RoPE: keys rotated once, the
+# ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = p_i + 1 (p the position: the
+# row's stream index plus the offset its position ids carry). Tiles whose every query has n ≤ L
+# share plain RoPE: keys rotated once, the
 # fused kernel. Past L each query has its own base, so its scores are formed explicitly, q rotated by
 # (i′ − j′)·θ(n_i) against the raw keys ((R(a)q)·(R(b)k) = (R(a − b)q)·k), in chunks of queries that
 # bound the [chunk, keys, D] rotation to MEMORY floats per head-batch.
 
 MEMORY = 1 << 24
+
+
+def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) -> bool:
+    """Whether every query at `positions` (those before column q_start + `end`) has n ≤ L. Without
+    position ids positions are stream indices ≤ columns, so Python ints decide (torch.export then
+    sees no data-dependent branch)."""
+    if x.positions is None:
+        return x.q_start + (x.q.shape[-2] if end is None else end) <= L
+    return bool((positions < L).all())
 
 
 def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
@@ -305,11 +317,16 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
 
 def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
     rotary = program.frame.rotary()
+    if not x.k_raw and _within(x, rotary.trained, x.query_columns()[None] - x.pads()[:, None] + x.position_offset()):
+        # The whole call within L and keys as the model rotated them (plain RoPE there): exactly the
+        # program without this frame — the same kernels as the untouched model.
+        unframed = Program(tuple(dataclasses.replace(s, frame=None) for s in program.stages))
+        return attend(unframed, x, tile).transpose(1, 2)
     q, k = x.raw()
     groups = q.shape[1] // k.shape[1]
-    pad = x.pads()
-    q_pos = x.query_columns()[None] - pad[:, None]                            # [B, Tq] stream indices
-    k_pos = x.key_columns()[None] - pad[:, None]
+    pad, offset = x.pads(), x.position_offset()
+    q_pos = x.query_columns()[None] - pad[:, None] + offset                   # [B, Tq] positions
+    k_pos = x.key_columns()[None] - pad[:, None] + offset
     k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     v = x.v.float().repeat_interleave(groups, dim=1) if groups > 1 else x.v.float()
     plain = None
@@ -319,8 +336,10 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
         lo, hi = _band(program, x, a, b)
         visible, mask = _visibility(program, x, a, b, lo, hi)
         mask = mask.masked_fill(~visible, float("-inf"))[:, None]           # [B, 1, t, n]
-        if x.q_start + b <= rotary.trained:  # every query of the tile has n ≤ L: plain RoPE, fused
-            if plain is None:
+        # Every query of the tile has n ≤ L: plain RoPE, fused. Without position ids, positions are
+        # stream indices ≤ columns, so Python ints decide (torch.export sees no data-dependent branch).
+        if _within(x, rotary.trained, q_pos[:, a:b], b):
+            if plain is None:  # the model rotated q (and k, unless cached raw) with plain RoPE there already
                 inv = rotary.inv_freq.float()
 
                 def at(pos, inv=inv):
@@ -328,7 +347,8 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
                     angles = torch.cat((angles, angles), dim=-1)[:, None]
                     return angles.cos(), angles.sin()
 
-                plain = (rotate(q, *at(q_pos)), rotate(k, *at(k_pos.clamp(min=0))))
+                given_k = x.k.float().repeat_interleave(groups, dim=1) if groups > 1 else x.k.float()
+                plain = (x.q.float(), rotate(k, *at(k_pos.clamp(min=0))) if x.k_raw else given_k)
             out = sdpa(plain[0][..., a:b, :], plain[1][..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask,
                        scale=x.scaling, dropout_p=x.dropout)
         else:

@@ -32,6 +32,7 @@ class Inputs:
     sin: torch.Tensor | None = None
     k_raw: bool = False                 # keys come from a pre-RoPE cache
     dropout: float = 0.0
+    positions: torch.Tensor | None = None  # [B|1, Tq] the call's position ids, when the module was given them
 
     def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, k) before RoPE, float32 (a sink frame's inputs)."""
@@ -59,6 +60,16 @@ class Inputs:
         if self.pad is None:
             return torch.zeros(self.q.shape[0], dtype=torch.long, device=self.q.device)
         return self.pad
+
+    def position_offset(self) -> torch.Tensor:
+        """[B, 1] position id minus stream index of each row (0 without position ids), read at the
+        row's first real query of the call (padding columns carry arbitrary position ids)."""
+        pads = self.pads()
+        if self.positions is None:
+            return torch.zeros_like(pads)[:, None]
+        positions = self.positions.expand(self.q.shape[0], -1)
+        first = (pads - self.q_start).clamp(0, self.q.shape[-2] - 1)[:, None]  # index of the first real query
+        return torch.gather(positions, 1, first) - (self.q_start + first - pads[:, None])
 
     def lengths(self) -> torch.Tensor:
         """[B] tokens each row's stream holds in this call: its real keys (padding on either side

@@ -102,9 +102,10 @@ class RelativeFrame:
 
 @dataclass(frozen=True)
 class ConsistentFrame:
-    """Consistent dynamic NTK's frame: query i (stream index i′, so its stream holds n = i′ + 1
-    tokens) and every key j it sees are rotated at their stream indices with the frequencies
-    ``rotary().frequencies_at(n)`` — the dynamic base of the query's own length. Query i's score
+    """Consistent dynamic NTK's frame: query i at position p_i (its stream index plus the offset the
+    row's position ids carry; ``generate()``'s are the stream index) and every key j it sees are
+    rotated at their positions with the frequencies ``rotary().frequencies_at(p_i + 1)`` — the
+    dynamic base of the query's own length. Query i's score
     then depends on tokens 0 … i only, so a full forward equals prefill + token-by-token decoding
     at every step (transformers' dynamic NTK rotates a whole call with the call's length and keeps
     each cached key in the base of the step that computed it). Queries with n ≤ L share plain

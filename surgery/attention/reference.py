@@ -44,7 +44,8 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
     elif isinstance(frame, ConsistentFrame):
         from surgery.attention.fast import consistent_scores
 
-        scores = consistent_scores(frame.rotary(), q, k, i[..., 0], j[:, 0])
+        offset = x.position_offset()
+        scores = consistent_scores(frame.rotary(), q, k, i[..., 0] + offset, j[:, 0] + offset)
     elif isinstance(frame, RelativeFrame):
         leak = frame.leak(x.lengths())
         positions = frame.distance(i - j, None if leak is None else leak[:, None, None])   # [B, Tq, Tk]

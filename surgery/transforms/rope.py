@@ -78,13 +78,15 @@ Obligations (float32; L positions per call unless noted):
   rotations in L keep θ_i, pairs making ≤ beta_slow are θ_i/s, the rest lie between, and
   cos²+sin² = (0.1·ln s + 1)², all from the paper's definitions in float64; ``yarn_dynamic`` logits
   identical to the unscaled model for N ≤ L and cos/sin equal to our ``yarn`` at s_n for n > L;
-  ``ntk_consistent`` identical to the unscaled model for N ≤ L and, past L (L run as min(L, 16)),
-  prefill + decode == full forward at every step, forward(x)[:t] == forward(x[:t]), fast path ==
-  dense reference, and per layer the last query equals the untouched layer with transformers'
-  dynamic cos/sin for the call's length;
+  ``ntk_consistent`` identical to the unscaled model for N ≤ L, and position m rotated with θ(m + 1);
   ``llama3`` every θ'_i equals the banded formula in float64 (relative error); ``longrope`` the
   short set for n ≤ L, the long set for n > L (relative error against float64) and
   cos²+sin² = attention factor² at both.
+* prefill + decode equals the full forward (rel., tol 1e-5): past L for the kinds whose
+  frequencies do not depend on the call and for ``ntk_consistent`` (with L = min(L, 16), where it
+  also checks forward(x)[:t] == forward(x[:t]), fast path == dense reference, and per layer that
+  the last query equals the untouched layer given transformers' dynamic cos/sin for the call's
+  length); within L for ``ntk_dynamic``, ``yarn_dynamic`` and ``longrope``, which rescale per call.
 * left-padded batch equals each row alone (relative to the logits' scale): rows of min(16, L)
   tokens and fewer, with and without ``generate()``'s position_ids, full forward and token-by-token
   decode (:meth:`surgery.verify.Check.padded_rows_error`). RoPE sees only position differences, so
@@ -652,12 +654,47 @@ class Rope:
         return max(errors)
 
     def _property_ntk_consistent(self, p, check) -> float:
-        # Identical to the unscaled model for N ≤ L; past L (machinery run with L = min(L, 16)):
-        # prefill + token-by-token decoding equals the full forward at every step, forward(x)[:t]
-        # equals forward(x[:t]), and the fast path equals the dense reference.
+        # Identical to the unscaled model for N ≤ L, and the rotary rotates position m with θ(m + 1),
+        # the base of a stream ending there (cos/sin of every position past L, each at its own length).
+        ours, _ = self._modules(check)
+        L, device = trained_length(p, check.config), ours.inv_freq.device
+        errors = [self._property_ntk_dynamic(p, check)]
+        x = torch.zeros(1, device=device)
+        positions = self._positions(3 * L, device)
+        with torch.no_grad():
+            cos, sin = ours(x, positions)
+            for m in (L - 1, L, L + 1, 2 * L, 3 * L - 1):
+                cos_m, sin_m = ours.at_length(x, positions[:, m:m + 1], m + 1)
+                errors += [check.max_abs(cos[:, m:m + 1], cos_m), check.max_abs(sin[:, m:m + 1], sin_m)]
+        return max(errors)
+
+    @obligation("prefill + decode equals the full forward (rel.)", tol=1e-5)
+    def cached_decode(self, p, check) -> float:
+        """Prefill, then token by token through the cache, against one forward without a cache.
+        Past L for the kinds whose frequencies do not depend on the call (positions offset to run
+        past L) and for ntk_consistent (run with L = min(L, 16): also forward(x)[:t] == forward(x[:t]),
+        fast path == dense reference, and per layer the last query equals the untouched layer given
+        transformers' dynamic cos/sin for the call's length); within L for ntk_dynamic, yarn_dynamic
+        and longrope, which rescale per call — past L their cache drifts from the full forward, as
+        transformers' own does (the bug ntk_consistent fixes)."""
         from surgery.transforms.window import Window
 
-        errors = [self._property_ntk_dynamic(p, check)]
+        if p.kind == "ntk_consistent":
+            return self._consistent_decode(p, check)
+        L = trained_length(p, check.config)
+        per_call = p.kind in ("ntk_dynamic", "yarn_dynamic", "longrope")
+        n = min(L, 24) if per_call else 24
+        offset = 0 if per_call else L - n // 2
+        device = next(check.surgered.parameters()).device
+        ids = check.tokens(length=n, salt=5).to(device)
+        positions = (torch.arange(n, device=device) + offset)[None].expand(ids.shape[0], -1)
+        full = check.logits(check.surgered, ids, position_ids=positions, use_cache=False)
+        return check.max_rel(Window._decode(check.surgered, ids, prefill=n // 3, offset=offset), full)
+
+    def _consistent_decode(self, p, check) -> float:
+        from surgery.transforms.window import Window
+
+        errors = []
         with self._short_trained(p, check) as L:
             n = 2 * L + 8
             ids = check.tokens(length=n, salt=5)
@@ -681,11 +718,21 @@ class Rope:
         reference = type(original_rotary)(config).to(original_rotary.inv_freq.device)
         pos = torch.arange(n)[None]
         errors = [0.0]
-        for k, (ours, theirs) in enumerate(zip(attention_modules(check.surgered), attention_modules(check.original))):
-            x = check.randn(2, n, check.config.hidden_size, salt=30 + k)
+        pairs = list(zip(attention_modules(check.surgered), attention_modules(check.original)))
+        inputs: dict = {}  # the hidden states each attention module receives in the untouched model
+        handles = [theirs.register_forward_pre_hook(
+            lambda m, args, kwargs, k=k: inputs.__setitem__(k, (args[0] if args else kwargs["hidden_states"]).detach()),
+            with_kwargs=True) for k, (_, theirs) in enumerate(pairs)]
+        try:
+            check.logits(check.original, check.tokens(length=n, salt=31))
+        finally:
+            for handle in handles:
+                handle.remove()
+        rotary = check.surgered.get_submodule(check.targets[0].path)
+        for k, (ours, theirs) in enumerate(pairs):
+            x = inputs[k]
             with torch.no_grad():
-                got = ours(x, attention_mask=None, position_embeddings=check.surgered.get_submodule(
-                    check.targets[0].path)(x, pos))[0][:, -1]
+                got = ours(x, attention_mask=None, position_embeddings=rotary(x, pos))[0][:, -1]
                 want = theirs(x, attention_mask=None, position_embeddings=reference(x, pos))[0][:, -1]
             errors.append(check.max_rel(got, want))
         return max(errors)

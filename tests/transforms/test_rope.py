@@ -61,7 +61,7 @@ def test_obligations_hold(arch, kind):
     assert [t.path for t in plan.steps[0].targets] == ["model.rotary_emb"]
     report = verify(plan, model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 5
+    assert len(report.measurements) == 6
     assert all(math.isfinite(m.error) and m.error <= m.tol for m in report.measurements)
 
 
@@ -258,12 +258,13 @@ def test_obligations_fail_on_yarn_without_temperature():
 
 
 PADDED = "left-padded batch equals each row alone"
+DECODE = "prefill + decode equals the full forward (rel.)"
 
 
 @pytest.mark.parametrize("kind", ["linear", "ntk", "ntk_dynamic", "yarn"])
 def test_padded_obligation_fails_when_position_ids_are_ignored(kind):
     # Numbering the call's own tokens is right for a full forward from position 0, which is all the
-    # other obligations feed; a decode step through the KV cache after a (padded) prefill is not.
+    # other obligations feed; a decode step through the KV cache (after a padded prefill, or any) is not.
     class CallColumns(RescaledRope):
         def forward(self, x, position_ids):
             columns = torch.arange(position_ids.shape[-1], device=position_ids.device)
@@ -274,8 +275,8 @@ def test_padded_obligation_fails_when_position_ids_are_ignored(kind):
         return CallColumns(right.inv_freq, right.attention_scaling, right.dynamic)
 
     ratios = measure(KINDS[kind], wrong)
-    assert {name for name, ratio in ratios.items() if ratio > 1} == {PADDED}
-    assert ratios[PADDED] > 10
+    assert {name for name, ratio in ratios.items() if ratio > 1} == {PADDED, DECODE}
+    assert ratios[PADDED] > 10 and ratios[DECODE] > 10
 
 
 def test_dynamic_past_L_follows_the_batch_longest_row_as_transformers_does():
@@ -324,7 +325,7 @@ def test_new_kinds_obligations_hold(arch, kind):
     model = tiny(arch)
     report = verify(plan_for(NEW_KINDS[kind], model), model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 5  # with "left-padded batch equals each row alone"
+    assert len(report.measurements) == 6  # with "left-padded batch equals each row alone" and "prefill + decode …"
 
 
 def transformers_config(model, rope_parameters):
@@ -504,7 +505,7 @@ def test_consistent_obligations_hold(arch):
     model = tiny(arch)
     report = verify(plan_for(CONSISTENT, model), model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 5
+    assert len(report.measurements) == 6
 
 
 def test_transformers_dynamic_drifts_when_decoding_and_consistent_does_not():
@@ -543,7 +544,8 @@ def test_consistent_last_query_sees_transformers_dynamic_base():
 
 def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
     """Mutation: the frame rotates each key with the base of its own length (as a cache of rotated
-    keys would hold them): the kind's property (decode == full forward past L) fails."""
+    keys would hold them): decoding still equals the full forward, but the last query no longer
+    sees one base (transformers' dynamic for the call's length), so the decode obligation fails."""
     from surgery.attention import fast
 
     real = fast.consistent_scores
@@ -560,7 +562,7 @@ def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
     monkeypatch.setattr(fast, "consistent_scores", own_base)
     model = tiny("llama")
     errors = {m.obligation: m.error for m in verify(plan_for(CONSISTENT, model), model).measurements}
-    assert errors["defining property of the kind (see docstring)"] > 1e-5  # tol 1e-6
+    assert errors["prefill + decode equals the full forward (rel.)"] > 1e-5  # its tolerance
 
 
 def test_consistent_clashes_with_a_window_and_is_not_exported():
