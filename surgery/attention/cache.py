@@ -9,7 +9,9 @@ used, and remembers the recent keys rotated in the frame so decoding rotates onl
 
 With a :class:`PreRope` policy nothing is evicted and every key is stored before RoPE: the frame
 re-rotates them per call (:class:`RelativeFrame`: near and far keys differently;
-:class:`ConsistentFrame`: with the base of each query's length).
+:class:`ConsistentFrame`: with the base of each query's length). Its first call (a prefill) returns
+the keys as the model rotated them (``returned_raw`` False), so a prefill computes exactly what a
+forward without a cache does.
 
 ``update`` returns every key the call's queries may need (what was kept plus the new tokens) and
 records their layout (:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
