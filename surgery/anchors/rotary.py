@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from surgery.anchors import AnchorKind, anchor_kind, covered
 from surgery.arch.select import Region, RoleIndex
 from surgery.errors import SpecError
-from surgery.transforms.registry import Anchor, Installs, Target
+from surgery.transforms.registry import Anchor, AttentionStage, Installs, Target
 
 
 @anchor_kind
 class Rotary(AnchorKind):
     anchor = Anchor.ROTARY
     required = (Installs,)
+    optional = (AttentionStage,)  # a rotary step may also add a stage to every attention program (ntk_consistent)
 
     def find(self, transform: str, regions: Sequence[Region], index: RoleIndex) -> list[Target]:
         """The rotary module, when the regions hold it or every layer's attention (never a subset)."""

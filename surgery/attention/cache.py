@@ -7,6 +7,12 @@ keeps its padding columns before the sinks too (bounded by size + padding, fixed
 With ``pre_rope`` (a sink frame) it stores keys before RoPE, un-rotated with the cos/sin the model
 used, and remembers the recent keys rotated in the frame so decoding rotates only the new ones.
 
+With a :class:`PreRope` policy nothing is evicted and every key is stored before RoPE: the frame
+re-rotates them per call (:class:`RelativeFrame`: near and far keys differently;
+:class:`ConsistentFrame`: with the base of each query's length). Its first call (a prefill) returns
+the keys as the model rotated them (``returned_raw`` False), so a prefill computes exactly what a
+forward without a cache does.
+
 ``update`` returns every key the call's queries may need (the head and the columns its first query
 can see, plus the new tokens: one copy per tensor) and records their layout
 (:class:`surgery.attention.keys.Inputs`) for the attention call that follows.
@@ -20,7 +26,7 @@ import torch
 
 from surgery.attention.frame import Table, unrotate
 from surgery.attention.internals import DynamicLayer
-from surgery.attention.program import Bounded
+from surgery.attention.program import Bounded, PreRope, SinkFrame
 from surgery.errors import ApplyError
 
 
@@ -41,7 +47,7 @@ class ProgramLayer(DynamicLayer):
     is_sliding = False   # the mask is sized as for a full layer: one column per token of the stream
     is_croppable = False
 
-    def __init__(self, policy: Bounded):
+    def __init__(self, policy: Bounded | PreRope):
         super().__init__()
         self.policy = policy
         self.cumulative_length = 0
@@ -52,6 +58,7 @@ class ProgramLayer(DynamicLayer):
         self.table: Table | None = None
         self.keys2 = None          # the stored keys rotated in a frame (fast.frame_keys), at column − origin
         self.returned2 = None      # the same for the keys the last update returned
+        self.returned_raw = True   # whether the keys the last update returned are pre-RoPE
         self.origin = 0
         self.max_distance = 0      # largest query–key distance attention used (when recorded)
 
@@ -67,27 +74,31 @@ class ProgramLayer(DynamicLayer):
             if call is None or call.position_embeddings is None:
                 raise ApplyError("a pre-RoPE cache needs the cos/sin the attention module was called with")
             cos, sin = call.position_embeddings
-            key_states = unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
+            rotated, key_states = key_states, unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
         start_col = self.cumulative_length
         end = start_col + key_states.shape[-2]
-        reach = self.policy.size - self.policy.sinks
+        reach = None if self.policy.size is None else self.policy.size - self.policy.sinks  # None: keep all
         # Return the head and what the call's first query may see (one copy per tensor), …
-        stored, returned = (self.head, self.start), self._kept(start_col - reach + 1, end)
+        stored = (self.head, self.start)
+        returned = (0, 0) if reach is None else self._kept(start_col - reach + 1, end)
         keys = _take(self.keys, stored, returned, key_states)
         values = _take(self.values, stored, returned, value_states)
         self.layout = returned
         self.cumulative_length = end
         framed = None
-        if self.policy.pre_rope and call.program.frame is not None:
+        if self.policy.pre_rope and isinstance(call.program.frame, SinkFrame):
             framed = self._frame(call.program.frame, keys, key_states, stored, start_col, end)
         self.returned2 = framed
         # … and keep what the next call's first query may see: after a single new token that is what
         # was returned (the one key too old for the next query goes at the next update's copy).
-        kept = returned if key_states.shape[-2] == 1 else self._kept(end - reach + 1, end)
+        kept = returned if key_states.shape[-2] == 1 or reach is None else self._kept(end - reach + 1, end)
         self.keys, self.values = _take(keys, returned, kept), _take(values, returned, kept)
         self.keys2 = _take(framed, returned, kept) if framed is not None else None
         self.head, self.start = kept
-        return keys, values
+        # A PreRope layer's first call (a prefill) hands attention the keys as the model rotated them,
+        # so a prefill is exactly the full forward without a cache (no un-rotation round trip).
+        self.returned_raw = not (isinstance(self.policy, PreRope) and start_col == 0)
+        return (keys if self.returned_raw else rotated), values
 
     def _kept(self, first: int, end: int) -> tuple[int, int]:
         """The layout keeping the head and the columns first … end − 1 ((0, 0): every column)."""

@@ -33,13 +33,15 @@ multiples of the tile, for every stage combination the registry allows.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from surgery.attention import internals
-from surgery.attention.frame import Table, composite, rotate
+from surgery.attention.frame import Table, composite, real_rotation, rotate
 from surgery.attention.keys import Inputs
-from surgery.attention.program import Program
+from surgery.attention.program import ConsistentFrame, Program, RelativeFrame
 
 TILE = 256  # queries per tile: each query then visits tile + reach keys; large enough for sdpa to be efficient
 
@@ -57,8 +59,15 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
         return out.transpose(1, 2)
     if x.q.shape[-2] == 1 and _steady(program, x, rotated):
         return _step(program, x, rotated).transpose(1, 2)
-    framed = _framed(program, x, rotated) if program.frame is not None else None
-    tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
+    if isinstance(program.frame, ConsistentFrame):
+        return _consistent(program, x, tile).transpose(1, 2)
+    if isinstance(program.frame, RelativeFrame):
+        framed = _relative(program, x)
+        tiles = [_tile_relative(program, x, a, min(a + tile, x.q.shape[-2]), framed)
+                 for a in range(0, x.q.shape[-2], tile)]
+    else:
+        framed = _framed(program, x, rotated) if program.frame is not None else None
+        tiles = [_tile(program, x, a, min(a + tile, x.q.shape[-2]), framed) for a in range(0, x.q.shape[-2], tile)]
     out = tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=2)
     return out.transpose(1, 2)
 
@@ -266,3 +275,190 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
     sinks = w_sink.view(B, hkv, groups, t, S) @ sink_v.float()[:, :, None]
     merged = (w_band * out + sinks.view(B, H, t, -1)) / (w_band + w_sink.sum(-1, keepdim=True))
     return merged.to(x.v.dtype)
+
+
+# ------------------------------------------------------------------------------ ReRoPE's two frames
+#
+# RelativeFrame (ReRoPE, Leaky ReRoPE): key j is *near* query i when d = i − j < w, else *far*.
+# Near keys and queries are rotated in the table frame at column − origin (origin: the first
+# column any query of the call sees as near), so a near score is the model's RoPE at distance d.
+# Far keys are rotated at j'/k and queries at w + (i' − w)/k (j', i' stream indices; ReRoPE: keys at
+# 0, queries at w), so a far score sees position w + (d − w)/k. Each tile runs the fused kernel once
+# per frame, over the near band (≤ tile + w keys) and over the far keys, and the two results are
+# merged exactly by their log-sum-exps. The keys' layout is contiguous (a PreRope cache evicts
+# nothing): key position p holds column p.
+
+
+def _relative(program: Program, x: Inputs):
+    """Per call: (origin, queries and keys in the near frame, queries and keys in the far frame)."""
+    frame: RelativeFrame = program.frame
+    table, w = x.table, frame.window
+    pad, end = x.pads(), x.end
+    cos, sin = x.cos.float(), x.sin.float()                                 # [B|1, Tq, D] the model's rotation of q
+    q = x.q.float()
+    q_cols = x.query_columns()
+    origin = max(0, x.q_start - w + 1)                                      # no query of the call sees a column before it as near
+    given_k = (None, None) if x.k_raw else (cos[:, None, origin - x.q_start:], sin[:, None, origin - x.q_start:])
+    k_near = frame_keys(table, x.k[..., origin:, :], torch.arange(origin, end, device=q.device), origin, end, *given_k)
+    c, s = composite(*table.at(q_cols - origin, bound=end - origin), cos, sin)
+    q_near = rotate(q, c[:, None], s[:, None])
+    far = max(0, end - w)                                                   # columns a query of the call may see as far
+    k_far = q_far = None
+    if far:
+        given = (None, None) if x.k_raw else (cos[:, None, :far], sin[:, None, :far])
+        leak = frame.leak(x.lengths().to(q.device))                           # [B] or None (ReRoPE)
+        if leak is None:  # every far key at position 0, every query at w
+            ck, sk = composite(*table.at(torch.zeros(far, dtype=torch.long, device=q.device), bound=1), *given)
+            cq, sq = composite(*table.at(torch.full_like(q_cols, w), bound=w + 1), cos, sin)
+        else:
+            j = (torch.arange(far, device=q.device)[None] - pad[:, None]).clamp(min=0)   # [B, far] stream index
+            i = (q_cols[None] - pad[:, None]).clamp(min=0)
+            ck, sk = composite(*(t[:, None] for t in real_rotation(table, j / leak[:, None])), *given)
+            cq, sq = composite(*real_rotation(table, w + (i - w) / leak[:, None]), cos, sin)
+            cq, sq = cq[:, None], sq[:, None]
+        k_far = rotate(x.k[..., :far, :].float(), ck, sk)
+        q_far = rotate(q, cq if cq.ndim == 4 else cq[:, None], sq if sq.ndim == 4 else sq[:, None])
+    return origin, q_near, k_near, q_far, k_far
+
+
+def _tile_relative(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
+    origin, q_near, k_near, q_far, k_far = framed
+    w = program.frame.window
+    lo, hi = _band(program, x, a, b)                                       # what the rules let the tile see
+    device = x.q.device
+    q_cols = torch.arange(x.q_start + a, x.q_start + b, device=device)
+    pad = x.pads()[:, None, None]
+    groups = x.q.shape[1] // x.k.shape[1]
+
+    def part(q, keys, first: int, last: int, near: bool):
+        """(out, lse) of the tile against key columns [first, last) in one frame; None if empty."""
+        if last <= first:
+            return None
+        visible, mask = _visibility(program, x, a, b, first, last)
+        i, j = q_cols[None, :, None] - pad, torch.arange(first, last, device=device)[None, None, :] - pad
+        near_or_far = (i - j < w) if near else (i - j >= w)
+        visible = visible & near_or_far                                     # a padding query's own key is near
+        mask = mask.masked_fill(~visible, float("-inf"))
+        v = x.v[..., first:last, :].float()
+        if groups > 1:
+            keys, v = keys.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out, lse = internals.sdpa_with_lse(q[..., a:b, :], keys, v, mask[:, None], x.scaling)
+        empty = ~visible.any(-1)[:, None]                                  # [B, 1, t]: nothing visible here
+        return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("-inf"))
+
+    near_first = max(lo, x.q_start + a - w + 1)
+    near = part(q_near, k_near[..., near_first - origin:hi - origin, :], near_first, hi, near=True)
+    far_last = min(hi, x.q_start + b - w)
+    far = part(q_far, k_far[..., lo:far_last, :], lo, far_last, near=False) if q_far is not None else None
+    parts = [p for p in (near, far) if p is not None]
+    if len(parts) == 1:
+        return parts[0][0].to(x.v.dtype)
+    (out1, lse1), (out2, lse2) = parts
+    # Log-sum-exp merge: softmax over the union of both frames' keys, exactly.
+    top = torch.maximum(lse1, lse2).clamp(min=torch.finfo(torch.float32).min)[..., None]
+    w1, w2 = torch.exp(lse1[..., None] - top), torch.exp(lse2[..., None] - top)
+    return ((w1 * out1 + w2 * out2) / (w1 + w2)).to(x.v.dtype)
+
+
+def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: int):
+    """(visible [B, t, n] bool, additive float mask [B, t, n]) of the query tile [a, b) against key
+    positions [first, last) of a contiguous layout: causality, the rules, padding (a padding query
+    sees itself), and a 4D mask the caller gave."""
+    device = x.q.device
+    q_cols = torch.arange(x.q_start + a, x.q_start + b, device=device)
+    k_cols = torch.arange(first, last, device=device)
+    pad = x.pads()[:, None, None]
+    i, j = q_cols[None, :, None] - pad, k_cols[None, None, :] - pad
+    visible = program.visible(i, j) & (j >= 0)
+    if x.key_ok is not None:
+        visible = visible & x.key_ok[:, first:last][:, None, :]
+    if x.pad is not None:
+        visible = visible | ((i < 0) & (q_cols[:, None] == k_cols[None, :]))
+    mask = torch.zeros(visible.shape, dtype=torch.float32, device=device)
+    if x.given is not None:
+        given = x.given[..., a:b, first:last]
+        if given.dtype == torch.bool:
+            visible = visible & given[:, 0]
+        else:
+            mask = mask + given[:, 0].float()
+    return visible, mask
+
+
+# ------------------------------------------------------------------------------ consistent dynamic NTK
+#
+# ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = p_i + 1 (p the position: the
+# row's stream index plus the offset its position ids carry). Tiles whose every query has n ≤ L
+# share plain RoPE: keys rotated once, the
+# fused kernel. Past L each query has its own base, so its scores are formed explicitly, q rotated by
+# (i′ − j′)·θ(n_i) against the raw keys ((R(a)q)·(R(b)k) = (R(a − b)q)·k), in chunks of queries that
+# bound the [chunk, keys, D] rotation to MEMORY floats per head-batch.
+
+MEMORY = 1 << 24
+
+
+def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) -> bool:
+    """Whether every query at `positions` (those before column q_start + `end`) has n ≤ L. Without
+    position ids positions are stream indices ≤ columns, so Python ints decide (torch.export then
+    sees no data-dependent branch)."""
+    if x.positions is None:
+        return x.q_start + (x.q.shape[-2] if end is None else end) <= L
+    return bool((positions < L).all())
+
+
+def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """q·R((i′ − j′)·θ(i′ + 1))·k for raw q [B, H, t, D] and raw k [B, H, n, D] (heads repeated),
+    stream indices q_pos [B, t] and k_pos [B, n]: [B, H, t, n] (float32, unscaled)."""
+    theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
+    angles = (q_pos[:, :, None] - k_pos[:, None, :]).float()[..., None] * theta[:, :, None, :]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]                     # [B, 1, t, n, D]
+    rotated = rotate(q[:, :, :, None, :], angles.cos(), angles.sin())
+    return (rotated * k[:, :, None, :, :]).sum(-1)
+
+
+def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
+    rotary = program.frame.rotary()
+    if not x.k_raw and _within(x, rotary.trained, x.query_columns()[None] - x.pads()[:, None] + x.position_offset()):
+        # The whole call within L and keys as the model rotated them (plain RoPE there): exactly the
+        # program without this frame — the same kernels as the untouched model.
+        unframed = Program(tuple(dataclasses.replace(s, frame=None) for s in program.stages))
+        return attend(unframed, x, tile).transpose(1, 2)
+    q, k = x.raw()
+    groups = q.shape[1] // k.shape[1]
+    pad, offset = x.pads(), x.position_offset()
+    q_pos = x.query_columns()[None] - pad[:, None] + offset                   # [B, Tq] positions
+    k_pos = x.key_columns()[None] - pad[:, None] + offset
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    v = x.v.float().repeat_interleave(groups, dim=1) if groups > 1 else x.v.float()
+    plain = None
+    outs = []
+    for a in range(0, q.shape[-2], tile):
+        b = min(a + tile, q.shape[-2])
+        lo, hi = _band(program, x, a, b)
+        visible, mask = _visibility(program, x, a, b, lo, hi)
+        mask = mask.masked_fill(~visible, float("-inf"))[:, None]           # [B, 1, t, n]
+        # Every query of the tile has n ≤ L: plain RoPE, fused. Without position ids, positions are
+        # stream indices ≤ columns, so Python ints decide (torch.export sees no data-dependent branch).
+        if _within(x, rotary.trained, q_pos[:, a:b], b):
+            if plain is None:  # the model rotated q (and k, unless cached raw) with plain RoPE there already
+                inv = rotary.inv_freq.float()
+
+                def at(pos, inv=inv):
+                    angles = pos.float()[..., None] * inv
+                    angles = torch.cat((angles, angles), dim=-1)[:, None]
+                    return angles.cos(), angles.sin()
+
+                given_k = x.k.float().repeat_interleave(groups, dim=1) if groups > 1 else x.k.float()
+                plain = (x.q.float(), rotate(k, *at(k_pos.clamp(min=0))) if x.k_raw else given_k)
+            out = sdpa(plain[0][..., a:b, :], plain[1][..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask,
+                       scale=x.scaling, dropout_p=x.dropout)
+        else:
+            chunk = max(1, min(b - a, MEMORY // max(1, q.shape[0] * q.shape[1] * (hi - lo) * q.shape[-1])))
+            pieces = []
+            for s in range(a, b, chunk):
+                e = min(s + chunk, b)
+                scores = consistent_scores(rotary, q[..., s:e, :], k[..., lo:hi, :], q_pos[:, s:e], k_pos[:, lo:hi])
+                weights = torch.softmax(scores * x.scaling + mask[:, :, s - a:e - a], dim=-1)
+                pieces.append(weights @ v[..., lo:hi, :])
+            out = torch.cat(pieces, dim=2)
+        outs.append(out)
+    return torch.cat(outs, dim=2).to(x.v.dtype)

@@ -102,3 +102,18 @@ def composite(cos: torch.Tensor, sin: torch.Tensor, given_cos=None, given_sin=No
     gc, gs = given_cos.float(), given_sin.float()
     norm = gc * gc + gs * gs
     return (cos * gc + sin * gs) / norm, (sin * gc - cos * gs) / norm
+
+
+def frequencies(table: Table) -> torch.Tensor:
+    """The table's angle per unit of position, per dimension (float64): θ = atan2(sin₁, cos₁).
+    Every RoPE frequency is at most 1 rad per position, so the angle at position 1 is unambiguous."""
+    return torch.atan2(table.sin[1].double(), table.cos[1].double())
+
+
+def real_rotation(table: Table, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin at real (fractional) `positions`, shape positions.shape + [dim], float32: the table's
+    scale times cos/sin of position·θ, with the angle formed in float64 (Leaky ReRoPE's positions
+    w + (i − w)/k and j/k are rarely integers)."""
+    angles = positions.double()[..., None] * frequencies(table)
+    scale = table.scale[0].double()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()

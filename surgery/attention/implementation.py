@@ -104,14 +104,15 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
         given = attention_mask[..., :key.shape[-2]]  # a 4D mask the caller built: honoured as given
     x = Inputs(query, key, value, scaling, head=head, start=start, pad=pad, key_ok=key_ok, given=given,
-               dropout=dropout if module.training else 0.0, prefix=call.prefix)
+               dropout=dropout if module.training else 0.0, prefix=call.prefix,
+               positions=kwargs.get("position_ids"))
     rotated = None
     frame = program.frame
     if frame is not None:
         if call.position_embeddings is None:
             raise ApplyError(f"{program.describe()} needs the rotary cos/sin passed to the attention module")
         x.cos, x.sin = call.position_embeddings
-        x.k_raw = layer is not None and layer.policy.pre_rope
+        x.k_raw = layer is not None and layer.policy.pre_rope and layer.returned_raw
         x.table = (layer.frame_table(frame.rotary(), frame.size, query) if layer is not None
                    else Table.of(frame.rotary(), frame.size, query))
         if x.k_raw:

@@ -34,6 +34,7 @@ class Inputs:
     k_raw: bool = False                 # keys come from a pre-RoPE cache
     dropout: float = 0.0
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V prefix: keys, values [B|1, Hkv, P, D]
+    positions: torch.Tensor | None = None  # [B|1, Tq] the call's position ids, when the module was given them
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V prefix expanded to the batch: keys [B, Hkv, P, D], values [B, Hkv, P, Dv]."""
@@ -67,6 +68,23 @@ class Inputs:
         if self.pad is None:
             return torch.zeros(self.q.shape[0], dtype=torch.long, device=self.q.device)
         return self.pad
+
+    def position_offset(self) -> torch.Tensor:
+        """[B, 1] position id minus stream index of each row (0 without position ids), read at the
+        row's first real query of the call (padding columns carry arbitrary position ids)."""
+        pads = self.pads()
+        if self.positions is None:
+            return torch.zeros_like(pads)[:, None]
+        positions = self.positions.expand(self.q.shape[0], -1)
+        first = (pads - self.q_start).clamp(0, self.q.shape[-2] - 1)[:, None]  # index of the first real query
+        return torch.gather(positions, 1, first) - (self.q_start + first - pads[:, None])
+
+    def lengths(self) -> torch.Tensor:
+        """[B] tokens each row's stream holds in this call: its real keys (padding on either side
+        excluded), else every column from its first real one."""
+        if self.key_ok is not None:
+            return self.key_ok.sum(-1)
+        return self.end - self.pads()
 
     def position_of(self, columns: torch.Tensor) -> torch.Tensor:
         """Key positions of `columns` (each in the head range or in start … end − 1)."""

@@ -5,10 +5,10 @@ A program is an ordered tuple of :class:`Stage` s. Each stage may add
 * **mask rules** (:class:`MaskRule`): key j is visible to query i iff *every* rule allows it (AND),
   on top of causality and padding. Indices are *stream* indices: counted from each row's first
   real token, so a left-padded row behaves like the same row alone.
-* a **frame** (:class:`SinkFrame`): where queries and keys are rotated. Without one, the absolute
-  frame: the model's own rotation (see :mod:`surgery.attention.frame`).
-* a **cache policy** (:class:`Bounded`): what the KV cache keeps. Without one, everything
-  (transformers' own cache layer).
+* a **frame** (:class:`SinkFrame`, :class:`RelativeFrame`, :class:`ConsistentFrame`): where queries and keys are rotated.
+  Without one, the absolute frame: the model's own rotation (see :mod:`surgery.attention.frame`).
+* a **cache policy** (:class:`Bounded`, :class:`PreRope`): what the KV cache keeps. Without one,
+  everything (transformers' own cache layer).
 * **head rules** (:class:`HeadRule`): a mask rule that applies to a share of the heads only
   (S2-Attn's shifted groups); ANDed with the rest on those heads.
 * **score biases** (:class:`ScoreBias`): additive terms of the scores, per head (ALiBi); they
@@ -113,6 +113,67 @@ class SinkFrame:
 
 
 @dataclass(frozen=True)
+class RelativeFrame:
+    """ReRoPE's frame (Su 2023): the relative position d = i − j (stream indices) is used as is below
+    ``window`` = w and becomes w + (d − w)/k beyond it; ``k`` = None is ReRoPE (every far key at
+    distance w), a number Leaky ReRoPE, and ``trained`` = L makes k follow the stream:
+    k_n = max(1, n/L) for a row whose stream holds n tokens in this call (so n ≤ L is plain RoPE and
+    every far position stays below L).
+
+    The near band (d < w) runs in the table frame (queries and keys at their columns, the fused
+    kernel); the far keys form a second frame — query at w + (i − w)/k, key at j/k (ReRoPE: query at
+    w, key at 0), so q·k depends on w + (d − w)/k only — merged by log-sum-exp. Positions come from
+    a table of ``size`` = w + 1 slots (``Table.of(rotary(), w + 1)``: a dynamic rotary computes its
+    frequencies for a (w + 1)-token context, in every call alike); fractional positions use the
+    table's frequencies (:func:`surgery.attention.frame.real_rotation`)."""
+
+    window: int
+    k: float | None
+    rotary: object  # callable returning the rotary module (RotaryRef), resolved at call time
+    trained: int | None = None
+
+    @property
+    def size(self) -> int:
+        return self.window + 1
+
+    def leak(self, n: torch.Tensor) -> torch.Tensor | None:
+        """k per row for rows holding `n` tokens (float64 [B]); None for ReRoPE."""
+        if self.trained is not None:
+            return (n.double() / self.trained).clamp(min=1.0)
+        return None if self.k is None else torch.full(n.shape, float(self.k), dtype=torch.float64, device=n.device)
+
+    def distance(self, d: torch.Tensor, k: torch.Tensor | None) -> torch.Tensor:
+        """The position a score sees at relative distance `d` (k broadcast against d), float64."""
+        far = torch.full_like(d, self.window, dtype=torch.float64) if k is None else self.window + (d - self.window) / k
+        return torch.where(d < self.window, d.double(), far)
+
+
+@dataclass(frozen=True)
+class ConsistentFrame:
+    """Consistent dynamic NTK's frame: query i at position p_i (its stream index plus the offset the
+    row's position ids carry; ``generate()``'s are the stream index) and every key j it sees are
+    rotated at their positions with the frequencies ``rotary().frequencies_at(p_i + 1)`` — the
+    dynamic base of the query's own length. Query i's score
+    then depends on tokens 0 … i only, so a full forward equals prefill + token-by-token decoding
+    at every step (transformers' dynamic NTK rotates a whole call with the call's length and keeps
+    each cached key in the base of the step that computed it). Queries with n ≤ L share plain
+    RoPE and run in the fused kernel; past L each query has its own base (explicit scores)."""
+
+    rotary: object  # callable returning a rotary module with frequencies_at(n) and `trained` (L)
+    size: int = 2   # the table the implementation builds (unused: this frame rotates from θ(n))
+
+
+@dataclass(frozen=True)
+class PreRope:
+    """A KV cache keeping every key, before RoPE (un-rotated with the cos/sin the model used); the
+    frame (:class:`RelativeFrame`, :class:`ConsistentFrame`) re-rotates them per call."""
+
+    pre_rope: bool = True
+    sinks: int = 0
+    size: None = None  # nothing is evicted
+
+
+@dataclass(frozen=True)
 class Bounded:
     """A KV cache keeping the first ``sinks`` tokens of each row and the most recent ``size − sinks``.
     With ``pre_rope`` keys are cached before RoPE (a frame re-rotates them)."""
@@ -150,8 +211,8 @@ class Stage:
     owner: str                       # e.g. "window(16, sinks=4)"
     span: object = None              # the spec position, for clash reports
     rules: tuple = ()                # MaskRule… and HeadRule…
-    frame: SinkFrame | None = None
-    cache: Bounded | None = None
+    frame: SinkFrame | RelativeFrame | ConsistentFrame | None = None
+    cache: Bounded | PreRope | None = None
     train_only: bool = False
     bias: tuple = ()                 # ScoreBias…
     scale: tuple = ()                # QueryScale…
@@ -168,8 +229,11 @@ class Clash:
     slot: str
     first: Stage
     second: Stage
+    reason: str = ""
 
     def message(self) -> str:
+        if self.reason:
+            return f"{self.second.owner} and {self.first.owner} cannot share an attention module: {self.reason}"
         return (f"{self.second.owner} and {self.first.owner} both set the attention {self.slot} "
                 f"of the same module; an attention module has one {self.slot}")
 
@@ -183,6 +247,18 @@ def clashes(stages) -> list[Clash]:
                 found.append(Clash(slot, owner[slot], stage))
             else:
                 owner[slot] = stage
+    # The relative (ReRoPE) and consistent (NTK) frames score queries against keys in their own
+    # executors, which do not take these stage fields (yet): refused, never silently ignored.
+    stages = list(stages)
+    framed = [n for n, s in enumerate(stages) if isinstance(s.frame, RelativeFrame | ConsistentFrame)]
+    scored = [n for n, s in enumerate(stages) if s.bias or s.scale or s.prefix is not None
+              or any(isinstance(r, HeadRule) for r in s.rules)]
+    for f in framed:
+        for other in scored:
+            if other != f:
+                first, second = sorted((f, other))
+                found.append(Clash("frame", stages[first], stages[second], "its rotary frame does not take "
+                                   "score biases, query scales, head rules or a K/V prefix yet"))
     return found
 
 
@@ -221,11 +297,11 @@ class Program:
         return any(s.bias for s in self.stages)
 
     @property
-    def frame(self) -> SinkFrame | None:
+    def frame(self) -> SinkFrame | RelativeFrame | ConsistentFrame | None:
         return next((s.frame for s in self.stages if s.frame is not None), None)
 
     @property
-    def cache(self) -> Bounded | None:
+    def cache(self) -> Bounded | PreRope | None:
         return next((s.cache for s in self.stages if s.cache is not None), None)
 
     @property
@@ -256,8 +332,10 @@ class Program:
 
     def only_windows(self) -> bool:
         """Every stage contributes window rules, a sink frame and a bounded cache at most (no other
-        field set): then a single query sees its whole key band, so a decoding step needs no mask."""
+        field set, no other frame or cache): then a single query sees its whole key band, so a decoding step needs no mask."""
         base = {"owner", "span", "rules", "frame", "cache", "train_only"}
+        if not isinstance(self.frame, SinkFrame | None) or not isinstance(self.cache, Bounded | None):
+            return False
         return all(isinstance(rule, WindowRule) for stage in self.stages for rule in stage.rules) and all(
             getattr(stage, f.name) == f.default for stage in self.stages for f in fields(stage) if f.name not in base)
     def head_visible(self, i: torch.Tensor, j: torch.Tensor, heads: int) -> torch.Tensor | None:
@@ -287,21 +365,28 @@ class Program:
 def plan_clashes(steps) -> list:
     """Spec errors for attention stages of a plan that clash on one module, each with both spans.
 
-    `steps` are plan steps; a transform contributes a stage through ``stage(params, span)``. The
-    same transform twice on a module is the planner's own error, so it is not repeated here."""
+    `steps` are plan steps; a transform contributes a stage through ``stage(params, span)`` (None:
+    no stage for these parameters). A rotary step's stage goes to every attention module (its
+    target is the shared rotary embedding). The same transform twice on a module is the planner's
+    own error, so it is not repeated here."""
     from surgery.errors import SpecError
-    from surgery.transforms.registry import AttentionStage
+    from surgery.transforms.registry import Anchor, AttentionStage
 
     by_module: dict[str, list[tuple[object, Stage]]] = {}
+    everywhere: list[tuple[object, Stage]] = []
     for step in steps:
         contributes = step.spec.offers(AttentionStage)
-        if contributes is None:
+        stage = None if contributes is None else contributes.stage(step.params, span=step.span)
+        if stage is None:
             continue
-        stage = contributes.stage(step.params, span=step.span)
+        if step.spec.anchor is Anchor.ROTARY:
+            everywhere.append((step, stage))
+            continue
         for target in step.targets:
             by_module.setdefault(target.path, []).append((step, stage))
     errors, reported = [], set()
-    for path, entries in by_module.items():
+    for path, own in by_module.items():
+        entries = sorted(everywhere + own, key=lambda entry: entry[0].index)
         step_of = {id(stage): step for step, stage in entries}
         for clash in clashes([stage for _, stage in entries]):
             first, second = step_of[id(clash.first)], step_of[id(clash.second)]

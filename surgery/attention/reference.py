@@ -6,6 +6,9 @@ For row b, query column i and key column j, with stream indices i' = i − pad_b
     score    = q_i · k_j · scaling                          (absolute frame: as the model rotated them)
     score    = R(i)q_i · R(j)k_j · scaling                  (sink frame, recent key: true distance)
     score    = R(min(i', size−1))q_i · R(j')k_j · scaling   (sink frame, sink j' < sinks: cache slots)
+    score    = R_n(i')q_i · R_n(j')k_j · scaling             (consistent frame: θ of n = i' + 1 tokens)
+    score    = R(P_ij)q_i · R(0)k_j · scaling               (relative frame, P the relative-position
+               matrix: P_ij = d if d = i − j < w, else w (ReRoPE) or w + (d − w)/k (Leaky ReRoPE))
     score    = s(i')·score + bias_h(i', j')                 (query scales; biases at the frame's positions:
                                                              bias_h(min(i', size−1), j') for a sink)
     out_i    = softmax over visible j of score, times v_j
@@ -25,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from surgery.attention.frame import rotate
+from surgery.attention.frame import real_rotation, rotate
 from surgery.attention.keys import Inputs
-from surgery.attention.program import Program
+from surgery.attention.program import ConsistentFrame, Program, RelativeFrame
 
 
 def attend(program: Program, x: Inputs) -> torch.Tensor:
@@ -51,6 +54,17 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
     frame = program.frame
     if frame is None:
         scores = q @ k.transpose(-1, -2)
+    elif isinstance(frame, ConsistentFrame):
+        from surgery.attention.fast import consistent_scores
+
+        offset = x.position_offset()
+        scores = consistent_scores(frame.rotary(), q, k, i[..., 0] + offset, j[:, 0] + offset)
+    elif isinstance(frame, RelativeFrame):
+        leak = frame.leak(x.lengths())
+        positions = frame.distance(i - j, None if leak is None else leak[:, None, None])   # [B, Tq, Tk]
+        cos, sin = real_rotation(x.table, positions)                                        # [B, Tq, Tk, D]
+        rotated = rotate(q[:, :, :, None, :], cos[:, None], sin[:, None])                  # [B, H, Tq, Tk, D]
+        scores = (rotated * (k * x.table.scale)[:, :, None, :, :]).sum(-1)
     else:
         cos_q, sin_q = x.table.at(q_cols)
         cos_k, sin_k = x.table.at(k_cols)

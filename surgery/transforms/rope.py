@@ -19,6 +19,21 @@ cos/sin by an attention temperature); s is the scale, L the trained context leng
   keep this on purpose: the exported ``rope_parameters`` ("dynamic") reproduce exactly it, and
   frequencies per row would make the saved model disagree with the surgered one. Within L, which
   is what the kind promises to leave untouched, every row is plain RoPE whatever its batch.
+* ``ntk_consistent`` — consistent dynamic NTK: token i of a stream (stream index, i.e. counted
+  from each row's first real token, as ``generate()`` numbers positions) attends with the
+  frequencies θ(n) of its own length n = i + 1 — static NTK with α = s·n/L − (s−1) past L, plain
+  RoPE within — applied to its query *and to every key it sees*. Keys are cached before RoPE and
+  re-rotated per query, so one base holds throughout each query's attention (the last query of an
+  n-token call sees exactly transformers' "dynamic" on n tokens), and, since query i depends on
+  tokens 0 … i only, a full forward equals prefill + token-by-token decoding at every step, and
+  forward(x)[:t] equals forward(x[:t]). transformers' "dynamic" does neither: a full forward rotates
+  every token with the call's length, and its cache keeps each key in the base of the step that
+  computed it (NormXU/Consistent-DynamicNTKRoPE; transformers issue 25104). Built on the attention
+  program (a :class:`~surgery.attention.program.ConsistentFrame` and a pre-RoPE cache on every
+  attention module), so it clashes with another frame or cache policy (``window``, ``rerope``).
+  Cost: tiles within L run the fused kernel; a query past L has its own base, so its scores are
+  formed explicitly, O((N − L)·N·D) for a prefill (one decoding step: O(N·D)). Not expressible as
+  ``rope_parameters``.
 * ``yarn`` — per pair, blend interpolation θ_i/s and extrapolation θ_i by a ramp over the number
   of rotations pair i makes within L (≥ beta_fast rotations: keep θ_i; ≤ beta_slow: θ_i/s), and
   scale cos/sin by 0.1·ln s + 1. Peng et al. 2023, https://arxiv.org/abs/2309.00071; matches
@@ -53,7 +68,9 @@ Obligations (float32; L positions per call unless noted):
   ``yarn_dynamic``: per call length, transformers' "yarn" at s_n, or its plain RoPE where s_n = 1).
 * equals transformers (logits): a transformers model built from that config with the original
   weights gives the same logits on a sequence whose positions run past L (a fresh model per
-  length for the dynamic kinds; ``longrope`` also at a length within L, where the short factors apply).
+  length for the dynamic kinds; ``longrope`` also at a length within L, where the short factors apply;
+  ``ntk_consistent`` within L only: past it each query has its own base, which no config expresses,
+  and its cos/sin at a stream of n tokens are compared with transformers' "dynamic" on n tokens).
 * the kind's defining property: ``linear`` cos/sin at m equal the original's at m/s (error per
   unit of position, the resolution float32 angles have); ``ntk`` θ_0 unchanged and the lowest
   frequency exactly θ_{d/2−1}/s (relative error); ``ntk_dynamic`` logits identical to the unscaled
@@ -61,9 +78,15 @@ Obligations (float32; L positions per call unless noted):
   rotations in L keep θ_i, pairs making ≤ beta_slow are θ_i/s, the rest lie between, and
   cos²+sin² = (0.1·ln s + 1)², all from the paper's definitions in float64; ``yarn_dynamic`` logits
   identical to the unscaled model for N ≤ L and cos/sin equal to our ``yarn`` at s_n for n > L;
+  ``ntk_consistent`` identical to the unscaled model for N ≤ L, and position m rotated with θ(m + 1);
   ``llama3`` every θ'_i equals the banded formula in float64 (relative error); ``longrope`` the
   short set for n ≤ L, the long set for n > L (relative error against float64) and
   cos²+sin² = attention factor² at both.
+* prefill + decode equals the full forward (rel., tol 1e-5): past L for the kinds whose
+  frequencies do not depend on the call and for ``ntk_consistent`` (with L = min(L, 16), where it
+  also checks forward(x)[:t] == forward(x[:t]), fast path == dense reference, and per layer that
+  the last query equals the untouched layer given transformers' dynamic cos/sin for the call's
+  length); within L for ``ntk_dynamic``, ``yarn_dynamic`` and ``longrope``, which rescale per call.
 * left-padded batch equals each row alone (relative to the logits' scale): rows of min(16, L)
   tokens and fewer, with and without ``generate()``'s position_ids, full forward and token-by-token
   decode (:meth:`surgery.verify.Check.padded_rows_error`). RoPE sees only position differences, so
@@ -74,6 +97,7 @@ Obligations (float32; L positions per call unless noted):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Literal
@@ -83,7 +107,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
 
-from surgery.errors import SpecError
+from surgery.errors import ApplyError, SpecError
 from surgery.transforms.registry import Anchor, Params, obligation, transform
 
 # Which kinds each option applies to.
@@ -96,7 +120,7 @@ _OPTION_KINDS = {
 
 
 class RopeParams(Params):
-    kind: Literal["linear", "ntk", "ntk_dynamic", "yarn", "yarn_dynamic", "llama3", "longrope"]
+    kind: Literal["linear", "ntk", "ntk_dynamic", "ntk_consistent", "yarn", "yarn_dynamic", "llama3", "longrope"]
     scale: float = Field(ge=1, description="context scale factor s")
     original_max_position: int | None = Field(
         None, ge=1, description="trained context length L; defaults to config.max_position_embeddings")
@@ -245,6 +269,42 @@ class RescaledRope(nn.Module):
         return f"pairs={self.inv_freq.numel()}, {kind}, attention_scaling={self.attention_scaling:g}"
 
 
+class ConsistentNtkRope(RescaledRope):
+    """Dynamic NTK per token: the frequencies of a stream of n tokens are θ(n) (static NTK with
+    α = s·n/L − (s−1) for n > L, plain RoPE otherwise), and token p is rotated with θ(p + 1), the
+    base of its own length. The attention program's :class:`~surgery.attention.program.ConsistentFrame`
+    re-rotates every key a query sees with that query's θ (:meth:`frequencies_at`)."""
+
+    def __init__(self, base: float, dim: int, s: float, L: int):
+        super().__init__(inverse_frequencies(base, dim), dynamic=(base, dim, s, L))
+        self.trained = L
+
+    def frequencies_at(self, n: torch.Tensor) -> torch.Tensor:
+        """θ(n) for every entry of `n` (stream lengths), shape n.shape + [d/2], float32."""
+        base, dim, s, L = self.dynamic
+        alpha = (s * n.clamp(min=L).float() / L - (s - 1))[..., None]  # clamped: no NaN where plain RoPE is taken
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=n.device).float() / dim
+        scaled = 1.0 / ((base * alpha ** (dim / (dim - 2))) ** exponents)
+        return torch.where(n[..., None] <= L, self.inv_freq.to(n.device), scaled)
+
+    def at_length(self, x: torch.Tensor, position_ids: torch.Tensor, n: int):
+        """cos/sin at `position_ids` with the frequencies of an n-token stream (transformers' dynamic
+        NTK on a call of length n)."""
+        inv_freq = self.frequencies_at(torch.tensor(n, device=position_ids.device))
+        angles = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        angles = position_ids[..., None].float() * self.frequencies_at(position_ids + 1)
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        base, dim, s, L = self.dynamic
+        return f"pairs={self.inv_freq.numel()}, consistent dynamic NTK (θ of each token's own length), s={s:g}, L={L}"
+
+
 class DynamicYarnRope(RescaledRope):
     """YaRN whose scale follows the call's length n = max(position_ids) + 1: s_n = max(1, s·n/L − (s−1)).
 
@@ -302,6 +362,18 @@ class LongRope(RescaledRope):
                 f"attention_scaling={self.attention_scaling:g}")
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every layer's attention module (role ``attn``), where ntk_consistent installs its stage."""
+    from surgery.arch import backbone_prefix, detect
+
+    arch = detect(model)
+    if not arch.mapped or "attn" not in arch.layer:
+        raise ApplyError(f"rope(ntk_consistent) re-rotates keys inside attention, but {arch.name} has no "
+                         "role map for its attention modules")
+    layers = model.get_submodule(backbone_prefix(model) + arch.layers)
+    return [layer.get_submodule(path) for layer in layers for path in arch.layer_paths("attn")]
+
+
 def trained_length(p: RopeParams, config) -> int:
     return p.original_max_position or config.max_position_embeddings
 
@@ -317,6 +389,8 @@ def build_rope(p: RopeParams, config) -> RescaledRope:
         return RescaledRope(inverse_frequencies(base * s ** (dim / (dim - 2)), dim))
     if p.kind == "ntk_dynamic":
         return RescaledRope(plain, dynamic=(base, dim, s, L))
+    if p.kind == "ntk_consistent":
+        return ConsistentNtkRope(base, dim, s, L)
     if p.kind == "yarn_dynamic":
         return DynamicYarnRope(base, dim, s, L, p.beta_fast, p.beta_slow, p.attention_factor)
     if p.kind == "llama3":
@@ -357,7 +431,7 @@ class Rope:
             if factors is not None and len(factors) != dim // 2:
                 raise SpecError(f"rope(longrope) {name} has {len(factors)} entries; the rotary embedding at "
                                 f"{target.path} has {dim // 2} pairs (rotary dimension {dim})")
-        if p.kind in ("ntk", "ntk_dynamic") and dim <= 2:
+        if p.kind in ("ntk", "ntk_dynamic", "ntk_consistent") and dim <= 2:
             raise SpecError(f"rope({p.kind}) needs a rotary dimension above 2 (b' = b·s^(d/(d−2))), got {dim}")
         return True
 
@@ -366,6 +440,19 @@ class Rope:
             original = model.get_submodule(target.path)
             new = build_rope(p, original.config).to(original.inv_freq.device)
             edit.replace(target.path, new)
+        if p.kind == "ntk_consistent":
+            from surgery.attention import install, rotary_ref
+
+            install(edit, model, attention_modules(model), self.stage(p, rotary=rotary_ref(model)))
+
+    def stage(self, p: RopeParams, span=None, rotary=None):
+        """ntk_consistent's stage of every attention module's program: the consistent frame and a
+        pre-RoPE cache (None for the other kinds, which change the rotary module only)."""
+        if p.kind != "ntk_consistent":
+            return None
+        from surgery.attention.program import ConsistentFrame, PreRope, Stage
+
+        return Stage(f"rope(ntk_consistent, scale={p.scale:g})", span, frame=ConsistentFrame(rotary), cache=PreRope())
 
     def config_fields(self, p: RopeParams, model: nn.Module) -> dict | None:
         """The rope as transformers' config: its ``rope_parameters`` (None where they cannot express it)."""
@@ -382,6 +469,8 @@ class Rope:
             return {**params, "rope_type": "default", "rope_theta": base * p.scale ** (dim / (dim - 2))}
         if p.kind == "yarn_dynamic":
             return None  # transformers has no YaRN that follows the call's length
+        if p.kind == "ntk_consistent":
+            return None  # a base per query: no transformers rope does that
         if p.kind == "llama3":
             return {**params, "rope_type": "llama3", "factor": p.scale, "low_freq_factor": p.low_freq_factor,
                     "high_freq_factor": p.high_freq_factor,
@@ -430,6 +519,8 @@ class Rope:
             if s_n > 1:
                 ref.rope_parameters = self.rope_parameters(p.model_copy(update={"kind": "yarn", "scale": s_n}), config)
             return ref
+        if p.kind == "ntk_consistent":  # per call length n, transformers' "dynamic" at n is θ(n)
+            p = p.model_copy(update={"kind": "ntk_dynamic"})
         params = self.rope_parameters(p, config)
         if params is None:  # ntk_dynamic with a custom L: transformers reads L from max_position_embeddings
             params = self.rope_parameters(p.model_copy(update={"original_max_position": None}), config)
@@ -468,7 +559,7 @@ class Rope:
         unit = build_rope(p.model_copy(update=update), original.config)
         unit = unit.to(original.inv_freq.device)
         device = original.inv_freq.device
-        if p.kind in ("ntk_dynamic", "yarn_dynamic"):  # beyond L, s_n = n/L even at s=1; within L plain RoPE
+        if p.kind in ("ntk_dynamic", "ntk_consistent", "yarn_dynamic"):  # beyond L, s_n = n/L even at s=1
             return max(self._cos_sin_error(unit, original, self._positions(n, device), check)
                        for n in (1, L // 2, L))
         return self._cos_sin_error(unit, original, self._positions(4 * L, device), check)
@@ -483,6 +574,15 @@ class Rope:
                        for n in (4 * L, L + 1, L, L // 2, 2 * L))
         reference = self._reference_config(p, original.config)
         make = lambda: type(original)(reference).to(device)  # noqa: E731
+        if p.kind == "ntk_consistent":  # θ(n) at a stream of n tokens is transformers' dynamic on n tokens
+            x = torch.zeros(1, device=device)
+            errors = []
+            for n in (4 * L, L + 1, L, L // 2, 2 * L):
+                positions = self._positions(n, device)
+                with torch.no_grad():
+                    (cos, sin), (cos_t, sin_t) = ours.at_length(x, positions, n), make()(x, positions)
+                errors += [check.max_abs(cos, cos_t), check.max_abs(sin, sin_t)]
+            return max(errors)
         if p.kind not in ("ntk_dynamic", "longrope"):
             return self._cos_sin_error(ours, make(), self._positions(4 * L, device), check)
         # Theirs is stateful, so a fresh one per length; ours sees the lengths long-short-long, which
@@ -495,7 +595,8 @@ class Rope:
         _, original = self._modules(check)
         L = trained_length(p, original.config)
         errors = []
-        ends = {"ntk_dynamic": (2 * L, L + L // 2), "yarn_dynamic": (2 * L, L + L // 2), "longrope": (2 * L, L)}
+        ends = {"ntk_dynamic": (2 * L, L + L // 2), "yarn_dynamic": (2 * L, L + L // 2), "longrope": (2 * L, L),
+                "ntk_consistent": (L, L // 2)}  # past L a base per query, which no transformers rope has
         for end in ends.get(p.kind, (2 * L,)):
             reference = self._reference_config(p, check.config, end)
             plain = self._plain_model(check, reference)  # fresh per length: transformers' dynamic keeps state
@@ -551,6 +652,106 @@ class Rope:
             errors.append(check.max_abs(check.logits(check.surgered, ids, position_ids=positions),
                                         check.logits(unscaled, ids, position_ids=positions)))
         return max(errors)
+
+    def _property_ntk_consistent(self, p, check) -> float:
+        # Identical to the unscaled model for N ≤ L, and the rotary rotates position m with θ(m + 1),
+        # the base of a stream ending there (cos/sin of every position past L, each at its own length).
+        ours, _ = self._modules(check)
+        L, device = trained_length(p, check.config), ours.inv_freq.device
+        errors = [self._property_ntk_dynamic(p, check)]
+        x = torch.zeros(1, device=device)
+        positions = self._positions(3 * L, device)
+        with torch.no_grad():
+            cos, sin = ours(x, positions)
+            for m in (L - 1, L, L + 1, 2 * L, 3 * L - 1):
+                cos_m, sin_m = ours.at_length(x, positions[:, m:m + 1], m + 1)
+                errors += [check.max_abs(cos[:, m:m + 1], cos_m), check.max_abs(sin[:, m:m + 1], sin_m)]
+        return max(errors)
+
+    @obligation("prefill + decode equals the full forward (rel.)", tol=1e-5)
+    def cached_decode(self, p, check) -> float:
+        """Prefill, then token by token through the cache, against one forward without a cache.
+        Past L for the kinds whose frequencies do not depend on the call (positions offset to run
+        past L) and for ntk_consistent (run with L = min(L, 16): also forward(x)[:t] == forward(x[:t]),
+        fast path == dense reference, and per layer the last query equals the untouched layer given
+        transformers' dynamic cos/sin for the call's length); within L for ntk_dynamic, yarn_dynamic
+        and longrope, which rescale per call — past L their cache drifts from the full forward, as
+        transformers' own does (the bug ntk_consistent fixes)."""
+        from surgery.transforms.window import Window
+
+        if p.kind == "ntk_consistent":
+            return self._consistent_decode(p, check)
+        L = trained_length(p, check.config)
+        per_call = p.kind in ("ntk_dynamic", "yarn_dynamic", "longrope")
+        n = min(L, 24) if per_call else 24
+        offset = 0 if per_call else L - n // 2
+        device = next(check.surgered.parameters()).device
+        ids = check.tokens(length=n, salt=5).to(device)
+        positions = (torch.arange(n, device=device) + offset)[None].expand(ids.shape[0], -1)
+        full = check.logits(check.surgered, ids, position_ids=positions, use_cache=False)
+        return check.max_rel(Window._decode(check.surgered, ids, prefill=n // 3, offset=offset), full)
+
+    def _consistent_decode(self, p, check) -> float:
+        from surgery.transforms.window import Window
+
+        errors = []
+        with self._short_trained(p, check) as L:
+            n = 2 * L + 8
+            ids = check.tokens(length=n, salt=5)
+            full = check.logits(check.surgered, ids, use_cache=False)
+            errors.append(check.max_rel(Window._decode(check.surgered, ids, prefill=L // 2), full))
+            for t in (L + 3, n - 5):
+                errors.append(check.max_rel(check.logits(check.surgered, ids[:, :t], use_cache=False), full[:, :t]))
+            mask = torch.ones_like(ids)
+            mask[0, :3] = 0
+            fast = check.logits(check.surgered, ids, attention_mask=mask, surgery_tile=5)
+            dense = check.logits(check.surgered, ids, attention_mask=mask, surgery_reference=True)
+            errors.append(check.max_rel(fast[mask.bool()], dense[mask.bool()]))
+            errors.append(self._last_query_error(p, check, L, n))
+        return max(errors)
+
+    def _last_query_error(self, p, check, L: int, n: int) -> float:
+        """One base throughout a query's attention: per layer, the last query of an n-token call
+        equals the untouched layer given transformers' dynamic cos/sin for n tokens."""
+        config = self._reference_config(p.model_copy(update={"original_max_position": L}), check.config)
+        original_rotary = check.module(check.targets[0].path, surgered=False)
+        reference = type(original_rotary)(config).to(original_rotary.inv_freq.device)
+        pos = torch.arange(n)[None]
+        errors = [0.0]
+        pairs = list(zip(attention_modules(check.surgered), attention_modules(check.original)))
+        inputs: dict = {}  # the hidden states each attention module receives in the untouched model
+        handles = [theirs.register_forward_pre_hook(
+            lambda m, args, kwargs, k=k: inputs.__setitem__(k, (args[0] if args else kwargs["hidden_states"]).detach()),
+            with_kwargs=True) for k, (_, theirs) in enumerate(pairs)]
+        try:
+            check.logits(check.original, check.tokens(length=n, salt=31))
+        finally:
+            for handle in handles:
+                handle.remove()
+        rotary = check.surgered.get_submodule(check.targets[0].path)
+        for k, (ours, theirs) in enumerate(pairs):
+            x = inputs[k]
+            with torch.no_grad():
+                got = ours(x, attention_mask=None, position_embeddings=rotary(x, pos))[0][:, -1]
+                want = theirs(x, attention_mask=None, position_embeddings=reference(x, pos))[0][:, -1]
+            errors.append(check.max_rel(got, want))
+        return max(errors)
+
+    @contextlib.contextmanager
+    def _short_trained(self, p, check, short: int = 16):
+        """The surgered model with its consistent rotary rebuilt for L = min(L, short), so checks
+        pass L on short sequences (the attention programs find the rotary at call time)."""
+        path = check.targets[0].path
+        parent, _, name = path.rpartition(".")
+        holder = check.surgered.get_submodule(parent) if parent else check.surgered
+        current = getattr(holder, name)
+        L = min(trained_length(p, check.config), short)
+        replacement = build_rope(p.model_copy(update={"original_max_position": L}), check.config)
+        setattr(holder, name, replacement.to(current.inv_freq.device))
+        try:
+            yield L
+        finally:
+            setattr(holder, name, current)
 
     def _property_llama3(self, p, check) -> float:
         # From the paper's definition in float64: wavelengths below L/high keep θ_i, above L/low are

@@ -1,7 +1,8 @@
 """The fast path equals the dense reference on random inputs: every stage combination the registry
 allows (plain, window, window with sinks; composed with a dynamic rope; score biases alone and with
-each window; per-head rules), lengths that are and are not multiples of the tile, grouped-query heads, left padding,
-and bounded-cache key layouts."""
+each window; per-head rules; ReRoPE and Leaky ReRoPE (fixed and dynamic k), alone and with a window
+rule), lengths that are and are not multiples of the tile, grouped-query heads, left padding, and
+bounded-cache key layouts."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from surgery.attention import fast, reference
 from surgery.attention.frame import Table
 from surgery.attention.keys import Inputs
-from surgery.attention.program import Program, Stage
+from surgery.attention.program import PreRope, Program, RelativeFrame, Stage, WindowRule
 from surgery.models import tiny
 from surgery.transforms.alibi import AlibiBias
 from surgery.transforms.logn import LogScale
@@ -28,6 +29,7 @@ def rotaries():
 
 
 ROTARIES = rotaries()
+RELATIVE = {"rerope": (5, None, None), "leaky": (5, 3.0, None), "leaky_dynamic": (7, None, 10)}  # (w, k, L)
 
 
 SCORES = {  # score-changing stages, by name (each combined with every window kind below)
@@ -41,6 +43,9 @@ SCORES = {  # score-changing stages, by name (each combined with every window ki
 
 def program(kind: str, size: int = 12, sinks: int = 3, rotary: str = "plain") -> Program:
     """`kind`: plain, window or sinks, optionally followed by +NAME, a SCORES stage."""
+    if kind in RELATIVE:
+        w, k, trained = RELATIVE[kind]
+        return Program((Stage(kind, frame=RelativeFrame(w, k, ROTARIES[rotary], trained), cache=PreRope()),))
     base, _, extra = kind.partition("+")
     scored = (SCORES[extra],) if extra else ()
     if base == "plain":
@@ -220,3 +225,69 @@ def test_a_query_scale_alone_keeps_the_fused_causal_kernel(monkeypatch):
     prog = program("plain+logn")
     assert error(prog, inputs(prog, 40, 40, seed=11), tile=8) < 1e-5
     assert calls == [True]  # one call over all 40 queries, no mask
+
+
+@pytest.mark.parametrize("kind", list(RELATIVE))
+@pytest.mark.parametrize("n, tile", [(16, 8), (37, 8), (37, 64), (50, 7)])
+def test_relative_frames_full_forward(kind, n, tile):
+    prog = program(kind)
+    assert error(prog, inputs(prog, n, n, seed=n), tile) < 1e-5
+
+
+@pytest.mark.parametrize("kind", list(RELATIVE))
+def test_relative_frames_padding_decoding_and_dynamic_rope(kind):
+    prog = program(kind)
+    assert error(prog, inputs(prog, 41, 41, pad=[5, 0], seed=3), tile=8) < 1e-5
+    assert error(prog, inputs(prog, 3, 40, seed=4), tile=2) < 1e-5        # pre-RoPE keys, a decoding chunk
+    prog = program(kind, rotary="ntk_dynamic")
+    assert error(prog, inputs(prog, 90, 90, seed=5), tile=16) < 1e-5
+
+
+def test_relative_frame_with_a_window_rule():
+    """ReRoPE's far band respects every rule: window(20) leaves keys 5 ≤ d < 20 in the far frame."""
+    prog = program("rerope").then(Stage("window(20)", rules=(WindowRule(20),)))
+    assert error(prog, inputs(prog, 50, 50, seed=8), tile=8) < 1e-5
+
+
+def test_relative_reference_is_the_explicit_matrix():
+    """The dense reference of ReRoPE with w ≥ N is causal RoPE attention; with w = 1 every earlier
+    key is at distance 1 (so the score is q·R(1)k for every j < i)."""
+    from surgery.attention.frame import rotate
+
+    prog = program("rerope", rotary="plain")
+    x = inputs(prog, 12, 12, heads=(2, 2))
+    plain = torch.nn.functional.scaled_dot_product_attention(x.q, x.k, x.v, is_causal=True, scale=x.scaling)
+    wide = Program((Stage("rerope", frame=RelativeFrame(50, None, ROTARIES["plain"]), cache=PreRope()),))
+    assert (reference.attend(wide, x) - plain.transpose(1, 2)).abs().max() < 1e-5
+    one = Program((Stage("rerope", frame=RelativeFrame(1, None, ROTARIES["plain"]), cache=PreRope()),))
+    q, k = x.raw()
+    cos, sin = x.table.at(torch.tensor([0, 1]))
+    scores = (rotate(q, cos[1], sin[1]) @ rotate(k, cos[0], sin[0]).transpose(-1, -2)) * x.scaling
+    diagonal = (q * k).sum(-1) * x.scaling * cos[0, 0] ** 2                   # distance 0 on the diagonal
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.diagonal_scatter(diagonal, dim1=-2, dim2=-1)
+    want = (torch.softmax(scores, -1) @ x.v).transpose(1, 2)
+    assert (reference.attend(one, x) - want).abs().max() < 1e-5
+
+
+def consistent_program(trained: int = 20) -> Program:
+    from surgery.attention.program import ConsistentFrame
+
+    config = tiny("llama", hidden_size=64, num_attention_heads=4).config
+    rotary = build_rope(RopeParams(kind="ntk_consistent", scale=4.0, original_max_position=trained), config)
+    return Program((Stage("rope(ntk_consistent)", frame=ConsistentFrame(lambda: rotary), cache=PreRope()),))
+
+
+@pytest.mark.parametrize("n, tile", [(16, 8), (37, 8), (37, 64), (50, 7)])
+def test_consistent_frame_full_forward(n, tile):
+    """Tiles within L (fused, plain RoPE) and past it (a base per query) against the dense reference."""
+    prog = consistent_program()
+    assert error(prog, inputs(prog, n, n, seed=n), tile) < 1e-5
+
+
+def test_consistent_frame_padding_decoding_and_a_window_rule():
+    prog = consistent_program()
+    assert error(prog, inputs(prog, 41, 41, pad=[5, 0], seed=3), tile=8) < 1e-5
+    assert error(prog, inputs(prog, 3, 40, seed=4), tile=2) < 1e-5
+    prog = prog.then(Stage("window(12)", rules=(WindowRule(12),)))
+    assert error(prog, inputs(prog, 45, 45, seed=9), tile=8) < 1e-5

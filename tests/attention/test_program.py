@@ -96,3 +96,10 @@ def test_head_rules_apply_to_their_share_of_heads_and_bound_the_reach():
     assert program.reach() is None and program.reach(5) == 3     # without the head count: unbounded
     only_some = Program((Stage("s", rules=(HeadRule(WindowRule(2), 0, half),)),))
     assert only_some.reach(4) is None                            # heads 2, 3 see everything
+
+
+@pytest.mark.parametrize("other", ["alibi()", "logn(8)", "s2attn(group=4)", "prefix_tuning(2)"])
+def test_relative_frame_refuses_the_fields_its_executor_does_not_take(other):
+    """ReRoPE's executor has no bias, scale, head-rule or prefix path: planning says so with the span."""
+    with pytest.raises(SpecErrors, match="cannot share an attention module"):
+        build_plan(parse(f"attn: rerope(window=4) + {other}"), tiny("llama"))

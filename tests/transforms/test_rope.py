@@ -61,7 +61,7 @@ def test_obligations_hold(arch, kind):
     assert [t.path for t in plan.steps[0].targets] == ["model.rotary_emb"]
     report = verify(plan, model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 5
+    assert len(report.measurements) == 6
     assert all(math.isfinite(m.error) and m.error <= m.tol for m in report.measurements)
 
 
@@ -258,12 +258,13 @@ def test_obligations_fail_on_yarn_without_temperature():
 
 
 PADDED = "left-padded batch equals each row alone"
+DECODE = "prefill + decode equals the full forward (rel.)"
 
 
 @pytest.mark.parametrize("kind", ["linear", "ntk", "ntk_dynamic", "yarn"])
 def test_padded_obligation_fails_when_position_ids_are_ignored(kind):
     # Numbering the call's own tokens is right for a full forward from position 0, which is all the
-    # other obligations feed; a decode step through the KV cache after a (padded) prefill is not.
+    # other obligations feed; a decode step through the KV cache (after a padded prefill, or any) is not.
     class CallColumns(RescaledRope):
         def forward(self, x, position_ids):
             columns = torch.arange(position_ids.shape[-1], device=position_ids.device)
@@ -274,8 +275,8 @@ def test_padded_obligation_fails_when_position_ids_are_ignored(kind):
         return CallColumns(right.inv_freq, right.attention_scaling, right.dynamic)
 
     ratios = measure(KINDS[kind], wrong)
-    assert {name for name, ratio in ratios.items() if ratio > 1} == {PADDED}
-    assert ratios[PADDED] > 10
+    assert {name for name, ratio in ratios.items() if ratio > 1} == {PADDED, DECODE}
+    assert ratios[PADDED] > 10 and ratios[DECODE] > 10
 
 
 def test_dynamic_past_L_follows_the_batch_longest_row_as_transformers_does():
@@ -324,7 +325,7 @@ def test_new_kinds_obligations_hold(arch, kind):
     model = tiny(arch)
     report = verify(plan_for(NEW_KINDS[kind], model), model)
     assert report.ok, report.text()
-    assert len(report.measurements) == 5  # with "left-padded batch equals each row alone"
+    assert len(report.measurements) == 6  # with "left-padded batch equals each row alone" and "prefill + decode …"
 
 
 def transformers_config(model, rope_parameters):
@@ -480,3 +481,107 @@ def test_new_kinds_verify_on_smollm2(smollm2_dir):
     for text in ("attn.*: rope(yarn_dynamic, scale=2)", "attn.*: rope(llama3, scale=4)"):
         report = verify(plan_for(text, model), model)
         assert report.ok, report.text()
+
+
+# ---------------------------------------------------------------------------------- ntk_consistent
+
+CONSISTENT = "attn: rope(ntk_consistent, scale=4)"
+
+
+def _decode(model, ids, prefill):
+    """Logits of `ids` from a prefill of `prefill` tokens, then one token per call through the cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = [model(input_ids=ids[:, :prefill], cache=cache, use_cache=True).logits.float()]
+        for t in range(prefill, ids.shape[1]):
+            out.append(model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits.float())
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_consistent_obligations_hold(arch):
+    model = tiny(arch)
+    report = verify(plan_for(CONSISTENT, model), model)
+    assert report.ok, report.text()
+    assert len(report.measurements) == 6
+
+
+def test_transformers_dynamic_drifts_when_decoding_and_consistent_does_not():
+    """Prefill within L, then decode past it: transformers' "dynamic" keeps each cached key in the
+    base of the step that computed it, so decoding drifts from the full forward; ntk_consistent
+    re-rotates every key with the base of the query's length and equals it at every step."""
+    ids = tokens(N + 8, batch=1, seed=3)
+    theirs = tiny("llama", rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    assert theirs.config.rope_parameters["rope_type"] == "dynamic"
+    full = logits(theirs, ids)
+    assert (_decode(theirs, ids, prefill=L // 2) - full).abs().max() > 1e-3
+    ours = tiny("llama")
+    apply_plan(plan_for(CONSISTENT, ours), ours)
+    full = logits(ours, ids)
+    assert (_decode(ours, ids, prefill=L // 2) - full).abs().max() < 1e-5
+    # causal consistency: the first t outputs do not depend on later tokens, past L too
+    assert (logits(ours, ids[:, :L + 5]) - full[:, :L + 5]).abs().max() < 1e-5
+    # within L it is the untouched model; past L it is not (the base grows)
+    plain = tiny("llama")
+    assert (full[:, :L] - logits(plain, ids)[:, :L]).abs().max() < 1e-5
+    assert (full[:, L + 4:] - logits(plain, ids)[:, L + 4:]).abs().max() > 1e-3
+
+
+def test_consistent_last_query_sees_transformers_dynamic_base():
+    """Query N − 1 of an N-token forward uses transformers' dynamic base for N (one layer, so the
+    keys' inputs are the same in both)."""
+    ours = tiny("llama", num_hidden_layers=1)
+    theirs = copy.deepcopy(ours)
+    theirs.config.rope_parameters = {**theirs.config.rope_parameters, "rope_type": "dynamic", "factor": 4.0}
+    theirs.model.rotary_emb = type(theirs.model.rotary_emb)(theirs.config)
+    apply_plan(plan_for(CONSISTENT, ours), ours)
+    for n in (L + 1, N + 3):
+        ids = tokens(n, batch=1, seed=n)
+        assert (logits(ours, ids)[:, -1] - logits(theirs, ids)[:, -1]).abs().max() < 1e-5
+
+
+def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
+    """Mutation: the frame rotates each key with the base of its own length (as a cache of rotated
+    keys would hold them): decoding still equals the full forward, but the last query no longer
+    sees one base (transformers' dynamic for the call's length), so the decode obligation fails."""
+    from surgery.attention import fast
+
+    real = fast.consistent_scores
+
+    def own_base(rotary, q, k, q_pos, k_pos):
+        theta_k = rotary.frequencies_at(k_pos + 1).float()                       # [B, n, D/2]
+        theta_q = rotary.frequencies_at(q_pos + 1).float()
+        qa = torch.cat([q_pos[..., None].float() * theta_q] * 2, -1)[:, None]
+        ka = torch.cat([k_pos[..., None].float() * theta_k] * 2, -1)[:, None]
+        from surgery.attention.frame import rotate
+        return rotate(q, qa.cos(), qa.sin()) @ rotate(k, ka.cos(), ka.sin()).transpose(-1, -2)
+
+    assert real is not own_base
+    monkeypatch.setattr(fast, "consistent_scores", own_base)
+    model = tiny("llama")
+    errors = {m.obligation: m.error for m in verify(plan_for(CONSISTENT, model), model).measurements}
+    assert errors["prefill + decode equals the full forward (rel.)"] > 1e-5  # its tolerance
+
+
+def test_consistent_clashes_with_a_window_and_is_not_exported():
+    from surgery.errors import SpecErrors
+
+    with pytest.raises(SpecErrors, match="both set the attention frame"):
+        plan_for("attn: rope(ntk_consistent, scale=2) + window(16, sinks=4)", tiny("llama"))
+    with pytest.raises(SpecErrors, match="both set the attention cache"):
+        plan_for("attn: rope(ntk_consistent, scale=2) + window(16)", tiny("llama"))
+    model = tiny("llama")
+    p = plan_for(CONSISTENT, model).steps[0].params
+    assert Rope().rope_parameters(p, model.config) is None
+    plan_for("attn: rope(ntk_dynamic, scale=2) + window(16, sinks=4)", tiny("llama"))  # other kinds add no stage
+
+
+@pytest.mark.slow
+def test_consistent_verifies_on_smollm2(smollm2_dir):
+    from surgery.models import load_model
+
+    model = load_model(smollm2_dir)
+    report = verify(plan_for("attn.*: rope(ntk_consistent, scale=2)", model), model)
+    assert report.ok, report.text()
