@@ -24,10 +24,37 @@ from __future__ import annotations
 
 import torch
 
-from surgery.attention.frame import Table, unrotate
+from surgery.attention.frame import Table, rotate, rotate_half
 from surgery.attention.internals import DynamicLayer
 from surgery.attention.program import Bounded, PreRope, SinkFrame
 from surgery.errors import ApplyError
+
+
+class Shared:
+    """What the layers of one cache compute alike: the frame table (a function of the rotary and the
+    frame's size), and, per call, values that depend only on the call's cos/sin, its mask and Python
+    ints (the rotations at the call's positions, each row's padding). The first layer computes them,
+    the others reuse them. A call's entries are keyed by the identity of its tensors, which they hold
+    (so an identity cannot be reused while the entry lives), and dropped when a call brings others."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[int, int], tuple[object, Table]] = {}
+        self.anchor: tuple = ()
+        self.values: dict = {}
+
+    def table(self, rotary, size: int, like: torch.Tensor) -> Table:
+        held = self.tables.get((id(rotary), size))
+        if held is None or held[0] is not rotary:
+            held = self.tables[id(rotary), size] = (rotary, Table.of(rotary, size, like))
+        return held[1]
+
+    def per_call(self, anchor: tuple, name: tuple, make):
+        """`make()` once per `name` while the call's tensors are the same objects as `anchor`."""
+        if len(anchor) != len(self.anchor) or any(a is not b for a, b in zip(anchor, self.anchor)):
+            self.anchor, self.values = anchor, {}
+        if name not in self.values:
+            self.values[name] = make()
+        return self.values[name]
 
 
 def _pieces(t: torch.Tensor, layout: tuple[int, int], kept: tuple[int, int]) -> list[torch.Tensor]:
@@ -43,13 +70,19 @@ def _take(t: torch.Tensor, layout: tuple[int, int], kept: tuple[int, int], *new:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
 
 
+def _inverse(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = cos.float() ** 2 + sin.float() ** 2
+    return (cos.float() / norm).unsqueeze(1), (sin.float() / norm).unsqueeze(1)
+
+
 class ProgramLayer(DynamicLayer):
     is_sliding = False   # the mask is sized as for a full layer: one column per token of the stream
     is_croppable = False
 
-    def __init__(self, policy: Bounded | PreRope):
+    def __init__(self, policy: Bounded | PreRope, shared: Shared | None = None):
         super().__init__()
         self.policy = policy
+        self.shared = shared or Shared()  # with the other layers of its cache
         self.cumulative_length = 0
         self.head = 0              # stored positions 0 … head − 1 hold columns 0 … head − 1
         self.start = 0             # the rest hold columns start … end − 1
@@ -74,7 +107,9 @@ class ProgramLayer(DynamicLayer):
             if call is None or call.position_embeddings is None:
                 raise ApplyError("a pre-RoPE cache needs the cos/sin the attention module was called with")
             cos, sin = call.position_embeddings
-            rotated, key_states = key_states, unrotate(key_states, cos.unsqueeze(1), sin.unsqueeze(1)).to(key_states.dtype)
+            # x = (c − sJ)y / (c² + s²) (frame.unrotate), with the normalised c, s shared by the layers
+            c, si = self.shared.per_call(call.anchor(), ("unrotate",), lambda: _inverse(cos, sin))
+            rotated, key_states = key_states, (key_states.float() * c - rotate_half(key_states.float()) * si).to(key_states.dtype)
         start_col = self.cumulative_length
         end = start_col + key_states.shape[-2]
         reach = None if self.policy.size is None else self.policy.size - self.policy.sinks  # None: keep all
@@ -87,7 +122,7 @@ class ProgramLayer(DynamicLayer):
         self.cumulative_length = end
         framed = None
         if self.policy.pre_rope and isinstance(call.program.frame, SinkFrame):
-            framed = self._frame(call.program.frame, keys, key_states, stored, start_col, end)
+            framed = self._frame(call, keys, key_states, stored, start_col, end)
         self.returned2 = framed
         # … and keep what the next call's first query may see: after a single new token that is what
         # was returned (the one key too old for the next query goes at the next update's copy).
@@ -106,7 +141,7 @@ class ProgramLayer(DynamicLayer):
         start = max(first, head)
         return (head, start) if start > head else (0, 0)
 
-    def _frame(self, frame, keys, new_keys, stored: tuple[int, int], start_col: int, end: int):
+    def _frame(self, call, keys, new_keys, stored: tuple[int, int], start_col: int, end: int):
         """The returned keys rotated in the frame (see fast.frame_keys), rotating only the new ones;
         rebased (all re-rotated from the pre-RoPE keys) when positions would pass 3·size.
 
@@ -115,13 +150,18 @@ class ProgramLayer(DynamicLayer):
         fast._step)."""
         from surgery.attention.fast import frame_keys
 
+        frame = call.program.frame
         table = self.frame_table(frame.rotary(), frame.size, new_keys)
         head, start = self.layout
         if self.keys2 is None or end - self.origin > 3 * frame.size:
             self.origin = max(start - frame.size, 0)
             columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
             return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin, end)
-        fresh = frame_keys(table, new_keys, torch.arange(start_col, end, device=keys.device), self.origin, end)
+        c, s = self.shared.per_call(
+            call.anchor(), ("fresh", id(table), start_col, end, self.origin),
+            lambda: table.at(torch.arange(start_col - self.origin, end - self.origin, device=keys.device),
+                             bound=end - self.origin))
+        fresh = rotate(new_keys.float(), c, s)
         return _take(self.keys2, stored, self.layout, fresh)
 
     def columns(self) -> torch.Tensor:
@@ -131,7 +171,7 @@ class ProgramLayer(DynamicLayer):
 
     def frame_table(self, rotary, size: int, like: torch.Tensor) -> Table:
         if self.table is None:
-            self.table = Table.of(rotary, size, like)
+            self.table = self.shared.table(rotary, size, like)
         return self.table
 
     def frame_inputs(self):

@@ -87,7 +87,9 @@ def _steady(program: Program, x: Inputs, rotated) -> bool:
         return False
     # generate() always passes an attention mask; one without padding (every row starts at column
     # 0, every key real) is no padding. A value check, but only ever on a single decoding query.
-    if x.pad is not None and bool(x.pad.any()) or x.key_ok is not None and not bool(x.key_ok.all()):
+    if (x.pad is not None or x.key_ok is not None) and not (
+            x.unpadded if x.unpadded is not None else
+            not (x.pad is not None and bool(x.pad.any())) and (x.key_ok is None or bool(x.key_ok.all()))):
         return False
     frame = program.frame
     return frame is None or (rotated is not None and rotated[0] is not None and x.k_raw and x.head == frame.sinks
@@ -110,11 +112,17 @@ def _step(program: Program, x: Inputs, rotated) -> torch.Tensor:
     keys2, origin = rotated
     i, sinks = x.end - 1, frame.sinks
     offset = i - min(i, frame.size - 1) - origin
-    at = torch.arange(offset, offset + sinks, device=x.k.device)
-    sink_keys = rotate(x.k[..., :sinks, :].float(), *x.table.at(at, bound=offset + sinks))
-    c, s = composite(*x.table.at(torch.tensor([i - origin], device=x.q.device), bound=i - origin + 1),
-                     x.cos.float(), x.sin.float())
-    q = rotate(x.q.float(), c[:, None], s[:, None])
+
+    def rotations():  # the same for every layer of the cache in this call (cache.Shared)
+        at = torch.arange(offset, offset + sinks, device=x.k.device)
+        c, s = composite(*x.table.at(torch.tensor([i - origin], device=x.q.device), bound=i - origin + 1),
+                         x.cos.float(), x.sin.float())
+        return x.table.at(at, bound=offset + sinks), (c[:, None], s[:, None])
+
+    (sink_c, sink_s), (c, s) = rotations() if x.shared is None else x.shared[0].per_call(
+        x.shared[1], ("step", id(x.table), i, origin, sinks), rotations)
+    sink_keys = rotate(x.k[..., :sinks, :].float(), sink_c, sink_s)
+    q = rotate(x.q.float(), c, s)
     if lo == sinks and not keys2.requires_grad:
         # The cache's frame keys hold the sinks at positions the band never uses: put them there.
         keys2[..., :sinks, :] = sink_keys

@@ -46,6 +46,12 @@ class Call:
     reference: bool = False
     tile: int = fast.TILE
     record: bool = False
+    mask: object = None                 # the attention mask the module was given (its identity keys Shared)
+
+    def anchor(self) -> tuple:
+        """The call's tensors that values shared by the layers of a cache depend on (cache.Shared)."""
+        cos, sin = self.position_embeddings or (None, None)
+        return cos, sin, self.mask
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # the program's K/V prefix for this call
 
 
@@ -73,7 +79,8 @@ def before_attention(module: nn.Module, args, kwargs):
                 raise ApplyError(f"the KV cache already holds {layer.get_seq_length()} tokens for layer "
                                  f"{module.layer_idx} that were cached without {program.describe()}; "
                                  "start from an empty cache")
-            layer = layers[module.layer_idx] = ProgramLayer(program.cache)
+            others = next((other.shared for other in layers if isinstance(other, ProgramLayer)), None)
+            layer = layers[module.layer_idx] = ProgramLayer(program.cache, others)
         elif layer.policy != program.cache:
             raise ApplyError(f"the KV cache of layer {module.layer_idx} was built for {layer.policy}, "
                              f"not {program.cache}")
@@ -84,7 +91,10 @@ def before_attention(module: nn.Module, args, kwargs):
         kwargs = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
     if program.prefix is not None:  # resolved per call (a trainable prefix changes between calls)
         options["prefix"] = program.prefix.kv(module, kwargs)
-    call = Call(program, kwargs.get("position_embeddings"), layer, _pads(kwargs.get("attention_mask")), **options)
+    mask = kwargs.get("attention_mask")
+    pad = _pads(mask) if layer is None else layer.shared.per_call(
+        (*(kwargs.get("position_embeddings") or (None, None)), mask), ("pads",), lambda: _pads(mask))
+    call = Call(program, kwargs.get("position_embeddings"), layer, pad, mask=mask, **options)
     return args, {**kwargs, "surgery_call": call}
 
 
@@ -97,15 +107,20 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
     if layer is None:
         start = 0
     scaling = scaling if scaling is not None else module.scaling
-    pad, key_ok, given = _pads(attention_mask), None, None
+    pad, key_ok, given, unpadded = call.pad, None, None, None
     if pad is not None:
-        columns = attention_mask[:, 0, 0]
-        key_ok = torch.cat([columns[:, :head], columns[:, start:start + key.shape[-2] - head]], dim=-1)
+        def real_keys():
+            columns = attention_mask[:, 0, 0]
+            ok = torch.cat([columns[:, :head], columns[:, start:start + key.shape[-2] - head]], dim=-1)
+            return ok, (query.shape[-2] == 1 and not bool(pad.any()) and bool(ok.all()))  # for fast._steady
+        key_ok, unpadded = real_keys() if layer is None else layer.shared.per_call(
+            call.anchor(), ("keys", head, start, key.shape[-2], query.shape[-2]), real_keys)
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
         given = attention_mask[..., :key.shape[-2]]  # a 4D mask the caller built: honoured as given
     x = Inputs(query, key, value, scaling, head=head, start=start, pad=pad, key_ok=key_ok, given=given,
                dropout=dropout if module.training else 0.0, prefix=call.prefix,
-               positions=kwargs.get("position_ids"))
+               positions=kwargs.get("position_ids"), unpadded=unpadded,
+               shared=None if layer is None else (layer.shared, call.anchor()))
     rotated = None
     frame = program.frame
     if frame is not None:

@@ -35,6 +35,8 @@ class Inputs:
     dropout: float = 0.0
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V prefix: keys, values [B|1, Hkv, P, D]
     positions: torch.Tensor | None = None  # [B|1, Tq] the call's position ids, when the module was given them
+    unpadded: bool | None = None        # a single query whose padding mask has no padding (None: not known)
+    shared: tuple | None = None         # (cache.Shared of the layer's cache, the call's anchor), or None
 
     def prefix_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V prefix expanded to the batch: keys [B, Hkv, P, D], values [B, Hkv, P, Dv]."""

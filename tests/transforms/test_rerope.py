@@ -69,7 +69,8 @@ def test_keys_cached_after_rope_fail_cached_decode(monkeypatch):
     rotated keys, and 'cached decode equals the full forward' fails."""
     import surgery.attention.cache as cache
 
-    monkeypatch.setattr(cache, "unrotate", lambda y, cos, sin: y.float())
+    monkeypatch.setattr(cache, "_inverse", lambda cos, sin: (torch.ones_like(cos.float()).unsqueeze(1),
+                                                             torch.zeros_like(sin.float()).unsqueeze(1)))
     for text in ("attn: rerope(window=8)", "attn: leaky_rerope(6, dynamic=true, original_max_position=20)"):
         assert _measure(text)["cached decode equals the full forward (rel.)"] > 1e-4
 

@@ -217,8 +217,8 @@ def test_window_off_by_one_fails_the_reference_mask(monkeypatch):
 def test_evicted_sinks_fail_cached_decode(monkeypatch):
     real = ProgramLayer.__init__
 
-    def forgetful(self, policy):
-        real(self, policy)
+    def forgetful(self, *args):
+        real(self, *args)
         self.head_span = 0  # keep no head: the sinks are evicted like any old token
 
     monkeypatch.setattr(ProgramLayer, "__init__", forgetful)
@@ -230,5 +230,7 @@ def test_evicted_sinks_fail_cached_decode(monkeypatch):
 def test_keys_cached_without_unrotating_fail_cached_decode(monkeypatch):
     from surgery.attention import cache
 
-    monkeypatch.setattr(cache, "unrotate", lambda y, cos, sin: y.float())
+    # the un-rotation made the identity: keys cached as the model rotated them
+    monkeypatch.setattr(cache, "_inverse", lambda cos, sin: (torch.ones_like(cos.float()).unsqueeze(1),
+                                                             torch.zeros_like(sin.float()).unsqueeze(1)))
     assert "cached decode equals the masked full forward (rel.)" in _failures("attn: window(16, sinks=4)")
