@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from surgery.attention.frame import Table, rotate, rotate_half
+from surgery.attention.frame import Table, rotate_signed, signed
 from surgery.attention.internals import DynamicLayer
 from surgery.attention.program import Bounded, PreRope, SinkFrame
 from surgery.errors import ApplyError
@@ -71,8 +71,13 @@ def _take(t: torch.Tensor, layout: tuple[int, int], kept: tuple[int, int], *new:
 
 
 def _inverse(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, signed(−s)) / (c² + s²): the inverse rotation for :func:`rotate_signed`, per head."""
     norm = cos.float() ** 2 + sin.float() ** 2
-    return (cos.float() / norm).unsqueeze(1), (sin.float() / norm).unsqueeze(1)
+    return (cos.float() / norm).unsqueeze(1), signed(-sin.float() / norm).unsqueeze(1)
+
+
+def _signed(cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos_sin[0], signed(cos_sin[1])
 
 
 class ProgramLayer(DynamicLayer):
@@ -109,7 +114,7 @@ class ProgramLayer(DynamicLayer):
             cos, sin = call.position_embeddings
             # x = (c − sJ)y / (c² + s²) (frame.unrotate), with the normalised c, s shared by the layers
             c, si = self.shared.per_call(call.anchor(), ("unrotate",), lambda: _inverse(cos, sin))
-            rotated, key_states = key_states, (key_states.float() * c - rotate_half(key_states.float()) * si).to(key_states.dtype)
+            rotated, key_states = key_states, rotate_signed(key_states.float(), c, si).to(key_states.dtype)
         start_col = self.cumulative_length
         end = start_col + key_states.shape[-2]
         reach = None if self.policy.size is None else self.policy.size - self.policy.sinks  # None: keep all
@@ -159,9 +164,9 @@ class ProgramLayer(DynamicLayer):
             return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin, end)
         c, s = self.shared.per_call(
             call.anchor(), ("fresh", id(table), start_col, end, self.origin),
-            lambda: table.at(torch.arange(start_col - self.origin, end - self.origin, device=keys.device),
-                             bound=end - self.origin))
-        fresh = rotate(new_keys.float(), c, s)
+            lambda: _signed(table.at(torch.arange(start_col - self.origin, end - self.origin, device=keys.device),
+                                     bound=end - self.origin)))
+        fresh = rotate_signed(new_keys.float(), c, s)
         return _take(self.keys2, stored, self.layout, fresh)
 
     def columns(self) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from surgery.attention import internals
-from surgery.attention.frame import Table, composite, real_rotation, rotate
+from surgery.attention.frame import Table, composite, real_rotation, rotate, rotate_signed, signed
 from surgery.attention.keys import Inputs
 from surgery.attention.program import ConsistentFrame, Program, RelativeFrame
 
@@ -117,12 +117,13 @@ def _step(program: Program, x: Inputs, rotated) -> torch.Tensor:
         at = torch.arange(offset, offset + sinks, device=x.k.device)
         c, s = composite(*x.table.at(torch.tensor([i - origin], device=x.q.device), bound=i - origin + 1),
                          x.cos.float(), x.sin.float())
-        return x.table.at(at, bound=offset + sinks), (c[:, None], s[:, None])
+        sink_c, sink_s = x.table.at(at, bound=offset + sinks)
+        return (sink_c, signed(sink_s)), (c[:, None], signed(s[:, None]))
 
     (sink_c, sink_s), (c, s) = rotations() if x.shared is None else x.shared[0].per_call(
         x.shared[1], ("step", id(x.table), i, origin, sinks), rotations)
-    sink_keys = rotate(x.k[..., :sinks, :].float(), sink_c, sink_s)
-    q = rotate(x.q.float(), c, s)
+    sink_keys = rotate_signed(x.k[..., :sinks, :].float(), sink_c, sink_s)
+    q = rotate_signed(x.q.float(), c, s)
     if lo == sinks and not keys2.requires_grad:
         # The cache's frame keys hold the sinks at positions the band never uses: put them there.
         keys2[..., :sinks, :] = sink_keys
