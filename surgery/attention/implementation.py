@@ -28,7 +28,7 @@ from surgery.attention.cache import ProgramLayer
 from surgery.attention.frame import Table
 from surgery.attention.keys import Inputs
 from surgery.attention.program import Program, Stage
-from surgery.errors import ApplyError
+from surgery.errors import ApplyError, SpecError
 
 NAME = "surgery"
 ATTR = "surgery_attention"
@@ -173,6 +173,20 @@ def ensure_registered() -> None:
     with _LOCK:
         if not internals.registered(NAME):
             internals.register(NAME, attention, key_padding)
+
+
+def require_causal(doing: str, target, module: nn.Module) -> None:
+    """Every attention stage assumes a causal decoder; `doing` says why ("window(...) limits how far
+    back a causal decoder looks"). A SpecError naming the module otherwise."""
+    if not getattr(module, "is_causal", False):
+        raise SpecError(f"{doing}, but {target.path} ({type(module).__name__}) attends in both directions")
+
+
+def require_layer_index(name: str, target, module: nn.Module) -> None:
+    """A stage with its own cache layer needs the module's KV-cache layer index."""
+    if not isinstance(getattr(module, "layer_idx", None), int):
+        raise SpecError(f"{name}(...) needs the attention module's KV-cache layer index; "
+                        f"{type(module).__name__} at {target.path} has none")
 
 
 def install(edit, model: nn.Module, modules: list[nn.Module], stage: Stage) -> None:

@@ -56,7 +56,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from surgery.attention import ATTR, Program, Stage, install, rotary_ref
+from surgery.attention import ATTR, Program, Stage, install, require_causal, rotary_ref
 from surgery.attention.checks import decode_vs_full, fast_vs_dense
 from surgery.errors import ApplyError, SpecError
 from surgery.transforms.registry import Anchor, Params, obligation, transform
@@ -108,9 +108,7 @@ class Alibi:
         return alibi_stage(p, span)
 
     def accepts(self, p: AlibiParams, target, module: nn.Module) -> bool:
-        if not getattr(module, "is_causal", False):
-            raise SpecError(f"alibi() penalises the distance back to earlier tokens of a causal decoder, but "
-                            f"{target.path} ({type(module).__name__}) attends in both directions")
+        require_causal("alibi() penalises the distance back to earlier tokens of a causal decoder", target, module)
         config = getattr(module, "config", None)
         if p.rope == "drop" and not getattr(config, "rope_parameters", None):
             raise SpecError(f"alibi(rope=drop) removes rotary position embeddings, but "

@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from surgery.attention import ATTR, Program, Stage, install, rotary_ref
+from surgery.attention import ATTR, Program, Stage, install, require_causal, rotary_ref
 from surgery.attention.checks import decode_vs_full, fast_vs_dense
 from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, Params, obligation, transform
@@ -79,9 +79,7 @@ class Logn:
         return logn_stage(p.length, span)
 
     def accepts(self, p: LognParams, target, module: nn.Module) -> bool:
-        if not getattr(module, "is_causal", False):
-            raise SpecError(f"logn() scales queries by their position in a causal stream, but {target.path} "
-                            f"({type(module).__name__}) attends in both directions")
+        require_causal("logn() scales queries by their position in a causal stream", target, module)
         if _length(p, getattr(module, "config", None)) is None:
             raise SpecError("logn() needs the trained length: the model's config has no max_position_embeddings, "
                             "so give it as logn(L)")

@@ -72,7 +72,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from surgery.arch import backbone_prefix
-from surgery.attention import KVPrefix, Stage, install, rotary_ref
+from surgery.attention import KVPrefix, Stage, install, require_causal, rotary_ref
 from surgery.errors import ApplyError, ModelError, SpecError
 from surgery.transforms.prompt_tuning import _as_kwargs, learned_positions
 from surgery.transforms.registry import Anchor, Params, obligation, transform
@@ -200,9 +200,7 @@ class PrefixSteps:
         return Stage(self.owner(p), span, prefix=KVPrefix(p.length, kv))
 
     def accepts(self, p, target, module: nn.Module) -> bool:
-        if not getattr(module, "is_causal", False):
-            raise SpecError(f"{self.spec.name}(...) prepends keys to a causal decoder's attention, but "
-                            f"{target.path} ({type(module).__name__}) attends in both directions")
+        require_causal(f"{self.spec.name}(...) prepends keys to a causal decoder's attention", target, module)
         return True
 
     def apply(self, p, model: nn.Module, targets, edit) -> None:

@@ -59,7 +59,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from surgery.attention import ATTR, Program, Stage, install, rotary_ref
+from surgery.attention import ATTR, Program, Stage, install, require_causal, require_layer_index, rotary_ref
 from surgery.attention.frame import rotate
 from surgery.attention.program import PreRope, RelativeFrame
 from surgery.errors import ApplyError, SpecError
@@ -107,12 +107,8 @@ class _Relative:
         return Stage(_owner(self.name, p), span, frame=self.frame(p, rotary, config), cache=PreRope())
 
     def accepts(self, p, target, module: nn.Module) -> bool:
-        if not getattr(module, "is_causal", False):
-            raise SpecError(f"{self.name}(...) rewrites a causal decoder's relative positions, but {target.path} "
-                            f"({type(module).__name__}) attends in both directions")
-        if not isinstance(getattr(module, "layer_idx", None), int):
-            raise SpecError(f"{self.name}(...) needs the attention module's KV-cache layer index; "
-                            f"{type(module).__name__} at {target.path} has none")
+        require_causal(f"{self.name}(...) rewrites a causal decoder's relative positions", target, module)
+        require_layer_index(self.name, target, module)
         config = getattr(module, "config", None)
         if not getattr(config, "rope_parameters", None):
             raise SpecError(f"{self.name}(...) rewrites rotary positions; "

@@ -44,7 +44,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from surgery.attention import ATTR, Program, Stage, install, rotary_ref
+from surgery.attention import ATTR, Program, Stage, install, require_causal, rotary_ref
 from surgery.attention.checks import causal_leak, fast_vs_dense, mode
 from surgery.attention.program import HeadRule
 from surgery.errors import SpecError
@@ -97,9 +97,7 @@ class S2Attn:
         return s2attn_stage(p.group, span)
 
     def accepts(self, p: S2AttnParams, target, module: nn.Module) -> bool:
-        if not getattr(module, "is_causal", False):
-            raise SpecError(f"s2attn() groups the tokens of a causal decoder, but {target.path} "
-                            f"({type(module).__name__}) attends in both directions")
+        require_causal("s2attn() groups the tokens of a causal decoder", target, module)
         heads = getattr(getattr(module, "config", None), "num_attention_heads", 2)
         if heads < 2:
             raise SpecError(f"s2attn() shifts half of the heads, but {target.path} has {heads}")

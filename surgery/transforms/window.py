@@ -57,7 +57,18 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from surgery.attention import ATTR, Bounded, Program, SinkFrame, Stage, WindowRule, install, rotary_ref
+from surgery.attention import (
+    ATTR,
+    Bounded,
+    Program,
+    SinkFrame,
+    Stage,
+    WindowRule,
+    install,
+    require_causal,
+    require_layer_index,
+    rotary_ref,
+)
 from surgery.attention.cache import ProgramLayer
 from surgery.attention.frame import rotate
 from surgery.errors import ApplyError, SpecError
@@ -100,12 +111,8 @@ class Window:
         return window_stage(p.size, p.sinks, span=span)
 
     def accepts(self, p: WindowParams, target, module: nn.Module) -> bool:
-        if not getattr(module, "is_causal", False):
-            raise SpecError(f"window(...) limits how far back a causal decoder looks, but {target.path} "
-                            f"({type(module).__name__}) attends in both directions")
-        if not isinstance(getattr(module, "layer_idx", None), int):
-            raise SpecError(f"window(...) needs the attention module's KV-cache layer index; "
-                            f"{type(module).__name__} at {target.path} has none")
+        require_causal("window(...) limits how far back a causal decoder looks", target, module)
+        require_layer_index("window", target, module)
         config = getattr(module, "config", None)
         if p.sinks and not getattr(config, "rope_parameters", None):
             raise SpecError(f"window(sinks={p.sinks}) re-rotates cached keys at their cache positions, which "
