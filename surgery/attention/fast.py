@@ -83,7 +83,7 @@ def _steady(program: Program, x: Inputs, rotated) -> bool:
     """A decoding step that sees its whole key band unmasked: window stages only, no padding (a mask
     of ones is none) and no caller mask, and — with a sink frame — the cache past its first eviction (sinks at positions
     0 … sinks − 1, every later position a recent key) with its keys kept in the recent frame."""
-    if x.given is not None or not program.only_windows():
+    if x.given is not None or not program.only_windows:
         return False
     # generate() always passes an attention mask; one without padding (every row starts at column
     # 0, every key real) is no padding. A value check, but only ever on a single decoding query.

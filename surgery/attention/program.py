@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -330,9 +331,11 @@ class Program:
             ok = ok & rule.visible(i, j)
         return ok
 
+    @cached_property
     def only_windows(self) -> bool:
         """Every stage contributes window rules, a sink frame and a bounded cache at most (no other
-        field set, no other frame or cache): then a single query sees its whole key band, so a decoding step needs no mask."""
+        field set, no other frame or cache): then a single query sees its whole key band, so a
+        decoding step needs no mask. Asked at every decoding step, so computed once."""
         base = {"owner", "span", "rules", "frame", "cache", "train_only"}
         if not isinstance(self.frame, SinkFrame | None) or not isinstance(self.cache, Bounded | None):
             return False
