@@ -210,6 +210,7 @@ class PasskeyPrompt:
     key_position: int       # token index where the key line starts
     fillers_before: int
     fillers: int
+    question: int = 0       # trailing tokens that ask for the key (the rest is the context)
 
 
 def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> PasskeyPrompt:
@@ -229,7 +230,7 @@ def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> PasskeyPro
         raise EvalError(f"a passkey prompt needs at least {need} tokens; {length} is too short")
     before = round(depth * fillers)
     ids = task + filler * before + line + filler * (fillers - before) + question
-    return PasskeyPrompt(key, depth, tuple(ids), len(task) + before * len(filler), before, fillers)
+    return PasskeyPrompt(key, depth, tuple(ids), len(task) + before * len(filler), before, fillers, len(question))
 
 
 def passkey_prompts(tokenizer, length: int, trials: int, seed: int) -> list[PasskeyPrompt]:
@@ -259,15 +260,22 @@ class Trial:
 
 
 def run_passkey(model: nn.Module, tokenizer, prompt: PasskeyPrompt, *, answer_tokens: int = 8) -> Trial:
+    """Greedy answer to `prompt`. A decoding strategy that takes the context apart (NBCE:
+    ``splits_context``) gets the question as the prompt and the task, filler and key line as
+    ``context=``, as its users call it; any other model gets the whole prompt."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.ids], device=device)
+    extra = {}
+    if getattr(getattr(getattr(model, "generate", None), "strategy", None), "splits_context", False):
+        cut = len(prompt.ids) - prompt.question
+        ids, extra = ids[:, cut:], {"context": ids[:, :cut]}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, **extra)
     answer = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     return Trial(prompt.key, prompt.depth, len(prompt.ids), answer, first_integer(answer))
 

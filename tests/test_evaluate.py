@@ -234,3 +234,26 @@ def test_streaming_compares_streamingllm_with_recompute():
     data = {(r["spec"], r["length"]): r for r in result.to_dict()["results"]}
     assert data[(specs[1], 50)]["stream_ppl"] == pytest.approx(recompute.ppl)
     assert "stream ppl" in str(result.table().columns[2]._cells[2])
+
+
+def test_passkey_gives_nbce_the_context_apart(tokenizer):
+    """NBCE takes the prompt's context apart (generate(question, context=…)); given the whole
+    400-token prompt it would refuse it (longer than its chunk), so the trial runs only if eval splits."""
+    from transformers import GenerationConfig
+
+    import surgery
+
+    spec = "generate: nbce(chunk=64, beta=0.25)"
+    result = ev.evaluate(tiny("llama"), [spec], tokenizer=tokenizer, lengths=[], passkey=1, passkey_lengths=[400],
+                         seed=2, check=False)
+    trial = result.row(spec, 400).passkey[0]
+    prompt = ev.passkey_prompts(tokenizer, 400, 1, seed=2)[0]
+    assert prompt.question == len(tokenizer.encode(" " + ev.PASSKEY_QUESTION, add_special_tokens=False))
+    ids = torch.tensor([prompt.ids])
+    cut = ids.shape[1] - prompt.question
+    model = surgery.compile(tiny("llama"), spec).model
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    by_hand = model.generate(ids[:, cut:], context=ids[:, :cut], generation_config=config)
+    assert trial.answer == tokenizer.decode(by_hand[0, prompt.question:].tolist(), skip_special_tokens=True)
+    assert trial.tokens == len(prompt.ids) > 300  # the whole prompt, context and question

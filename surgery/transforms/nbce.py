@@ -111,6 +111,8 @@ def _batch(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class NBCE:
     """Naive-Bayes context extension: the context in chunks decoded as a batch, log-probs pooled."""
 
+    splits_context = True  # generate(question, context=…): callers with a long prompt pass its context apart
+
     def next_token_scores(self, p: NBCEParams, model: nn.Module, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, extra: dict[str, Any]) -> Generator[torch.Tensor, torch.Tensor, None]:
         from transformers import DynamicCache

@@ -120,7 +120,9 @@ class Decodes(Protocol):
     """A generation strategy: the scores of each next token, as a generator that yields ``[B, V]``
     log-probabilities and is sent the ``[B]`` tokens chosen from them (:mod:`surgery.anchors.decoding`
     chooses them as ``generate()`` does). `extra` holds the call's keyword arguments that are not
-    generation settings (e.g. NBCE's ``context``); the strategy refuses any it does not take."""
+    generation settings (e.g. NBCE's ``context``); the strategy refuses any it does not take. A
+    strategy whose class sets ``splits_context = True`` is called ``generate(question, context=…)``
+    by callers holding a long prompt (``surgery eval``'s passkey)."""
 
     def next_token_scores(self, p: Any, model: nn.Module, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor, extra: dict[str, Any]) -> Generator[torch.Tensor, torch.Tensor, None]: ...
