@@ -10,8 +10,10 @@ score sees the relative position
 so no query ever sees a distance it was not trained on (ReRoPE), or sees long distances compressed
 k-fold (Leaky). With ``dynamic=true`` Leaky's k follows the row's length n in the call,
 k_n = max(1, n/L) (L the trained length, ``original_max_position``, default
-``config.max_position_embeddings``): every length n ≤ L is plain RoPE, and beyond L every far
-position w + (d − w)·L/n stays below L. Su 2023, https://kexue.fm/archives/9708 and
+``config.max_position_embeddings``): every length n ≤ L is plain RoPE, and beyond L the farthest
+position w + (n − 1 − w)·L/n stays below L + w·(1 − L/n) — past L by up to w, so a dynamic leak
+keeps positions within L only with w small against L (a fixed k ≥ (N − w)/(L − w) keeps a known
+longest length N within L exactly). Su 2023, https://kexue.fm/archives/9708 and
 https://github.com/bojone/rerope (``rerope_patch.py``, ``leaky_rerope_patch.py``).
 
 The transform is one stage of the attention program (:mod:`surgery.attention`): a
