@@ -75,10 +75,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=LR)
         self.losses: list[float] = []
 
-    def step(self, ids: torch.Tensor) -> float:
-        """Seconds one forward + backward + AdamW step takes."""
+    def step(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
+        """Seconds one forward + backward + AdamW step takes (labels: `ids` unless given)."""
         start = time.perf_counter()
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self.model(input_ids=ids, labels=ids if labels is None else labels).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
