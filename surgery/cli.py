@@ -120,8 +120,8 @@ def _report_table(report) -> Table:
     for col in ("step", "transform", "obligation", "error", "tol", "ok"):
         table.add_column(col, justify="right" if col in ("error", "tol") else "left")
     for m in report.measurements:
-        table.add_row(str(m.step), m.transform, m.obligation, f"{m.error:.2e}", f"{m.tol:.0e}",
-                      "[green]yes[/]" if m.ok else "[red]NO[/]")
+        table.add_row(str(m.step), m.transform, m.obligation, m.shown_error, f"{m.tol:.0e}",
+                      f"[dim]n/a: {m.not_applicable}[/]" if m.not_applicable else "[green]yes[/]" if m.ok else "[red]NO[/]")
     return table
 
 

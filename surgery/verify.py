@@ -24,6 +24,7 @@ from surgery.arch import backbone_prefix
 from surgery.errors import ModelError
 from surgery.layers import SurgeryLinear
 from surgery.planner import Plan, Step
+from surgery.transforms.registry import NotApplicable
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,15 @@ class Measurement:
     obligation: str
     error: float
     tol: float
+    not_applicable: str | None = None  # why the model has nothing to check (the error is then NaN)
 
     @property
     def ok(self) -> bool:
-        return math.isfinite(self.error) and self.error <= self.tol
+        return self.not_applicable is not None or (math.isfinite(self.error) and self.error <= self.tol)
+
+    @property
+    def shown_error(self) -> str:
+        return "n/a" if self.not_applicable is not None else f"{self.error:.2e}"
 
 
 @dataclass
@@ -52,13 +58,13 @@ class Report:
         return [m for m in self.measurements if not m.ok]
 
     def to_json(self) -> list[dict]:
-        return [{**vars(m), "ok": m.ok} for m in self.measurements]
+        return [{**vars(m), "error": None if m.not_applicable else m.error, "ok": m.ok} for m in self.measurements]
 
     def text(self) -> str:
         rows = [f"{'step':>4}  {'transform':<14} {'obligation':<52} {'error':>10} {'tol':>8}  ok"]
         for m in self.measurements:
-            rows.append(f"{m.step:>4}  {m.transform:<14} {m.obligation:<52} {m.error:>10.2e} {m.tol:>8.0e}  "
-                        f"{'yes' if m.ok else 'NO'}")
+            rows.append(f"{m.step:>4}  {m.transform:<14} {m.obligation:<52} {m.shown_error:>10} {m.tol:>8.0e}  "
+                        f"{'yes' if m.ok else 'NO'}" + (f" ({m.not_applicable})" if m.not_applicable else ""))
         return "\n".join(rows)
 
 
@@ -256,7 +262,12 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
                 if progress:
                     progress(f"step {step.index} {step.transform}: {ob.name}")
                 try:
-                    error = float(getattr(impl, ob.method)(step.params, check))
+                    result = getattr(impl, ob.method)(step.params, check)
+                    if isinstance(result, NotApplicable):
+                        report.measurements.append(Measurement(step.index, step.transform, ob.name, math.nan,
+                                                               ob.tol, not_applicable=result.reason))
+                        continue
+                    error = float(result)
                 except Exception as e:  # an obligation that crashes is a failed obligation, with its reason
                     report.measurements.append(Measurement(step.index, step.transform,
                                                            f"{ob.name} [crashed: {type(e).__name__}: {e}]",

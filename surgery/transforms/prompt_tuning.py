@@ -78,7 +78,7 @@ from torch import nn
 
 from surgery.arch import backbone_prefix, detect
 from surgery.errors import ApplyError, ModelError, SpecError
-from surgery.transforms.registry import Anchor, Params, obligation, transform
+from surgery.transforms.registry import Anchor, NotApplicable, Params, obligation, transform
 
 ATTRIBUTE = "surgery_prompt"  # where the prompt module lives on the backbone
 
@@ -373,7 +373,7 @@ class VirtualTokenSteps(ABC):
         k = max(1, min(5, ids.shape[1] - 1))
         model = check.surgered
         if not self._returns_cache(model, ids):
-            return 0.0  # an encoder (BERT) keeps no KV cache: there is no decode path to check
+            return NotApplicable("the model keeps no KV cache (an encoder): there is no decode path")
         full = check.logits(model, ids, attention_mask=torch.ones_like(ids))
         steps = []
         with torch.no_grad():

@@ -239,8 +239,16 @@ COMMON: tuple[type, ...] = (Accepts, ConfigPatch, PeftExport, Schedule)
 F = TypeVar("F", bound=Callable[..., float])
 
 
+@dataclass(frozen=True)
+class NotApplicable:
+    """What an obligation returns when the model has nothing it could check (an encoder has no
+    decode path): the report says "n/a" with the reason, never a measured 0 that reads as a pass."""
+
+    reason: str
+
+
 def obligation(name: str, tol: float) -> Callable[[F], F]:
-    """Mark a transform method ``(self, p, check) -> float`` as an equivalence obligation."""
+    """Mark a transform method ``(self, p, check) -> float | NotApplicable`` as an equivalence obligation."""
 
     def mark(fn: F) -> F:
         fn.__surgery_obligation__ = (name, tol)  # type: ignore[attr-defined]

@@ -58,7 +58,8 @@ def test_obligations_hold(arch, encoder):
     report = verify(build_plan(parse(f"embed: p_tuning({N}, encoder={encoder}, hidden=16)"), model), model)
     assert report.ok, report.text()
     assert {m.obligation for m in report.measurements} == OBLIGATIONS
-    assert all(m.error <= 1e-5 for m in report.measurements)
+    assert all(m.error <= 1e-5 for m in report.measurements if m.not_applicable is None)
+    assert [m.not_applicable is not None for m in report.measurements].count(True) == (arch == "bert")
 
 
 def test_obligations_catch_an_lstm_run_on_no_virtual_token(monkeypatch):

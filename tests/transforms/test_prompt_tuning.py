@@ -55,7 +55,14 @@ def test_obligations_hold(arch):
     report = verify(build_plan(parse(f"embed: prompt_tuning({N})"), model), model)
     assert report.ok, report.text()
     assert len(report.measurements) == 4
-    assert all(m.error <= 1e-5 for m in report.measurements)
+    checked = [m for m in report.measurements if m.not_applicable is None]
+    assert all(m.error <= 1e-5 for m in checked)
+    # An encoder has no decode path: said so, not reported as a measured 0.
+    skipped = {m.obligation: m.not_applicable for m in report.measurements if m.not_applicable}
+    assert list(skipped) == (["prefill + decode equals the full forward"] if arch == "bert" else [])
+    if arch == "bert":
+        assert "n/a" in report.text() and "no KV cache" in report.text()
+        assert [r["error"] for r in report.to_json() if r["not_applicable"]] == [None]
 
 
 def _sabotaged(monkeypatch, bug):
