@@ -15,14 +15,13 @@ alike; the ratio is of the minima (load only adds time), the medians are printed
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
 import warnings
 
 import torch
-from bench_lora_train import Trainer
+from bench_lora_train import Trainer, step_parser
 
 import surgery
 from surgery.models import load_model, smollm2_dir
@@ -45,11 +44,7 @@ def built(base: torch.nn.Module, spec: str, gen: torch.Generator) -> torch.nn.Mo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser = step_parser(__doc__)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -87,12 +87,18 @@ class Trainer:
         return elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every training-step bench takes: timed and warm-up steps, batch × sequence."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
+    return parser
+
+
+def main() -> None:
+    parser = step_parser(__doc__)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -25,7 +25,7 @@ import sys
 import warnings
 
 import torch
-from bench_lora_train import Trainer
+from bench_lora_train import Trainer, step_parser
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 import surgery
@@ -96,12 +96,8 @@ def run(kind: str, base: torch.nn.Module, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = step_parser(__doc__)
     parser.add_argument("--only", nargs="+", choices=list(KINDS), default=list(KINDS))
-    parser.add_argument("--steps", type=int, default=5, help="timed steps of each (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (default 2)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     base = load_model(smollm2_dir())
