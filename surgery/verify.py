@@ -22,6 +22,7 @@ from torch import nn
 from surgery.apply import apply_plan, get_module
 from surgery.arch import backbone_prefix
 from surgery.errors import ModelError
+from surgery.gating import check_gates, ungated_plan
 from surgery.layers import SurgeryLinear
 from surgery.planner import Plan, Step
 
@@ -247,7 +248,8 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
     try:
         for step in plan.steps:
             surgered = copy.deepcopy(reference)
-            apply_plan(plan.restricted({step.index}), surgered, seed=seed)
+            # A step's own obligations are its own math: checked ungated (gates have theirs, below).
+            apply_plan(ungated_plan(plan.restricted({step.index})), surgered, seed=seed)
             surgered.eval()
             handles = per_position(reference) + per_position(surgered)  # after the copy: it gets its own
             check = Check(reference, surgered, step, seed, per_position, plan)
@@ -267,6 +269,10 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
                 handle.remove()
             handles = []
             del surgered
+        for row in check_gates(plan, reference, seed, per_position):  # each gate's obligations
+            if progress:
+                progress(f"step {row[0]} {row[1]}: {row[2]}")
+            report.measurements.append(Measurement(*row))
     finally:
         for handle in handles:
             handle.remove()

@@ -19,7 +19,8 @@ unmasked and unrotated:
     score_p  = q_i · k_p · scaling                          (absolute frame: q as the model rotated it)
     score_p  = R(P + min(i', size−1))q_i · k_p · scaling    (sink frame)
 
-(times the query scale s(i'), no bias) and the softmax runs over [prefix; visible keys]. A padding query row (i' < 0) sees only itself
+(times the query scale s(i'), no bias; plus log g_i where a gate weighs the prefix) and the
+softmax runs over [prefix; visible keys]. A padding query row (i' < 0) sees only itself
 (and the prefix), so it stays finite. This builds [B, H, Tq, Tk] tensors: it is the obligations'
 oracle, never the path a forward takes.
 """
@@ -96,6 +97,8 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
         prefix_scores = (pq @ keys.transpose(-1, -2)) * x.scaling
         if scale is not None:
             prefix_scores = prefix_scores * scale[:, None, :, None]
+        if x.prefix_weight is not None:  # a gate: log g_i added to query i's prefix scores
+            prefix_scores = prefix_scores + x.prefix_weight.float()[:, None, :, None]
         scores = torch.cat([prefix_scores, scores], dim=-1)
         v = torch.cat([values.to(v.dtype), v], dim=-2)
     weights = torch.softmax(scores, dim=-1)
