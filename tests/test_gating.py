@@ -66,11 +66,15 @@ SPECS = {
     "adapter": "mlp: gate(adapter(pfeiffer))",
     "parallel": "mlp: gate(adapter(parallel))",
     "prefix": "attn: gate(prefix_tuning(5))",
+    "prefix+sinks": "attn.*: window(8, sinks=2)\nattn: gate(prefix_tuning(4))",  # the prefix in a sink frame
+    "drop": "layers: gate(adapter(houlsby)) + adapter_drop(layers=1)",
+    "qlora": "mlp.down: quantize(nf4) + gate(lora(r=2) | ia3)",
 }
 
 
 @pytest.mark.parametrize("arch, which", [(a, w) for a in ("llama", "qwen2") for w in SPECS]
-                         + [("bert", w) for w in ("lora", "lora|ia3", "adapter", "parallel")])
+                         + [("bert", w) for w in ("lora", "lora|ia3", "adapter", "parallel")]
+                         + [("gpt2", "prefix")])  # learned positions: gate 0 keeps the stream numbered after P
 def test_gate_obligations_hold(arch, which):
     report = surgery.compile(tiny(arch), SPECS[which]).report
     assert report.ok, report.text()
