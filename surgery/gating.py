@@ -49,6 +49,7 @@ obligations, which are checked on the step ungated):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -308,11 +309,14 @@ def check_gates(plan: Plan, reference: nn.Module, seed: int, per_position) -> li
     return rows
 
 
-def _gate_obligations(plan: Plan, keep: set[int], reference: nn.Module, seed: int, per_position):
+def _gate_obligations(plan: Plan, keep: set[int], reference: nn.Module, seed: int,
+                      per_position: Callable[[nn.Module], list]) -> list[tuple[str, float, float]]:
+    """The gate's obligations on two copies with only its steps (as a step's are checked alone):
+    `gated`, and `plain`, the same steps ungated; both get the same noise on the methods' tensors."""
     from surgery.apply import apply_plan
     from surgery.verify import Check
 
-    gated, plain = _copy(reference), _copy(reference)
+    gated, plain = copy.deepcopy(reference), copy.deepcopy(reference)
     apply_plan(plan.restricted(keep), gated, seed=seed)
     apply_plan(ungated_plan(plan.restricted(keep)), plain, seed=seed)
     gated.eval()
@@ -336,12 +340,6 @@ def _gate_obligations(plan: Plan, keep: set[int], reference: nn.Module, seed: in
          check.max_rel(at_zero, original) if moved else math.inf, 1e-5),
         ("learned gate == its formula by hand at each gated place (rel.)", _by_hand(gated, plain, check), 1e-5),
     ]
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _positions(model: nn.Module, ids: torch.Tensor) -> dict:

@@ -1,7 +1,8 @@
 """Run every step's equivalence obligations and report each with its measured error.
 
 Each step is checked in isolation: a copy of the untouched model gets only that step (with the
-same seed the real application uses), and the step's obligations compare that copy
+same seed the real application uses; ungated: each ``gate(…)`` has obligations of its own,
+:func:`surgery.gating.check_gates`), and the step's obligations compare that copy
 (``check.surgered``) with the untouched model (``check.original``) on seeded random inputs.
 The model being verified is never modified; a bf16/fp16 model is checked as a float32 copy.
 Obligations compare logits at every position; a model without them (a backbone, a sequence
