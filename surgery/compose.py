@@ -4,7 +4,7 @@
 
 * :class:`Seq` — ``a + b``: b is applied to a's result (at its own anchors when the kinds differ).
 * :class:`Par` — ``a | b``: both see the same input; their contributions are summed at one anchor.
-* :class:`Gate` — ``gate(a | b, …)``: UniPELT's learned gates (parsed and planned, not yet built).
+* :class:`Gate` — ``gate(a | b, …)``: UniPELT's learned gates, one per branch (:mod:`surgery.gating`).
 * :class:`Fuse` — ``fuse(a, b, …)``: AdapterFusion (parsed and planned, not yet built).
 
 Each group is a *combinator*, registered with :func:`combinator` under the name the language
@@ -143,7 +143,7 @@ class Par(Group):
     pass
 
 
-@combinator("gate", spelling="gate(…)", summary="UniPELT's learned gates", one_anchor=True, supported=False)
+@combinator("gate", spelling="gate(…)", summary="UniPELT's learned gates", one_anchor=True)
 @dataclass(frozen=True)
 class Gate(Group):
     pass

@@ -57,6 +57,7 @@ from surgery import anchors
 from surgery.anchors.linear import wrappers
 from surgery.apply import apply_plan, get_module
 from surgery.errors import SaveError, SurgeryError
+from surgery.gating import gates
 from surgery.layers import SurgeryLinear
 from surgery.models import model_class
 from surgery.planner import Plan, Step, build_plan
@@ -229,6 +230,8 @@ def peft_adapter(plan: Plan, model: nn.Module) -> tuple[dict, dict[str, torch.Te
     """The plan as one PEFT adapter: (``adapter_config.json`` fields, tensors under PEFT's keys, as the
     model holds them — views of its parameters where the transform stores PEFT's layout), or why
     it cannot be one."""
+    if gates(plan):
+        return "PEFT has no gates (gate(…))"
     kinds = {}
     for step in plan.steps:
         if step.spec.peft_base:  # e.g. quantize: the PEFT user loads the base quantized

@@ -18,6 +18,8 @@ Resolution rules:
   spans. A transform that replaces the base (quantize) must be innermost.
 * ``gate(…)`` and ``fuse(…)`` are combinators (:mod:`surgery.compose`): they parse and become
   nodes, and a combinator not yet supported is an error at its call (its operands are not checked).
+  A gate scales contributions at linear, sublayer and attention (K/V prefix) anchors only
+  (:func:`surgery.gating.rule_errors`).
 * :func:`check` holds every rule check that needs no model (names, arguments, composition, an
   empty spec); :func:`build_plan` runs the same function, so ``surgery check`` and planning agree.
 * Planning works on a meta-device model: no weights are read, so it takes seconds for any size.
@@ -31,7 +33,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 from torch import nn
 
-from surgery import anchors
+from surgery import anchors, gating
 from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.attention.program import plan_clashes
@@ -314,6 +316,7 @@ def check_rule(rule: ast.Rule) -> CheckedRule:
     # `|` runs at one anchor: its calls must share an anchor kind. `+` across kinds applies each
     # at its own anchors, in order; each kind's tree is the expression projected onto its calls.
     checked.errors += _mixed_kinds(checked.tree, checked.leaves)[1]
+    checked.errors += gating.rule_errors(checked.tree, checked.leaves)  # where a gate has nothing to scale
     # A transform that replaces the base must be innermost in the rule's tree at its anchor kind.
     for position, leaf in checked.leaves.items():
         if leaf.spec.offers(ReplacesBase) is None:

@@ -1,7 +1,8 @@
 """Run every step's equivalence obligations and report each with its measured error.
 
 Each step is checked in isolation: a copy of the untouched model gets only that step (with the
-same seed the real application uses), and the step's obligations compare that copy
+same seed the real application uses; ungated: each ``gate(…)`` has obligations of its own,
+:func:`surgery.gating.check_gates`), and the step's obligations compare that copy
 (``check.surgered``) with the untouched model (``check.original``) on seeded random inputs.
 The model being verified is never modified; a bf16/fp16 model is checked as a float32 copy.
 Obligations compare logits at every position; a model without them (a backbone, a sequence
@@ -22,6 +23,7 @@ from torch import nn
 from surgery.apply import apply_plan, get_module
 from surgery.arch import backbone_prefix
 from surgery.errors import ModelError
+from surgery.gating import check_gates, ungated_plan
 from surgery.layers import SurgeryLinear
 from surgery.planner import Plan, Step
 from surgery.transforms.registry import NotApplicable
@@ -253,7 +255,8 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
     try:
         for step in plan.steps:
             surgered = copy.deepcopy(reference)
-            apply_plan(plan.restricted({step.index}), surgered, seed=seed)
+            # A step's own obligations are its own math: checked ungated (gates have theirs, below).
+            apply_plan(ungated_plan(plan.restricted({step.index})), surgered, seed=seed)
             surgered.eval()
             handles = per_position(reference) + per_position(surgered)  # after the copy: it gets its own
             check = Check(reference, surgered, step, seed, per_position, plan)
@@ -278,6 +281,10 @@ def verify(plan: Plan, model: nn.Module, *, seed: int = 0, progress=None) -> Rep
                 handle.remove()
             handles = []
             del surgered
+        for row in check_gates(plan, reference, seed, per_position):  # each gate's obligations
+            if progress:
+                progress(f"step {row[0]} {row[1]}: {row[2]}")
+            report.measurements.append(Measurement(*row))
     finally:
         for handle in handles:
             handle.remove()

@@ -41,17 +41,15 @@ def test_head_is_the_step_applied_first_and_alone():
 def test_only_gate_and_fuse_are_spelt_as_calls():
     assert called("gate") is Gate.combinator and called("fuse") is Fuse.combinator
     assert called("seq") is None and called("par") is None and called("lora") is None
-    assert not Gate.combinator.supported and Seq.combinator.supported
+    assert Gate.combinator.supported and Seq.combinator.supported
 
 
-def test_gate_and_fuse_plan_as_nodes_refused_at_their_call():
-    rule = parse("attn: lora(r=2) + gate(lora | ia3, foo=1)").rules[0]
-    checked = check_rule(rule)
+def test_a_gate_plans_as_a_node_over_its_operands_and_validates_its_arguments():
+    checked = check_rule(parse("attn: lora(r=2) + gate(lora | ia3)").rules[0])
     assert checked.tree == Seq((Leaf(0), Gate((Par((Leaf(1), Leaf(2))),))))
-    (e,) = checked.errors  # the gate's operands and arguments are not checked: it is refused as a whole
-    assert e.message == "'gate' (UniPELT's learned gates) is part of the language but not yet supported"
-    assert (e.span.column, e.span.end_column) == (19, 42)
-    assert sorted(checked.leaves) == [0]
+    assert not checked.errors and sorted(checked.leaves) == [0, 1, 2]
+    (e,) = check_rule(parse("attn: gate(lora | ia3, foo=1)").rules[0]).errors  # a gate has no parameters
+    assert e.message == "gate() has no argument 'foo'" and e.span.column == 24
 
 
 def test_a_fuse_of_values_is_refused_as_a_fuse_not_as_values():

@@ -117,9 +117,7 @@ def test_transform_where_a_value_is_needed(llama):
     assert only_error("attn: lora(r=(a | b))", llama).startswith("<spec>:1:15\n")
 
 
-def test_gate_and_fuse_are_reserved(llama):
-    assert only_error("attn: gate(lora | lora(r=2))", llama).endswith(
-        "error: 'gate' (UniPELT's learned gates) is part of the language but not yet supported")
+def test_fuse_is_reserved(llama):  # gate(…) is built: tests/test_gating.py
     assert only_error("mlp: fuse(a, b, c)", llama).endswith(
         "error: 'fuse' (AdapterFusion) is part of the language but not yet supported")
 

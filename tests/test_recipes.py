@@ -36,3 +36,46 @@ def test_mam_plans_verifies_and_trains(arch):
     assert losses[-1] < losses[0] - 0.1
     for key, value in base.items():                            # the base is frozen
         assert torch.equal(model.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unipelt_plans_verifies_and_trains(arch):
+    model = tiny(arch)
+    base = [(p, p.detach().clone()) for p in model.parameters()]  # LoRA wraps q, v: their keys move
+    result = surgery.compile(model, RECIPES / "unipelt.surg")
+    assert result.report.ok, result.report.text()
+    assert [s.transform for s in result.plan.steps] == ["lora", "prefix_tuning", "adapter"]
+    gates = {m.transform: m for m in result.report.measurements if m.transform.startswith("gate(")}
+    assert sorted(gates) == ["gate(adapter)", "gate(lora)", "gate(prefix_tuning)"]
+    d, layers = model.config.hidden_size, model.config.num_hidden_layers
+    gate_params = sum(p.numel() for n, p in model.named_parameters() if ".gate.proj." in n or "prefix_gate" in n)
+    assert gate_params == layers * 4 * (d + 1)                 # W_G, b_G at q, v, the prefix and the adapter
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    assert all(torch.equal(p, before) and not p.requires_grad for p, before in base)  # the base is frozen
+    gate_weights = [p for n, p in model.named_parameters() if n.endswith("gate.proj.weight")]
+    assert gate_weights and all(p.abs().sum() > 0 for p in gate_weights)  # the gates learned (they start at 0)
+
+
+@pytest.mark.slow
+def test_unipelt_on_smollm2(smollm2_dir):
+    from surgery.models import load_model
+
+    model = load_model(smollm2_dir)
+    result = surgery.compile(model, RECIPES / "unipelt.surg")
+    assert result.report.ok, result.report.text()
+    gates = [m for m in result.report.measurements if m.transform.startswith("gate(")]
+    assert len(gates) == 9 and max(m.error for m in gates) < 1e-5
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 15)

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from surgery import gating
 from surgery.anchors import AnchorKind, anchor_kind, sites, within
 from surgery.arch.select import Region, RoleIndex
-from surgery.compose import Group, Leaf, Par, Seq
+from surgery.compose import Gate, Group, Leaf, Par, Seq
 from surgery.errors import ApplyError
-from surgery.layers import Parallel, Sequential, SurgeryLinear, is_linear
+from surgery.layers import Parallel, Sequential, SurgeryLinear, features, is_linear, linear_weight
 from surgery.transforms.registry import Adapter, AdapterPeftTensors, Anchor, ReplacesBase, Target
 
 if TYPE_CHECKING:
@@ -108,16 +109,20 @@ class LinearInstaller:
     def finish(self, trees: Mapping[str, Node]) -> None:
         for path, tree in trees.items():
             modules = self.adapters.get(path, {})
-            self.edit.replace(path, SurgeryLinear(self.bases[path], _assemble(tree.prune(set(modules)), modules)))
+            base = self.bases[path]
+            self.edit.replace(path, SurgeryLinear(base, _assemble(tree.prune(set(modules)), modules, base)))
 
 
-def _assemble(tree: Node | None, modules: Mapping[int, nn.Module]) -> nn.Module | None:
+def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], base: nn.Module) -> nn.Module | None:
     """The module realising `tree` (pruned to the steps with an adapter: base replacements have none)."""
     if tree is None:
         return None
     if isinstance(tree, Leaf):
         return modules[tree.index]
+    if isinstance(tree, Gate):  # each branch with its own gate on the layer's input
+        built = [m for m in (_assemble(t, modules, base) for t in gating.branches(tree)) if m is not None]
+        return gating.linear_gate(built, features(base)[0], linear_weight(base)[0], Parallel) if built else None
     build = MODULES.get(type(tree))
     if build is None:
         raise ApplyError(f"{tree.combinator.spelling} is not supported at linear anchors")
-    return build([m for m in (_assemble(t, modules) for t in tree.items) if m is not None])
+    return build([m for m in (_assemble(t, modules, base) for t in tree.items) if m is not None])

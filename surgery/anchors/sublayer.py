@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 import torch
 from torch import nn
 
+from surgery import gating
 from surgery.anchors import AnchorKind, anchor_kind, covered
 from surgery.arch import backbone_prefix, detect
 from surgery.arch.select import Region, RoleIndex
-from surgery.compose import Group, Leaf, Par, Seq
+from surgery.compose import Gate, Group, Leaf, Par, Seq
 from surgery.errors import ApplyError, SpecError
 from surgery.transforms.registry import Anchor, Target
 
@@ -258,6 +259,10 @@ def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[in
             if built is not None:
                 items.append(built)
         return None if not items else items[0] if len(items) == 1 else SublayerSeq(items)
+    if isinstance(tree, Gate):  # each branch with its own gate on what it reads
+        gated = [m for m in (_assemble(t, modules, drops) for t in gating.branches(tree)) if m is not None]
+        hidden = gating.width(gated[0]) if gated else 0
+        return gating.sublayer_gate(gated, hidden, SublayerPar) if gated else None
     build = MODULES.get(type(tree))
     if build is None:
         raise ApplyError(f"{tree.combinator.spelling} is not supported at sublayer anchors")

@@ -237,7 +237,14 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
             pk, pv = x.prefix_kv()
             k, v = torch.cat([pk.to(k.dtype), k], dim=-2), torch.cat([pv.to(v.dtype), v], dim=-2)
             lead = (*mask.shape[:-1], pk.shape[-2])
-            mask = torch.cat([mask.new_ones(lead) if mask.dtype == torch.bool else mask.new_zeros(lead), mask], dim=-1)
+            if x.prefix_weight is not None:  # a gate: log g_i on query i's prefix columns (float mask)
+                if mask.dtype == torch.bool:
+                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=device).masked_fill_(~mask, float("-inf"))
+                weight = x.prefix_weight[:, a:b].to(q.dtype)[:, None, :, None]
+                mask = torch.cat([weight.expand(-1, mask.shape[1], -1, lead[-1]), mask], dim=-1)
+            else:
+                mask = torch.cat([mask.new_ones(lead) if mask.dtype == torch.bool else mask.new_zeros(lead), mask],
+                                 dim=-1)
         return sdpa(q, k, v, attn_mask=mask, scale=x.scaling, dropout_p=x.dropout, enable_gqa=q.shape[1] != k.shape[1])
     q_rec, q_sink, keys, (sink_k, sink_v, present), q_prefix = framed
     q_rec, q_sink = q_rec[..., a:b, :], q_sink[..., a:b, :]
@@ -264,6 +271,8 @@ def _tile(program: Program, x: Inputs, a: int, b: int, framed) -> torch.Tensor:
             q_pre = q_pre * scale[:, None, :, None]
         q_pre = q_pre.reshape(B, hkv, groups, t, D)
         prefix_scores = (q_pre @ pk.float()[:, :, None].transpose(-1, -2)).view(B, H, t, P) * x.scaling
+        if x.prefix_weight is not None:  # a gate: log g_i on query i's prefix scores
+            prefix_scores = prefix_scores + x.prefix_weight[:, a:b].float()[:, None, :, None]
         scores, S = torch.cat([scores, prefix_scores], dim=-1), S + P
         sink_v = torch.cat([sink_v, pv.to(sink_v.dtype)], dim=-2)
     # Recent band: the fused kernel, which also returns its log-sum-exp.

@@ -53,6 +53,7 @@ class Call:
         cos, sin = self.position_embeddings or (None, None)
         return cos, sin, self.mask
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # the program's K/V prefix for this call
+    prefix_weight: torch.Tensor | None = None  # [B, Tq] log-weight of the prefix per query (a gate)
 
 
 # ------------------------------------------------------------------------------ per call
@@ -91,6 +92,8 @@ def before_attention(module: nn.Module, args, kwargs):
         kwargs = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
     if program.prefix is not None:  # resolved per call (a trainable prefix changes between calls)
         options["prefix"] = program.prefix.kv(module, kwargs)
+        if program.prefix.gate is not None:  # per query, from this call's hidden states
+            options["prefix_weight"] = program.prefix.gate(module, args, kwargs)
     mask = kwargs.get("attention_mask")
     pad = _pads(mask) if layer is None else layer.shared.per_call(
         (*(kwargs.get("position_embeddings") or (None, None)), mask), ("pads",), lambda: _pads(mask))
@@ -118,7 +121,7 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
     elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 4:
         given = attention_mask[..., :key.shape[-2]]  # a 4D mask the caller built: honoured as given
     x = Inputs(query, key, value, scaling, head=head, start=start, pad=pad, key_ok=key_ok, given=given,
-               dropout=dropout if module.training else 0.0, prefix=call.prefix,
+               dropout=dropout if module.training else 0.0, prefix=call.prefix, prefix_weight=call.prefix_weight,
                positions=kwargs.get("position_ids"), unpadded=unpadded,
                shared=None if layer is None else (layer.shared, call.anchor()))
     rotated = None

@@ -34,6 +34,7 @@ class Inputs:
     k_raw: bool = False                 # keys come from a pre-RoPE cache
     dropout: float = 0.0
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V prefix: keys, values [B|1, Hkv, P, D]
+    prefix_weight: torch.Tensor | None = None  # [B, Tq] log-weight of the prefix for each query (a gate, log g)
     positions: torch.Tensor | None = None  # [B|1, Tq] the call's position ids, when the module was given them
     unpadded: bool | None = None        # a single query whose padding mask has no padding (None: not known)
     shared: tuple | None = None         # (cache.Shared of the layer's cache, the call's anchor), or None

@@ -199,10 +199,16 @@ class KVPrefix:
 
     Exclusive: two prefixes on one module are a clash rather than concatenated, because each
     technique that owns a prefix also numbers the stream after it (positions start at P), and two
-    owners would each shift the positions by their own P."""
+    owners would each shift the positions by their own P.
+
+    A ``gate`` (UniPELT's, :mod:`surgery.gating`) weighs the prefix per query: query i's prefix
+    scores get log g_i added, so its softmax mass on the prefix is g_i·Z_prefix against Z_stream,
+    out_i = (g_i·Σ_p e^{s_ip} v_p + Σ_j e^{s_ij} v_j) / (g_i·Σ_p e^{s_ip} + Σ_j e^{s_ij}): g = 1 is
+    the ungated prefix, g = 0 no prefix at all."""
 
     length: int
-    kv: object = None  # callable (module, kwargs) -> (keys, values)
+    kv: object = None    # callable (module, kwargs) -> (keys, values)
+    gate: object = None  # callable (module, args, kwargs) -> [B, Tq] log g per query, or None: ungated
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ unmasked and unrotated:
     score_p  = q_i · k_p · scaling                          (absolute frame: q as the model rotated it)
     score_p  = R(P + min(i', size−1))q_i · k_p · scaling    (sink frame)
 
-(times the query scale s(i'), no bias) and the softmax runs over [prefix; visible keys]. A padding query row (i' < 0) sees only itself
+(times the query scale s(i'), no bias; plus log g_i where a gate weighs the prefix) and the
+softmax runs over [prefix; visible keys]. A padding query row (i' < 0) sees only itself
 (and the prefix), so it stays finite. This builds [B, H, Tq, Tk] tensors: it is the obligations'
 oracle, never the path a forward takes.
 """
@@ -73,7 +74,8 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
         cos_ks, sin_ks = x.table.at(j[:, 0].clamp(min=0))                 # [B, Tk, D]
         sink = rotate(q, cos_qs[:, None], sin_qs[:, None]) @ rotate(k, cos_ks[:, None], sin_ks[:, None]).transpose(-1, -2)
         scores = torch.where((j < frame.sinks)[:, None], sink, recent)
-    scores = scores.float() * x.scaling
+    acc = torch.promote_types(x.q.dtype, torch.float32)  # float32, or float64 for a float64 model: an oracle keeps its precision
+    scores = scores.to(acc) * x.scaling
     scale = program.query_scale(i[..., 0])                  # [B, Tq]
     if scale is not None:
         scores = scores * scale[:, None, :, None]
@@ -85,19 +87,21 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
     if x.given is not None:
         visible = visible & x.given.bool() if x.given.dtype == torch.bool else visible
         if x.given.dtype != torch.bool:
-            scores = scores + x.given.float()
+            scores = scores + x.given.to(acc)
     scores = scores.masked_fill(~visible, float("-inf"))
     if x.prefix is not None:  # [prefix; stream]: the prefix columns first, never masked
-        keys, values = (t.repeat_interleave(groups, dim=1).float() for t in x.prefix_kv())
-        pq = q.float()
+        keys, values = (t.repeat_interleave(groups, dim=1).to(acc) for t in x.prefix_kv())
+        pq = q.to(acc)
         if frame is not None:
             cos_p, sin_p = x.table.at(keys.shape[-2] + i[..., 0].clamp(0, frame.size - 1))
             pq = rotate(q, cos_p[:, None], sin_p[:, None])
         prefix_scores = (pq @ keys.transpose(-1, -2)) * x.scaling
         if scale is not None:
             prefix_scores = prefix_scores * scale[:, None, :, None]
+        if x.prefix_weight is not None:  # a gate: log g_i added to query i's prefix scores
+            prefix_scores = prefix_scores + x.prefix_weight.to(acc)[:, None, :, None]
         scores = torch.cat([prefix_scores, scores], dim=-1)
         v = torch.cat([values.to(v.dtype), v], dim=-2)
     weights = torch.softmax(scores, dim=-1)
-    out = weights @ v.float()
+    out = weights @ v.to(acc)
     return out.transpose(1, 2).to(x.q.dtype if frame is None else x.v.dtype)

@@ -15,7 +15,7 @@ def test_every_anchor_has_one_kind_that_requires_something():
     assert set(KINDS) == set(Anchor)
     for anchor, kind in KINDS.items():
         assert kind.anchor is anchor and kind.required
-    assert [a for a, k in KINDS.items() if k.wraps] == [Anchor.LINEAR, Anchor.SUBLAYER]
+    assert [a for a, k in KINDS.items() if k.wraps] == [Anchor.ATTENTION, Anchor.LINEAR, Anchor.SUBLAYER]
     assert [a for a, k in KINDS.items() if k.in_place] == [Anchor.PARAMETERS]
 
 
