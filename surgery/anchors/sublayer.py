@@ -186,7 +186,8 @@ class SublayerPar(nn.ModuleList):
         return out
 
 
-# The module realising each combinator at a sublayer (a combinator missing here is refused).
+# The module realising each combinator at a sublayer (a combinator missing here is refused); a
+# combinator's technique may add its own (``fuse``: :mod:`surgery.transforms.fuse`).
 MODULES: dict[type[Group], Callable[[list[nn.Module]], nn.Module]] = {Seq: SublayerSeq, Par: SublayerPar}
 
 
@@ -262,4 +263,6 @@ def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[in
     if build is None:
         raise ApplyError(f"{tree.combinator.spelling} is not supported at sublayer anchors")
     branches = [m for m in (_assemble(t, modules, drops) for t in tree.items) if m is not None]
-    return branches[0] if len(branches) == 1 else build(branches)
+    if not branches:
+        return None
+    return branches[0] if len(branches) == 1 and tree.combinator.collapses else build(branches)
