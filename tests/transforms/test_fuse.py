@@ -228,3 +228,44 @@ def test_smollm2_fuses_two_saved_adapters(smollm2_dir, tmp_path):
     result = surgery.compile(base, f'layers[-2:].mlp: fuse("{tmp_path / "a"}", "{tmp_path / "b"}")')
     assert result.report.ok, result.report.text()
     assert result.plan.counts.trainable == 2 * (3 * 576 * 576 + 2 * 576)
+
+
+def test_a_fusion_composes_with_random_drops(outputs):
+    base, root = outputs
+    report = verify(surgery.plan(base, f'mlp: fuse("{root / "a"}", "{root / "b"}") + adapter_drop(p=0.5)'), base)
+    assert report.ok and len(report.measurements) == 2 * 3 + 2, report.text()
+
+
+def test_both_stages_with_surgery_train(tmp_path, char_tokenizer, capsys, monkeypatch):
+    """Stage 1 trains two adapters on two texts, stage 2 a fusion of them from a spec beside their outputs."""
+    import sys
+
+    from surgery import cli
+
+    model_dir = tmp_path / "model"
+    tiny("llama").save_pretrained(model_dir)
+    char_tokenizer.save_pretrained(model_dir)
+
+    def train(spec_text, text, out, steps):
+        (tmp_path / f"{out}.surg").write_text(spec_text)
+        (tmp_path / f"{out}.txt").write_text(text * 100)
+        monkeypatch.setattr(sys, "argv", ["surgery", "train", str(tmp_path / f"{out}.surg"), str(model_dir), "--data",
+                                          str(tmp_path / f"{out}.txt"), "-o", str(tmp_path / out), "--steps", str(steps),
+                                          "--batch-size", "2", "--seq-len", "16", "--lr", "3e-2", "--log-every", "1"])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+            raise SystemExit(0)
+        assert info.value.code in (0, None), capsys.readouterr().err
+        return [float(line.split("  loss")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+                if line.startswith("step ") and "  loss" in line]
+
+    train("mlp: adapter(pfeiffer)\n", "the cat sat on the mat. ", "a", 6)
+    train("mlp: adapter(parallel)\n", "a dog ran in the fog. ", "b", 6)
+    loss = train('mlp: fuse("a", "b")\n', "the cat ran in the fog. ", "fused", 8)
+    assert loss[-1] < loss[0]
+    fused, a, b = (surgery.load(tmp_path / name).state_dict() for name in ("fused", "a", "b"))
+    for i, stage_one in enumerate((a, b)):  # the fused adapters are stage 1's, untouched by stage 2
+        for key, value in stage_one.items():
+            if ".surgery_sublayer.adapter." in key:
+                assert torch.equal(fused[key.replace(".adapter.", f".adapter.adapters.{i}.")], value), key
+    assert fused["model.layers.0.mlp.surgery_sublayer.adapter.query.weight"].abs().max() > 0  # it trained
