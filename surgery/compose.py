@@ -5,7 +5,9 @@
 * :class:`Seq` — ``a + b``: b is applied to a's result (at its own anchors when the kinds differ).
 * :class:`Par` — ``a | b``: both see the same input; their contributions are summed at one anchor.
 * :class:`Gate` — ``gate(a | b, …)``: UniPELT's learned gates, one per branch (:mod:`surgery.gating`).
-* :class:`Fuse` — ``fuse(a, b, …)``: AdapterFusion (parsed and planned, not yet built).
+* :class:`Fuse` — ``fuse("out/a", "out/b", …)``: AdapterFusion over trained adapters, each named by the
+  output directory it was saved in (a path string reads as ``trained("out/a")``, see
+  :mod:`surgery.transforms.fuse`).
 
 Each group is a *combinator*, registered with :func:`combinator` under the name the language
 spells it with; a combinator validates its own keyword parameters (its operands are the positional
@@ -22,7 +24,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, TypeVar, Union
 
-from surgery.errors import Span
+from surgery.errors import Span, SpecError
+from surgery.syntax import ast
 from surgery.transforms.registry import Params
 
 
@@ -82,6 +85,15 @@ class Group:
     def head(self) -> int | None:
         """The leaf applied first and alone (the head of nested sequences), None if there is none."""
         return None
+
+    @classmethod
+    def operand(cls, expr: ast.Expr) -> ast.Expr:
+        """The expression a positional argument of a call of this combinator stands for (itself)."""
+        return expr
+
+    def operand_errors(self, calls: list[ast.Call]) -> list[SpecError]:
+        """What this combinator refuses among its operands (`calls`: the rule's calls by position)."""
+        return []
 
 
 @dataclass(frozen=True)
@@ -149,10 +161,28 @@ class Gate(Group):
     pass
 
 
-@combinator("fuse", spelling="fuse(…)", summary="AdapterFusion", one_anchor=True, supported=False)
+@combinator("fuse", spelling="fuse(…)", summary="AdapterFusion", one_anchor=True)
 @dataclass(frozen=True)
 class Fuse(Group):
-    pass
+    OPERAND: ClassVar[str] = "trained"  # the transform naming a trained adapter; only fuse() takes it
+
+    @classmethod
+    def operand(cls, expr: ast.Expr) -> ast.Expr:
+        """A path string names the adapter saved in that output: ``"out/a"`` is ``trained("out/a")``."""
+        if isinstance(expr, ast.Literal) and isinstance(expr.value, str):
+            return ast.Call(cls.OPERAND, (ast.Arg(None, expr, expr.span),), expr.span)
+        return expr
+
+    def operand_errors(self, calls: list[ast.Call]) -> list[SpecError]:
+        errors = []
+        for item in self.items:
+            if isinstance(item, Leaf) and calls[item.index].name == self.OPERAND:
+                continue
+            span = calls[item.index].span if isinstance(item, Leaf) else item.span
+            errors.append(SpecError(
+                f"each operand of fuse(…) is one trained adapter, named by the output it was saved in: "
+                f'fuse("out/task_a", "out/task_b") (or {self.OPERAND}("out/task_a"))', span or self.span))
+        return errors
 
 
 Node = Union[Leaf, Group]  # Group: Seq, Par, Gate, Fuse, or any combinator registered later

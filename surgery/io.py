@@ -4,7 +4,8 @@ An output directory is written to a temporary sibling and renamed into place, so
 or not at all; an existing directory is never overwritten. Layout:
 
 * ``surgery.json`` — the manifest, and the authority on what the directory holds: format version,
-  the spec text, the plan, the seed, which steps were merged, the dtypes, what was (or could not
+  the spec text and the file it came from (paths in it resolve against that file's directory, for
+  a spec given as text against the working directory, when saved and when loaded), the plan, the seed, which steps were merged, the dtypes, what was (or could not
   be) exported elsewhere, the sha256 and size of every other file, and a digest of itself.
   ``spec.surg`` is a human-readable copy of its spec and ``report.json`` the verification report:
   neither is read to rebuild the model, and both must still match the manifest. A result that was
@@ -61,7 +62,7 @@ from surgery.gating import gates
 from surgery.layers import SurgeryLinear
 from surgery.models import model_class
 from surgery.planner import Plan, Step, build_plan
-from surgery.syntax import parse as parse_text
+from surgery.syntax import ast, parse as parse_text
 from surgery.transforms.registry import ConfigPatch, PeftExport
 
 FORMAT = 2  # 2: a manifest of sha256 hashes and the dtypes; 1 had neither
@@ -336,6 +337,7 @@ def _write(result, tmp: Path, merge: bool) -> None:
     meta = {
         "format": FORMAT,
         "spec": plan.spec.source,
+        "spec_file": _spec_file(plan.spec),
         "seed": result.seed,
         "plan": plan.to_json(),
         "model_class": type(model).__name__,
@@ -376,6 +378,18 @@ def _write(result, tmp: Path, merge: bool) -> None:
     (tmp / "surgery.json").write_text(json.dumps(meta, indent=2))
 
 
+def _spec_file(spec: ast.Spec) -> str:
+    """The spec's file as an absolute path (paths in the spec resolve against its directory), or its
+    name in angle brackets for a spec given as text (they resolve against the working directory)."""
+    return spec.file if spec.file.startswith("<") else str(Path(spec.file).resolve())
+
+
+def saved_spec(out_dir: Path, manifest: Manifest) -> ast.Spec:
+    """The spec of `out_dir` as it was planned: its text, read as if from the file it came from (so
+    its paths, e.g. the outputs ``fuse`` reads, resolve as they did)."""
+    return parse_text(manifest.spec, manifest.spec_file or str(out_dir / "spec.surg"))
+
+
 def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -402,6 +416,7 @@ class Manifest(_Strict):
     format: int
     spec: str
     seed: int
+    spec_file: str | None = None  # absent in outputs written before it was recorded
     plan: dict
     model_class: str
     merged_steps: list[int]
@@ -468,6 +483,13 @@ def _verify_files(out_dir: Path, manifest: Manifest) -> None:
             raise SaveError(f"{path} was changed after it was saved (sha256 differs from surgery.json's)")
 
 
+def verified(out_dir: Path) -> Manifest:
+    """The manifest of `out_dir`, once every file it lists is checked whole and unchanged."""
+    manifest = read_manifest(out_dir)
+    _verify_files(out_dir, manifest)
+    return manifest
+
+
 def load(out_dir: str | Path) -> nn.Module:
     """Rebuild the model saved in `out_dir` exactly as it was saved: every tensor bit-exact, dtype included.
 
@@ -475,8 +497,7 @@ def load(out_dir: str | Path) -> nn.Module:
     edited directory is a :class:`SaveError` naming the file, never a model with other outputs.
     """
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    _verify_files(out_dir, manifest)
+    manifest = verified(out_dir)
     try:
         model = _rebuild(out_dir, manifest)
     except SaveError:
@@ -494,8 +515,7 @@ def load(out_dir: str | Path) -> nn.Module:
 def schedule_state(out_dir: str | Path) -> dict | None:
     """The training schedules' state saved with `out_dir` (None if it has none), verified like :func:`load`."""
     out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    _verify_files(out_dir, manifest)
+    manifest = verified(out_dir)
     if manifest.schedules is None or SCHEDULE_TENSORS not in manifest.files:
         return manifest.schedules
     from surgery.train.schedules import join_tensors
@@ -518,7 +538,7 @@ def _rebuild(out_dir: Path, manifest: Manifest) -> nn.Module:
     config = transformers.AutoConfig.for_model(**json.loads((out_dir / "base_config.json").read_text()))
     cls = getattr(transformers, manifest.model_class, None) or model_class(config)
     model = cls._from_config(config, dtype=dtype)
-    plan = build_plan(parse_text(manifest.spec, str(out_dir / "spec.surg")), model)
+    plan = build_plan(saved_spec(out_dir, manifest), model)
     if manifest.merged_steps:
         plan = plan.restricted({s.index for s in plan.steps} - set(manifest.merged_steps))
     apply_plan(plan, model, seed=manifest.seed)

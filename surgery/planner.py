@@ -20,6 +20,10 @@ Resolution rules:
   nodes, and a combinator not yet supported is an error at its call (its operands are not checked).
   A gate scales contributions at linear, sublayer and attention (K/V prefix) anchors only
   (:func:`surgery.gating.rule_errors`).
+  A combinator reads its own operands (``fuse``: a path string is ``trained("path")``) and refuses
+  those it cannot combine; the trained adapters one block's fusions name do not conflict.
+* A path argument resolves against the directory of the spec's file (the validation context
+  carries it; a spec given as text has none, and its paths resolve against the working directory).
 * :func:`check` holds every rule check that needs no model (names, arguments, composition, an
   empty spec); :func:`build_plan` runs the same function, so ``surgery check`` and planning agree.
 * Planning works on a meta-device model: no weights are read, so it takes seconds for any size.
@@ -37,7 +41,7 @@ from surgery import anchors, gating
 from surgery.arch import Architecture, detect, no_role_map
 from surgery.arch.select import Region, RoleIndex, Site, resolve
 from surgery.attention.program import plan_clashes
-from surgery.compose import Group, Leaf, Node, Par, Seq, called
+from surgery.compose import Fuse, Group, Leaf, Node, Par, Seq, called
 from surgery.errors import ModelError, Span, SpecError, SpecErrors, SurgeryError, did_you_mean
 from surgery.syntax import ast
 from surgery.transforms.registry import Accepts, Anchor, Params, ReplacesBase, Target, TransformSpec, lookup
@@ -154,8 +158,9 @@ def _validated(name: str, model: type[Params], positional: tuple[str, ...], args
         values[key] = _value(arg.value)
         spans[key] = arg.span
     try:
-        # Strict: a spec's values are typed, so "16" is not an int and true is not a float.
-        return model.model_validate(values, strict=True)
+        # Strict: a spec's values are typed, so "16" is not an int and true is not a float. The
+        # context names the spec's file, against whose directory a path argument resolves.
+        return model.model_validate(values, strict=True, context={"spec_file": span.file})
     except ValidationError as e:
         err = e.errors()[0]
         key = str(err["loc"][0]) if err["loc"] else None
@@ -227,10 +232,10 @@ def shape(expr: ast.Expr, calls: list[ast.Call]) -> Node:
             n = len(calls)
             try:
                 return combinator.node(tuple(shape(a.value, calls) for a in expr.args if a.key is None), expr.span)
-            except SpecError:  # operands that are not transforms (e.g. the paths fuse will read)
+            except SpecError:  # operands that are not transforms (values)
                 del calls[n:]
                 return combinator.node((), expr.span)
-        operands = tuple(shape(a.value, calls) for a in expr.args if a.key is None)
+        operands = tuple(shape(combinator.node.operand(a.value), calls) for a in expr.args if a.key is None)
         keywords = tuple(a for a in expr.args if a.key is not None)
         return combinator.node(operands, expr.span, _validated(expr.name, combinator.params, (), keywords, expr.span))
     if isinstance(expr, ast.Seq):
@@ -299,12 +304,21 @@ def check_rule(rule: ast.Rule) -> CheckedRule:
     except SurgeryError as e:
         checked.errors.append(e)
         return checked
-    unchecked: set[int] = set()  # the operands of a combinator that is refused as a whole
+    unchecked: set[int] = set()  # the operands of a combinator that is refused (as a whole, or its operands)
     for group in checked.tree.groups():
         error = _check_combinator(group)
         if error is not None:
             checked.errors.append(error)
             unchecked.update(group.leaves())
+        else:
+            refused = group.operand_errors(checked.calls)
+            checked.errors += refused
+            unchecked.update(group.leaves() if refused else ())  # one error per operand, not two
+    fused = {i for group in checked.tree.groups() if isinstance(group, Fuse) for i in group.leaves()}
+    for position, call in enumerate(checked.calls):
+        if call.name == Fuse.OPERAND and position not in fused:
+            checked.errors.append(SpecError(f"{call.name}(…) names a trained adapter for fuse(…): write it "
+                                            f"inside fuse(…), e.g. fuse({call.name}(…), …)", call.span))
     for position, call in enumerate(checked.calls):
         if position in unchecked:
             continue
@@ -333,7 +347,7 @@ def check_rule(rule: ast.Rule) -> CheckedRule:
 
 
 def _check_combinator(group: Group) -> SpecError | None:
-    """The error of a combinator the language has but the pipeline cannot build yet (gate, fuse)."""
+    """The error of a combinator the language has but the pipeline cannot build yet (e.g. gate)."""
     combinator = group.combinator
     if combinator.supported:
         return None
@@ -442,9 +456,13 @@ def build_plan(spec: ast.Spec, model: nn.Module, arch: Architecture | None = Non
     if errors:
         raise SpecErrors(errors)
 
-    # Conflicts: the same transform twice on one anchor.
+    # Conflicts: the same transform twice on one anchor (except the trained adapters fusions name).
+    fused = {i for tree, _ in rule_trees if tree is not None
+             for group in tree.groups() if isinstance(group, Fuse) for i in group.leaves()}
     seen: dict[tuple[str, str], Step] = {}
     for step in steps:
+        if step.index in fused:
+            continue
         for t in step.targets:
             other = seen.setdefault((step.transform, t.path), step)
             if other is not step:

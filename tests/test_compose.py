@@ -52,11 +52,16 @@ def test_a_gate_plans_as_a_node_over_its_operands_and_validates_its_arguments():
     assert e.message == "gate() has no argument 'foo'" and e.span.column == 24
 
 
-def test_a_fuse_of_values_is_refused_as_a_fuse_not_as_values():
-    checked = check_rule(parse('mlp: fuse("out/a", "out/b", tau=2) + lora').rules[0])
-    assert checked.tree == Seq((Fuse(()), Leaf(0))) and [c.name for c in checked.calls] == ["lora"]
-    (e,) = checked.errors
-    assert e.message == "'fuse' (AdapterFusion) is part of the language but not yet supported"
+def test_a_path_operand_of_fuse_reads_as_a_trained_adapter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "surgery.json").write_text("{}")
+    checked = check_rule(parse('mlp: fuse("a", trained("b")) + lora').rules[0])
+    assert not checked.errors and Fuse.combinator.supported
+    assert checked.tree == Seq((Fuse((Leaf(0), Leaf(1))), Leaf(2)))
+    assert [c.name for c in checked.calls] == ["trained", "trained", "lora"]
+    assert [checked.leaves[i].params.path for i in (0, 1)] == [str(tmp_path / "a"), str(tmp_path / "b")]
 
 
 class MixParams(Params):

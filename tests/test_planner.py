@@ -117,9 +117,11 @@ def test_transform_where_a_value_is_needed(llama):
     assert only_error("attn: lora(r=(a | b))", llama).startswith("<spec>:1:15\n")
 
 
-def test_fuse_is_reserved(llama):  # gate(…) is built: tests/test_gating.py
-    assert only_error("mlp: fuse(a, b, c)", llama).endswith(
-        "error: 'fuse' (AdapterFusion) is part of the language but not yet supported")
+def test_fuse_takes_trained_adapters(llama):  # gate(…) is built: tests/test_gating.py
+    assert [e.span.column for e in errors("mlp: fuse(a, b, c)", llama)] == [11, 14, 17]
+    assert only_error("mlp: fuse(a)", llama).endswith(
+        'error: each operand of fuse(…) is one trained adapter, named by the output it was saved in: '
+        'fuse("out/task_a", "out/task_b") (or trained("out/task_a"))')
 
 
 # -------------------------------------------------------------------------------------- anchors

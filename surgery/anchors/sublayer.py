@@ -16,8 +16,9 @@ Steps compose per sublayer into a tree of :mod:`surgery.compose` nodes, realised
 * ``a + b``: h' = b(x, a(x, h));
 * ``a | b``: h' = h + Σᵢ (branchᵢ(x, h) − h), a branch's ``delta(x, h)`` where it has one;
 * a :class:`DropsAdapters` leaf (``adapter_drop``) in a sequence discards everything before it at
-  that sublayer (nested sequences count as one); before the adapters or in a ``|`` group it is an
-  error when planning.
+  that sublayer (nested sequences count as one), or, where it offers :class:`GuardsAdapters` and
+  does not drop them outright (``adapter_drop(p=…)``), wraps them in its module; before the adapters
+  or in a ``|`` group it is an error when planning.
 
 Installing never replaces a module of the model, so linear and attention anchors inside a
 sublayer keep their paths and compose with it. The composition becomes the output module's
@@ -30,6 +31,7 @@ return (output, weights)).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
@@ -43,7 +45,7 @@ from surgery.arch import backbone_prefix, detect
 from surgery.arch.select import Region, RoleIndex
 from surgery.compose import Gate, Group, Leaf, Par, Seq
 from surgery.errors import ApplyError, SpecError
-from surgery.transforms.registry import Anchor, Target
+from surgery.transforms.registry import Anchor, ModelPeftTensors, Target
 
 if TYPE_CHECKING:
     from surgery.apply import Edit
@@ -70,6 +72,14 @@ class DropsAdapters(Protocol):
     def drops(self, p: Any, target: Target) -> bool: ...
 
 
+@runtime_checkable
+class GuardsAdapters(Protocol):
+    """A drop decided while the model runs: at `target`, the module realising `inner` (what comes
+    before the step in the sublayer's sequence) under the step, e.g. skipped in some training steps."""
+
+    def guard(self, p: Any, target: Target, inner: nn.Module) -> nn.Module: ...
+
+
 def locate(model: nn.Module, target: Target) -> tuple[nn.Module, nn.Module]:
     """(input module, output module) of the sublayer `target` in `model`, from its role map."""
     arch = detect(model)
@@ -88,6 +98,7 @@ def composition(model: nn.Module, target: Target) -> nn.Module | None:
 class SublayerKind(AnchorKind):
     anchor = Anchor.SUBLAYER
     required = (SublayerAdapter, DropsAdapters)
+    optional = (ModelPeftTensors, GuardsAdapters)
     wraps = True
 
     def find(self, transform: str, regions: Sequence[Region], index: RoleIndex) -> list[Target]:
@@ -187,7 +198,8 @@ class SublayerPar(nn.ModuleList):
         return out
 
 
-# The module realising each combinator at a sublayer (a combinator missing here is refused).
+# The module realising each combinator at a sublayer (a combinator missing here is refused); a
+# combinator's technique may add its own (``fuse``: :mod:`surgery.transforms.fuse`).
 MODULES: dict[type[Group], Callable[[list[nn.Module]], nn.Module]] = {Seq: SublayerSeq, Par: SublayerPar}
 
 
@@ -199,10 +211,12 @@ class SublayerInstaller:
         self.targets: dict[str, Target] = {}
         self.modules: dict[str, dict[int, nn.Module]] = {}
         self.drops: dict[str, set[int]] = {}
+        self.guards: dict[str, dict[int, Callable[[nn.Module], nn.Module]]] = {}
 
     def add(self, step: Step) -> None:
         adapter = step.spec.offers(SublayerAdapter)
         drop = step.spec.offers(DropsAdapters)
+        guard = step.spec.offers(GuardsAdapters)
         hidden: int = cast(Any, self.model).config.get_text_config().hidden_size
         for target in step.targets:
             self.targets[target.path] = target
@@ -212,16 +226,21 @@ class SublayerInstaller:
                     step.params, target, hidden, like)
             elif drop is not None and drop.drops(step.params, target):
                 self.drops.setdefault(target.path, set()).add(step.index)
+            elif guard is not None:
+                self.guards.setdefault(target.path, {})[step.index] = functools.partial(
+                    guard.guard, step.params, target)
 
     def finish(self, trees: Mapping[str, Node]) -> None:
         for path, tree in trees.items():
-            modules, drops = self.modules.get(path, {}), self.drops.get(path, set())
-            built = _assemble(tree.prune(set(modules) | drops), modules, drops)
+            modules, drops, guards = self.modules.get(path, {}), self.drops.get(path, set()), self.guards.get(path, {})
+            built = _assemble(tree.prune(set(modules) | drops | set(guards)), modules, drops, guards)
             if built is None:  # everything there was dropped
                 continue
             source, sink = locate(self.model, self.targets[path])
             slot = InputSlot(next(iter(inspect.signature(source.forward).parameters)))
-            self.edit.set_attr(sink, ATTR, Sublayer(built, slot))
+            # New modules start in training mode: the composition takes the model's mode (a random
+            # drop in a model that is evaluating must not drop).
+            self.edit.set_attr(sink, ATTR, Sublayer(built, slot).train(sink.training))
             self.edit.set_attr(source, INPUT, slot)
             self.edit.hook(source.register_forward_pre_hook(keep_sublayer_input, with_kwargs=True))
             self.edit.hook(sink.register_forward_hook(adapt_sublayer_output))
@@ -242,29 +261,37 @@ def _sequence(tree: Node) -> list[Node]:
     return [tree]
 
 
-def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[int]) -> nn.Module | None:
-    """The module realising `tree`; a drop discards the items before it in its sequence (where a
-    drop may stand is checked when planning, :meth:`SublayerKind.tree_errors`)."""
+def _assemble(tree: Node | None, modules: Mapping[int, nn.Module], drops: set[int],
+              guards: Mapping[int, Callable[[nn.Module], nn.Module]]) -> nn.Module | None:
+    """The module realising `tree`; a drop discards the items before it in its sequence, a guard
+    wraps them (where a drop may stand is checked when planning, :meth:`SublayerKind.tree_errors`)."""
     if tree is None:
         return None
     if isinstance(tree, Leaf):
-        return None if tree.index in drops else modules[tree.index]
+        return None if tree.index in drops or tree.index in guards else modules[tree.index]
     if isinstance(tree, Seq):
         items: list[nn.Module] = []
         for item in _sequence(tree):
             if isinstance(item, Leaf) and item.index in drops:
                 items = []
-                continue
-            built = _assemble(item, modules, drops)
-            if built is not None:
-                items.append(built)
-        return None if not items else items[0] if len(items) == 1 else SublayerSeq(items)
+            elif isinstance(item, Leaf) and item.index in guards:
+                items = [guards[item.index](_one(items))] if items else []
+            else:
+                built = _assemble(item, modules, drops, guards)
+                items += [built] if built is not None else []
+        return _one(items) if items else None
     if isinstance(tree, Gate):  # each branch with its own gate on what it reads
-        gated = [m for m in (_assemble(t, modules, drops) for t in gating.branches(tree)) if m is not None]
+        gated = [m for m in (_assemble(t, modules, drops, guards) for t in gating.branches(tree)) if m is not None]
         hidden = gating.width(gated[0]) if gated else 0
         return gating.sublayer_gate(gated, hidden, SublayerPar) if gated else None
     build = MODULES.get(type(tree))
     if build is None:
         raise ApplyError(f"{tree.combinator.spelling} is not supported at sublayer anchors")
-    branches = [m for m in (_assemble(t, modules, drops) for t in tree.items) if m is not None]
-    return branches[0] if len(branches) == 1 else build(branches)
+    branches = [m for m in (_assemble(t, modules, drops, guards) for t in tree.items) if m is not None]
+    if not branches:
+        return None
+    return branches[0] if len(branches) == 1 and tree.combinator.collapses else build(branches)
+
+
+def _one(items: list[nn.Module]) -> nn.Module:
+    return items[0] if len(items) == 1 else SublayerSeq(items)

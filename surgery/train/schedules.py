@@ -177,7 +177,7 @@ def load(out_dir: Any) -> Any:
     from pathlib import Path
 
     from surgery import io
-    from surgery.api import Result, parse, skeleton
+    from surgery.api import Result, skeleton
     from surgery.planner import build_plan
 
     out_dir = Path(out_dir)
@@ -186,7 +186,7 @@ def load(out_dir: Any) -> Any:
     if state is None:
         raise SurgeryError(f"{out_dir} holds no training schedule state (it was not saved from a training run)")
     manifest = io.read_manifest(out_dir)
-    plan = build_plan(parse(manifest.spec), skeleton(model))  # the plan as resolved on the base model
+    plan = build_plan(io.saved_spec(out_dir, manifest), skeleton(model))  # the plan as resolved on the base model
     if manifest.merged_steps:
         plan = plan.restricted({s.index for s in plan.steps} - set(manifest.merged_steps))
     result = Result(model, plan, None, None, seed=manifest.seed)  # type: ignore[arg-type]

@@ -11,8 +11,9 @@ fails. Today:
 
 * ``linear`` requires :class:`Adapter` or :class:`ReplacesBase` (composed in a ``SurgeryLinear``;
   a base replacement must be innermost in a sequence);
-* ``sublayer`` requires ``SublayerAdapter`` or ``DropsAdapters`` (:mod:`surgery.anchors.sublayer`,
-  where the kind declares them: modules composed at a whole attention or MLP block);
+* ``sublayer`` requires ``SublayerAdapter`` or ``DropsAdapters``, and reads ``GuardsAdapters``
+  (:mod:`surgery.anchors.sublayer`, where the kind declares them: modules composed at a whole
+  attention or MLP block, and drops decided while the model runs);
 * ``decoding`` requires :class:`Decodes` (a generation strategy the anchor kind runs as ``model.generate``);
 * every other kind requires :class:`Installs`: ``apply`` makes *all* its changes through ``edit``
   (:class:`surgery.apply.Edit`), so that a failed plan rolls back exactly.
