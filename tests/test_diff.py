@@ -359,21 +359,26 @@ def test_design_card_down_proj_shows_base_lora_and_ia3_with_their_rules(card):
 def test_design_card_attention_shows_where_window_and_sinks_enter(card):
     groups = {g["label"]: g for g in card.graph_groups()}
     # The attention program builds its own mask, so the model no longer builds one ("model" changes).
-    # The window itself is tiling arithmetic on Python ints (no N×N mask), so its size shows as the
-    # tiles' bounds, not as a comparison node; the sinks show as their own gathered keys.
+    # The program is one exported node (surgery.attention.export) whose first argument writes out its
+    # stages: the window's rule, the sinks' frame and the bounded cache. The sink frame's table is the
+    # model's rotary called from the attention (traced before the op), so rope's rule is named too.
     # The same change in both layers groups, although torch.export threads the rotary's inv_freq
     # through layer 0's no_grad block into layer 1 (the diff reads through such pass-throughs).
     assert sorted(groups) == ["model", "model.layers.{0-1}.mlp.down_proj", "model.layers.{0-1}.self_attn",
                               "model.rotary_emb"]
-    attention = [groups["model.layers.{0-1}.self_attn"]]
-    for g in attention:
-        added = [line for line in g["code"].splitlines() if line.startswith("+")]
-        assert "+arange_4 = aten.arange(2, device='cpu', pin_memory=False)" in added   # the S = 2 sinks
-        assert any("_scaled_dot_product_flash_attention_for_cpu(" in line for line in added)  # the fused band
-        assert any("# in model.rotary_emb" in line for line in added)        # keys re-rotated with the model's rope
-        assert "-scaled_dot_product_attention = aten.scaled_dot_product_attention(" in g["code"]
-        # The window's hunk, and rope's for the rotary module the window calls.
-        assert g["unit"].rules == ("window(16, sinks=2) at <spec>:1:38", "rope(ntk_dynamic, scale=4) at <spec>:1:9")
+    g = groups["model.layers.{0-1}.self_attn"]
+    added = [line for line in g["code"].splitlines() if line.startswith("+") and not line.startswith("+++")]
+    stages = ("Stage(owner='window(16, sinks=2)', rules=(WindowRule(size=16, sinks=2),), "
+              "frame=SinkFrame(size=16, sinks=2), cache=Bounded(size=16, sinks=2, pre_rope=True))")
+    # q, k (as the model rotated them), v; no mask; the model's cos/sin; the frame's 16-slot table; no prefix.
+    assert f'+attention = surgery.attention("{stages}", add, add_1, transpose_2, None, rotary_emb, rotary_emb_1, ' \
+           "select, select_1, None, None, 0.25, 0.0, 256, False)" in added
+    assert "+arange = aten.arange(16, device='cpu', pin_memory=False)" in added          # the table's positions
+    assert sum("# in model.rotary_emb" in line for line in added) == 2                   # its cos and sin
+    assert len(added) == 10 and added[-1] == "+return reshape"
+    assert "-scaled_dot_product_attention = aten.scaled_dot_product_attention(" in g["code"]
+    # The window's hunk, and rope's for the rotary module the window calls.
+    assert g["unit"].rules == ("window(16, sinks=2) at <spec>:1:38", "rope(ntk_dynamic, scale=4) at <spec>:1:9")
     rope = groups["model.rotary_emb"]
     assert rope["unit"].rules == ("rope(ntk_dynamic, scale=4) at <spec>:1:9",)
     # The rotary module called from each attention belongs to that attention, not to rotary_emb.
@@ -445,7 +450,12 @@ def test_design_card_picture_in_headless_chromium(card, tmp_path):
     assert len(png) > 20_000 and _png_colours(png) > 50
     assert dom.count('class="flow"') == 2 * len(card.graph_groups())
     assert 'data-name="self.adapter.0.lora_A.weight"' in dom and 'data-name="self.adapter.1.ia3_l"' in dom
-    assert dom.count('<g class="node added"') > 100 and re.search(r">arange(_\d+)?\(2, ", dom)  # the S = 2 sinks
+    # Added: 9 in the attention, 8 in down_proj (LoRA and IA3), 15 in the dynamic rope.
+    assert dom.count('<g class="node added"') == 32
+    # The attention program is one added node; its tooltip is its code line, with the window and the sinks.
+    node = re.search(r'<g class="node added" data-name="attention"><title>(.*?)</title>.*?<text [^>]*>(.*?)</text>', dom)
+    assert "WindowRule(size=16, sinks=2)" in node[1] and "SinkFrame(size=16, sinks=2)" in node[1]
+    assert node[2].startswith("attention(") and "window" in node[2]
 
 
 def test_cli_diff_code_and_json(tmp_path, capsys, monkeypatch):

@@ -64,10 +64,7 @@ class Table:
 
     @classmethod
     def of(cls, rotary, size: int, like: torch.Tensor) -> "Table":
-        positions = torch.arange(size, device=like.device)[None]
-        with torch.no_grad():
-            cos, sin = rotary(like.float(), positions)
-        return cls(cos[0], sin[0])
+        return cls(*table_rotation(rotary, size, like))
 
     def __len__(self) -> int:
         return self.cos.shape[0]
@@ -103,6 +100,14 @@ class Table:
             bound = int(positions.max()) + 1 if positions.numel() else 0
         table = self.extend(bound)
         return table.cos[positions], table.sin[positions]
+
+
+def table_rotation(rotary, size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [size, dim] of the rotary module at positions 0 … size − 1 (what a :class:`Table` holds)."""
+    positions = torch.arange(size, device=like.device)[None]
+    with torch.no_grad():
+        cos, sin = rotary(like.float(), positions)
+    return cos[0], sin[0]
 
 
 def composite(cos: torch.Tensor, sin: torch.Tensor, given_cos=None, given_sin=None):
