@@ -2,6 +2,9 @@
 node per attention call, whose text reads back as the same stages, and an exported program that
 computes the eager model's logits; eager and training calls never reach the op."""
 
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -207,3 +210,21 @@ def test_eager_and_training_calls_never_reach_the_op(monkeypatch):
     model(input_ids=IDS, use_cache=False).logits.sum().backward()
     with pytest.raises(AssertionError, match="reached the export op"):
         _export(model.eval(), input_ids=IDS)
+
+
+def test_a_saved_program_runs_in_a_fresh_process(tmp_path):
+    """Nothing is looked up in this process's state: a program saved with torch.export.save runs where
+    only the op is registered (``import surgery.attention``) and gives the same logits."""
+    model = _surgered("attn.*: prefix_tuning(3) + window(6, sinks=2)")
+    torch.export.save(_export(model, input_ids=IDS), tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.save({"ids": IDS, "logits": model(input_ids=IDS, use_cache=False).logits}, tmp_path / "want.pt")
+    script = ("import sys, torch, surgery.attention\n"
+              "want = torch.load(sys.argv[2])\n"
+              "with torch.no_grad():\n"
+              "    got = torch.export.load(sys.argv[1]).module()(input_ids=want['ids'], use_cache=False).logits\n"
+              "print(float((got - want['logits']).abs().max()))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt2"), str(tmp_path / "want.pt")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-6
