@@ -43,6 +43,7 @@ import ast
 import dataclasses
 import functools
 import sys
+import weakref
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -226,11 +227,32 @@ def carried(call, mask) -> str | None:
         return None
 
 
+# The frame tables of the forward being exported, by the identity of its cos: the model hands every
+# layer the same (cos, sin), so the layers share one table (computed in the first attention that
+# needs it) instead of each tracing the rotary again. An entry is dropped when that cos dies.
+_TABLES: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _table(frame, cos: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    entry = _TABLES.get(id(cos))
+    if entry is None or entry[0]() is not cos:
+        entry = _TABLES[id(cos)] = (weakref.ref(cos), {})
+        weakref.finalize(cos, _TABLES.pop, id(cos), None)
+    rotary, held = frame.rotary(), entry[1]
+    key = (id(rotary), frame.size, query.device)
+    if key not in held or held[key][0] is not rotary:
+        # Not under no_grad (as eager does): torch.export turns every grad-mode block into a region it
+        # splits the whole graph at, a pass whose cost grows with regions × graph size; the op needs
+        # no gradient of the table.
+        held[key] = (rotary, table_rotation(rotary, frame.size, query, grad=True))
+    return held[key][1]
+
+
 def attend(text: str, call, query, key, value, mask, scaling: float, dropout: float) -> torch.Tensor:
     """The one node: the frame's table and the prefix computed here (traced), the rest inside the op."""
     frame = call.program.frame
-    table_cos, table_sin = table_rotation(frame.rotary(), frame.size, query) if frame is not None else (None, None)
     cos, sin = call.position_embeddings if frame is not None else (None, None)
+    table_cos, table_sin = _table(frame, cos, query) if frame is not None else (None, None)
     keys, values = call.prefix if call.prefix is not None else (None, None)
     return attention_op(text, query, key, value, mask, cos, sin, table_cos, table_sin, keys, values,
                         float(scaling), float(dropout), int(call.tile), bool(call.reference))

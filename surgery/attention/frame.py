@@ -19,6 +19,8 @@ un-rotated with the exact cos/sin the model used, then rotated in the frame. All
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -102,10 +104,11 @@ class Table:
         return table.cos[positions], table.sin[positions]
 
 
-def table_rotation(rotary, size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [size, dim] of the rotary module at positions 0 … size − 1 (what a :class:`Table` holds)."""
+def table_rotation(rotary, size: int, like: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [size, dim] of the rotary module at positions 0 … size − 1 (what a :class:`Table` holds),
+    computed without autograd unless `grad` (torch.export: see :func:`surgery.attention.export.attend`)."""
     positions = torch.arange(size, device=like.device)[None]
-    with torch.no_grad():
+    with contextlib.nullcontext() if grad else torch.no_grad():
         cos, sin = rotary(like.float(), positions)
     return cos[0], sin[0]
 
