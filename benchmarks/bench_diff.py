@@ -9,9 +9,9 @@ one ``torch.export`` of the model.
 
 The diff needs two exports (before and after surgery); the rest — snapshots, applying the plan,
 matching the graphs node by node, rendering code and pictures — should stay small. Targets:
-ours ≤ 2.5 × one export. The surgered model's graph is larger than the original's (the window's
-attention is written out op by op), so its export costs more than the untouched one; both ratios are
-printed: against the untouched model's export, and against the mean of the two exports the diff
+ours ≤ 2.5 × one export. The surgered model's graph is larger than the original's (LoRA and IA3
+branches, the sink frame's table; each attention program is one ``surgery.attention`` node), so its
+export costs more than the untouched one; both ratios are printed: against the untouched model's export, and against the mean of the two exports the diff
 itself runs (that is, against "one export" of the kind it does). Runs alternate ours and the
 anchors on fresh deep copies of the model (copies made outside the clock); the ratio is of the
 minima, since load from other processes only adds time. The load average is printed.

@@ -359,21 +359,31 @@ def test_design_card_down_proj_shows_base_lora_and_ia3_with_their_rules(card):
 def test_design_card_attention_shows_where_window_and_sinks_enter(card):
     groups = {g["label"]: g for g in card.graph_groups()}
     # The attention program builds its own mask, so the model no longer builds one ("model" changes).
-    # The window itself is tiling arithmetic on Python ints (no N×N mask), so its size shows as the
-    # tiles' bounds, not as a comparison node; the sinks show as their own gathered keys.
-    # The same change in both layers groups, although torch.export threads the rotary's inv_freq
-    # through layer 0's no_grad block into layer 1 (the diff reads through such pass-throughs).
-    assert sorted(groups) == ["model", "model.layers.{0-1}.mlp.down_proj", "model.layers.{0-1}.self_attn",
-                              "model.rotary_emb"]
-    attention = [groups["model.layers.{0-1}.self_attn"]]
-    for g in attention:
-        added = [line for line in g["code"].splitlines() if line.startswith("+")]
-        assert "+arange_4 = aten.arange(2, device='cpu', pin_memory=False)" in added   # the S = 2 sinks
-        assert any("_scaled_dot_product_flash_attention_for_cpu(" in line for line in added)  # the fused band
-        assert any("# in model.rotary_emb" in line for line in added)        # keys re-rotated with the model's rope
+    # The program is one exported node (surgery.attention.export) whose first argument writes out its
+    # stages: the window's rule, the sinks' frame and the bounded cache. The sink frame's table is the
+    # model's rotary called from the first attention (traced once, so rope's rule is named there) and
+    # read by the other layers: layer 0 and layer 1 differ by that table, so they are two entries.
+    assert sorted(groups) == ["model", "model.layers.0.self_attn", "model.layers.1.self_attn",
+                              "model.layers.{0-1}.mlp.down_proj", "model.rotary_emb"]
+    stages = ("Stage(owner='window(16, sinks=2)', rules=(WindowRule(size=16, sinks=2),), "
+              "frame=SinkFrame(size=16, sinks=2), cache=Bounded(size=16, sinks=2, pre_rope=True))")
+    first, other = groups["model.layers.0.self_attn"], groups["model.layers.1.self_attn"]
+    added = [line for line in first["code"].splitlines() if line.startswith("+") and not line.startswith("+++")]
+    # q, k (as the model rotated them), v; no mask; the model's cos/sin; the frame's 16-slot table; no prefix.
+    assert f'+attention = surgery.attention("{stages}", add, add_1, transpose_2, None, rotary_emb, rotary_emb_1, ' \
+           "select, select_1, None, None, 0.25, 0.0, 256, False)" in added
+    assert "+arange = aten.arange(16, device='cpu', pin_memory=False)" in added          # the table's positions
+    assert sum("# in model.rotary_emb" in line for line in added) == 23                  # the dynamic rope at 16
+    assert len(added) == 30 and added[-1] == "+return select, select_1, reshape"
+    assert first["unit"].rules == ("window(16, sinks=2) at <spec>:1:38", "rope(ntk_dynamic, scale=4) at <spec>:1:9")
+    added = [line for line in other["code"].splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert added == ["+# self_attn = model.layers.0.self_attn: select", "+# self_attn_1 = model.layers.0.self_attn: select",
+                     f'+attention = surgery.attention("{stages}", add, add_1, transpose_2, None, rotary_emb, '
+                     "rotary_emb_1, self_attn, self_attn_1, None, None, 0.25, 0.0, 256, False)",
+                     "+reshape = aten.reshape(attention, [1, 8, -1])", "+return reshape"]
+    assert other["unit"].rules == ("window(16, sinks=2) at <spec>:1:38",)
+    for g in (first, other):
         assert "-scaled_dot_product_attention = aten.scaled_dot_product_attention(" in g["code"]
-        # The window's hunk, and rope's for the rotary module the window calls.
-        assert g["unit"].rules == ("window(16, sinks=2) at <spec>:1:38", "rope(ntk_dynamic, scale=4) at <spec>:1:9")
     rope = groups["model.rotary_emb"]
     assert rope["unit"].rules == ("rope(ntk_dynamic, scale=4) at <spec>:1:9",)
     # The rotary module called from each attention belongs to that attention, not to rotary_emb.
@@ -445,7 +455,12 @@ def test_design_card_picture_in_headless_chromium(card, tmp_path):
     assert len(png) > 20_000 and _png_colours(png) > 50
     assert dom.count('class="flow"') == 2 * len(card.graph_groups())
     assert 'data-name="self.adapter.0.lora_A.weight"' in dom and 'data-name="self.adapter.1.ia3_l"' in dom
-    assert dom.count('<g class="node added"') > 100 and re.search(r">arange(_\d+)?\(2, ", dom)  # the S = 2 sinks
+    # Added: 29 + 2 in the attentions (the table in layer 0), 8 in down_proj (LoRA and IA3), 15 in the dynamic rope.
+    assert dom.count('<g class="node added"') == 54
+    # The attention program is one added node; its tooltip is its code line, with the window and the sinks.
+    node = re.search(r'<g class="node added" data-name="attention"><title>(.*?)</title>.*?<text [^>]*>(.*?)</text>', dom)
+    assert "WindowRule(size=16, sinks=2)" in node[1] and "SinkFrame(size=16, sinks=2)" in node[1]
+    assert node[2].startswith("attention(") and "window" in node[2]
 
 
 def test_cli_diff_code_and_json(tmp_path, capsys, monkeypatch):
@@ -503,14 +518,19 @@ def test_smollm2_design_card_code_and_picture(smollm2_card, tmp_path):
     attention = [g for label, g in groups.items() if label.endswith("self_attn")]
     assert sorted(p for g in attention for p in g["paths"]) == sorted(f"model.layers.{i}.self_attn" for i in range(30))
     for g in attention:
-        added = [line for line in g["code"].splitlines() if line.startswith("+")]
-        assert any(line.endswith(" = aten.arange(4, device='cpu', pin_memory=False)") for line in added)  # S = 4
-        assert any("_scaled_dot_product_flash_attention_for_cpu(" in line for line in added)  # the fused band
+        added = [line for line in g["code"].splitlines() if line.startswith("+") and not line.startswith("+++")]
+        # The program is one node, its stages written out: the window (4096) and the sinks (4) enter there.
+        op = [line for line in added if line.startswith("+attention = surgery.attention(")]
+        assert len(op) == 1 and "rules=(WindowRule(size=4096, sinks=4),), frame=SinkFrame(size=4096, sinks=4)" in op[0]
         assert f"window(4096, sinks=4) at {spec}:4:38" in g["unit"].rules
-    # The same change in 30 layers is one entry: torch.export threads the rotary's lifted inv_freq
-    # through each layer's no_grad block into the next, and the diff reads through such pass-throughs.
-    assert sorted(groups) == ["model", "model.layers.{0-29}.mlp.down_proj", "model.layers.{0-29}.self_attn",
-                              "model.rotary_emb"]
+    # The sink frame's table (the rotary at 4096 positions) is traced once, in layer 0; the other 29
+    # layers read it, so layer 0 is an entry of its own. The same change in layers 1–29 is one entry:
+    # torch.export threads the rotary's lifted inv_freq through the layers, and the diff reads through.
+    assert "+arange = aten.arange(4096, device='cpu', pin_memory=False)" in groups["model.layers.0.self_attn"]["code"]
+    assert sorted(groups) == ["model", "model.layers.0.self_attn", "model.layers.{0-29}.mlp.down_proj",
+                              "model.layers.{1-29}.self_attn", "model.rotary_emb"]
+    # One op per attention call: 1,718 op nodes after surgery (8,351 when the program was traced op by op).
+    assert (len(diff.before_graph.calls), len(diff.after_graph.calls)) == (1704, 1718)
 
     page = tmp_path / "diff.html"
     page.write_text(diff.html(), encoding="utf-8")
@@ -518,4 +538,5 @@ def test_smollm2_design_card_code_and_picture(smollm2_card, tmp_path):
     assert len(png) > 20_000 and _png_colours(png) > 50
     assert dom.count('class="flow"') == 2 * len(groups)
     assert 'data-name="self.adapter.0.lora_A.weight"' in dom and 'data-name="self.adapter.1.ia3_l"' in dom
-    assert re.search(r">arange(_\d+)?\(4, ", dom)  # the sinks' own keys
+    node = re.search(r'<g class="node added" data-name="attention"><title>(.*?)</title>', dom)
+    assert "WindowRule(size=4096, sinks=4)" in node[1] and "SinkFrame(size=4096, sinks=4)" in node[1]

@@ -19,6 +19,8 @@ un-rotated with the exact cos/sin the model used, then rotated in the frame. All
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -64,10 +66,7 @@ class Table:
 
     @classmethod
     def of(cls, rotary, size: int, like: torch.Tensor) -> "Table":
-        positions = torch.arange(size, device=like.device)[None]
-        with torch.no_grad():
-            cos, sin = rotary(like.float(), positions)
-        return cls(cos[0], sin[0])
+        return cls(*table_rotation(rotary, size, like))
 
     def __len__(self) -> int:
         return self.cos.shape[0]
@@ -103,6 +102,15 @@ class Table:
             bound = int(positions.max()) + 1 if positions.numel() else 0
         table = self.extend(bound)
         return table.cos[positions], table.sin[positions]
+
+
+def table_rotation(rotary, size: int, like: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [size, dim] of the rotary module at positions 0 … size − 1 (what a :class:`Table` holds),
+    computed without autograd unless `grad` (torch.export: see :func:`surgery.attention.export.attend`)."""
+    positions = torch.arange(size, device=like.device)[None]
+    with contextlib.nullcontext() if grad else torch.no_grad():
+        cos, sin = rotary(like.float(), positions)
+    return cos[0], sin[0]
 
 
 def composite(cos: torch.Tensor, sin: torch.Tensor, given_cos=None, given_sin=None):

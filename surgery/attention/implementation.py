@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from surgery.attention import fast, internals, reference
+from surgery.attention import export, fast, internals, reference
 from surgery.attention.cache import ProgramLayer
 from surgery.attention.frame import Table
 from surgery.attention.keys import Inputs
@@ -105,6 +105,10 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
               surgery_call: Call | None = None, **kwargs):
     """The ``surgery`` attention implementation: run the module's program (plain attention if none)."""
     call = surgery_call or Call(Program())
+    if torch.compiler.is_exporting() and (text := export.carried(call, attention_mask)) is not None:
+        # One node in the exported graph instead of the program traced op by op (surgery.attention.export).
+        return export.attend(text, call, query, key, value, attention_mask,
+                             scaling if scaling is not None else module.scaling, dropout if module.training else 0.0), None
     program, layer = call.program, call.layer
     head, start = layer.layout if layer is not None else (0, 0)
     if layer is None:
