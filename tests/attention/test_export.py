@@ -230,3 +230,21 @@ def test_a_saved_program_runs_in_a_fresh_process(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) < 1e-6
+
+
+def test_a_gated_prefix_stays_traced_and_computes_the_eager_logits():
+    """UniPELT's gate on a prefix is a callable of the hidden states, which the op's text cannot carry:
+    the call stays traced op by op, and the exported program still computes the gated attention."""
+    model = _surgered("attn.*: gate(prefix_tuning(3))")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.normal_(0, 1, generator=torch.Generator().manual_seed(1))  # a gate that is not ½ everywhere
+    exported = _export(model, input_ids=IDS)
+    assert _ops(exported).count("surgery.attention.default") == 0
+    with torch.no_grad():
+        want = model(input_ids=IDS, use_cache=False).logits
+        got = exported.module()(input_ids=IDS, use_cache=False).logits
+        ungated = _surgered("attn.*: prefix_tuning(3)")(input_ids=IDS, use_cache=False).logits
+    assert (got - want).abs().max() < 1e-5
+    assert (want - ungated).abs().max() > 1e-4   # the gate changes the logits: the comparison can fail
