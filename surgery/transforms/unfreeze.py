@@ -52,6 +52,9 @@ class Unfreeze:
         for param in region_parameters(model, [t.path for t in targets]):
             edit.requires_grad(param, True)
 
+    def peft_modules(self, p: UnfreezeParams, targets) -> list[str]:
+        return [t.path for t in targets]
+
     @obligation("no value changes: state dict bit-identical", tol=0)
     def values_unchanged(self, p, check) -> float:
         after, before = check.surgered.state_dict(), check.original.state_dict()

@@ -2,6 +2,9 @@
 embeddings and norms), selected by role on three architectures; each obligation can fail; beside
 LoRA, a trained result saves and reloads bit-exactly with its trained embeddings and norms."""
 
+import copy
+import json
+
 import pytest
 import torch
 
@@ -141,3 +144,43 @@ def test_trained_embeddings_and_norms_save_and_reload_bit_exactly(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+
+def _trained(model, spec):
+    result = surgery.compile(model, spec)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return result, ids
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_peft_loads_the_export_as_modules_to_save_with_equal_outputs(tmp_path, tied):
+    from peft import PeftModel
+
+    base = tiny("llama", tie_word_embeddings=tied)
+    result, ids = _trained(copy.deepcopy(base), "attn.q, attn.v: lora(r=2); embed, norm.*: unfreeze")
+    result.save(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert set(config["modules_to_save"]) == {n.removesuffix(".weight") for n in EXPECTED["llama"]}
+    assert config.get("ensure_weight_tying", False) == tied
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "out" / "peft").eval()
+    with torch.no_grad():
+        ours, theirs = result.model(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        untouched = tiny("llama", tie_word_embeddings=tied)(input_ids=ids).logits
+    assert (ours - untouched).abs().max() > 1e-2  # trained: the comparison can show a missing tensor
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_a_module_trained_in_full_that_holds_an_adapter_is_not_exported_to_peft(tmp_path):
+    result, _ = _trained(tiny("llama"), "attn.q: lora(r=2); attn: unfreeze")
+    result.save(tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    assert manifest["peft"].startswith("not written: model.layers.0.self_attn is trained in full and holds an adapter")
+    assert not (tmp_path / "out" / "peft").exists()
