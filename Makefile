@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_plan_meta.py
 	$(PY) benchmarks/bench_lora_train.py
 	$(PY) benchmarks/bench_prompt_train.py
+	$(PY) benchmarks/bench_schedules_train.py
 	$(PY) benchmarks/bench_merged_inference.py
 	$(PY) benchmarks/bench_diff.py
 	$(PY) benchmarks/bench_attention.py

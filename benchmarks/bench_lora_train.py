@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -69,22 +70,45 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module):
+    """One model's training steps; `loss` (batch, outputs → loss) and `optimizer_step` (optimizer → None)
+    are the loop's two calls a technique may take over (AdaLoRA's regulariser and allocation, ReLoRA's
+    restarts: ``Schedules.loss`` / ``Schedules.optimizer_step``); plain AdamW by default."""
+
+    def __init__(self, model: torch.nn.Module, loss=None, optimizer_step=None):
         self.model = model.train()
         self.params = trainable(model)
         self.opt = torch.optim.AdamW(self.params, lr=LR)
         self.losses: list[float] = []
+        self.loss = loss or (lambda batch, outputs: outputs.loss)
+        self.optimizer_step = optimizer_step or (lambda optimizer: optimizer.step())
 
     def step(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
-        """Seconds one forward + backward + AdamW step takes (labels: `ids` unless given)."""
+        """Seconds one forward + backward + optimizer step takes (labels: `ids` unless given)."""
         start = time.perf_counter()
-        loss = self.model(input_ids=ids, labels=ids if labels is None else labels).loss
+        batch = {"input_ids": ids, "labels": ids if labels is None else labels}
+        loss = self.loss(batch, self.model(**batch))
         loss.backward()
-        self.opt.step()
+        self.optimizer_step(self.opt)
         self.opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         self.losses.append(loss.item())
         return elapsed
+
+
+def interleave(trainers: dict[str, Trainer], batches: list[torch.Tensor], warmup: int,
+               labels: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, list[float]]:
+    """Each batch through every trainer in turn (the order alternating, so neither always runs right
+    after the other's allocations); the seconds of each step after the first `warmup`, per trainer.
+    `labels(ids)` gives a batch's labels (default: the ids)."""
+    times: dict[str, list[float]] = {name: [] for name in trainers}
+    names = list(trainers)
+    for i, ids in enumerate(batches):
+        for name in names if i % 2 == 0 else names[::-1]:
+            elapsed = trainers[name].step(ids, None if labels is None else labels(ids))
+            if i >= warmup:
+                times[name].append(elapsed)
+            print(f"step {i + 1}/{len(batches)} {name}: {elapsed * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    return times
 
 
 def step_parser(doc: str) -> argparse.ArgumentParser:
@@ -120,15 +144,7 @@ def main() -> None:
     vocab = ours_model.config.vocab_size
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
                for _ in range(args.warmup + args.steps)]
-    times = {"ours": [], "peft": []}
-    for i, ids in enumerate(batches):
-        # Alternate which one goes first so neither always runs right after the other's allocations.
-        order = ["ours", "peft"] if i % 2 == 0 else ["peft", "ours"]
-        for name in order:
-            elapsed = trainers[name].step(ids)
-            if i >= args.warmup:
-                times[name].append(elapsed)
-            print(f"step {i + 1}/{len(batches)} {name}: {elapsed * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    times = interleave(trainers, batches, args.warmup)
 
     first = abs(trainers["ours"].losses[0] - trainers["peft"].losses[0])
     every = max(abs(a - b) for a, b in zip(trainers["ours"].losses, trainers["peft"].losses))

@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import warnings
 
 import torch
-from bench_lora_train import Trainer, step_parser
+from bench_lora_train import Trainer, interleave, step_parser
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 import surgery
@@ -69,17 +68,10 @@ def run(kind: str, base: torch.nn.Module, args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=gen)
                for _ in range(args.warmup + args.steps)]
-    times: dict[str, list[float]] = {"ours": [], "peft": []}
-    for i, ids in enumerate(batches):
-        # PEFT's prompt tuning also scores the first token from the virtual ones; ours scores the
-        # input's own next tokens only: mask that target so both losses are over the same ones.
-        labels = ids.clone()
-        labels[:, 0] = -100
-        for name in (["ours", "peft"] if i % 2 == 0 else ["peft", "ours"]):
-            elapsed = trainers[name].step(ids, labels)
-            if i >= args.warmup:
-                times[name].append(elapsed)
-            print(f"{kind} step {i + 1}/{len(batches)} {name}: {elapsed * 1e3:.0f} ms", file=sys.stderr, flush=True)
+    # PEFT's prompt tuning also scores the first token from the virtual ones; ours scores the input's
+    # own next tokens only: that target is masked so both losses are over the same ones.
+    times = interleave(trainers, batches, args.warmup, labels=lambda ids: ids.masked_fill(
+        torch.arange(ids.shape[1]) == 0, -100))
     every = max(abs(a - b) for a, b in zip(trainers["ours"].losses, trainers["peft"].losses))
     fastest = {k: min(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}

@@ -282,6 +282,10 @@ def train(spec: Path = typer.Argument(..., help="a .surg file"),
                                                      help="checkpoint directory (default: OUT.checkpoints)"),
           resume: bool = typer.Option(False, "--resume", help="continue from the last checkpoint"),
           shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="visit the blocks in random order"),
+          eval_on_start: bool = typer.Option(False, "--eval-on-start", help="the held-out loss before training too"),
+          checkpointing: bool = typer.Option(False, "--activation-checkpointing",
+                                             help="recompute activations in the backward pass (less memory, "
+                                             "about one more forward per step)"),
           merge: bool = typer.Option(False, "--merge", help="fold mergeable steps into the weights when saving"),
           check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run obligations first"),
           seed: int = typer.Option(0, **SEED)):
@@ -325,7 +329,7 @@ def train(spec: Path = typer.Argument(..., help="a .surg file"),
     opts = Options(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, grad_accum=grad_accum, seed=seed,
                    eval_every=eval_every, save_every=eval_every if save_every is None else save_every,
                    log_every=log_every, warmup_steps=warmup_steps, schedule=schedule, optim=optim, device=device,
-                   shuffle=shuffle)
+                   shuffle=shuffle, eval_on_start=eval_on_start, checkpointing=checkpointing)
     transformers.logging.set_verbosity_error()  # our progress lines, not the Trainer's notices
     run_training(result, tokenizer, data, checkpoints, opts, resume=resume,
                  log=lambda line: out.print(line, markup=False, highlight=False))

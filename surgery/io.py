@@ -63,7 +63,7 @@ from surgery.layers import SurgeryLinear
 from surgery.models import model_class
 from surgery.planner import Plan, Step, build_plan
 from surgery.syntax import ast, parse as parse_text
-from surgery.transforms.registry import ConfigPatch, PeftExport
+from surgery.transforms.registry import ConfigPatch, PeftExport, PeftModulesToSave
 
 FORMAT = 2  # 2: a manifest of sha256 hashes and the dtypes; 1 had neither
 SCHEDULE_TENSORS = "schedules.safetensors"  # the tensors of the schedule state, when it has any
@@ -233,9 +233,13 @@ def peft_adapter(plan: Plan, model: nn.Module) -> tuple[dict, dict[str, torch.Te
     it cannot be one."""
     if gates(plan):
         return "PEFT has no gates (gate(…))"
-    kinds = {}
+    kinds, whole = {}, []
     for step in plan.steps:
         if step.spec.peft_base:  # e.g. quantize: the PEFT user loads the base quantized
+            continue
+        saved = step.spec.offers(PeftModulesToSave)
+        if saved is not None:  # trained in full beside the adapter, whatever its type
+            whole += [p for p in saved.peft_modules(step.params, step.targets) if p not in whole]
             continue
         if step.spec.offers(PeftExport) is None:
             return f"{step.transform} has no PEFT equivalent"
@@ -264,9 +268,43 @@ def peft_adapter(plan: Plan, model: nn.Module) -> tuple[dict, dict[str, torch.Te
     named = anchors.kind(spec.anchor).peft_tensors(steps, model, config)
     if isinstance(named, str):
         return named.removeprefix("not written: ")
+    if whole:
+        extra = _modules_to_save(model, whole)
+        if isinstance(extra, str):
+            return extra
+        config.update(extra[0])
+        named.update(extra[1])
     config.setdefault("task_type", _task_type(model))
     config.setdefault("base_model_name_or_path", None)
     return config, named
+
+
+def _modules_to_save(model: nn.Module, paths: list[str]) -> tuple[dict, dict[str, torch.Tensor]] | str:
+    """PEFT's ``modules_to_save`` for the modules at `paths` (config fields, tensors under PEFT's keys),
+    or why it cannot hold them. PEFT keeps a trained copy of each module and saves its tensors under
+    the module's own key; a tensor the input embeddings share with the output head stays shared
+    through ``ensure_weight_tying``; any other sharing, or an adapter inside, PEFT cannot express."""
+    if "" in paths:
+        return "the whole model is trained in full: a plain model, not an adapter"
+    params = {id(p) for path in paths for p in model.get_submodule(path).parameters()}
+    for path in paths:
+        if any(isinstance(m, SurgeryLinear) for m in model.get_submodule(path).modules()):
+            return f"{path} is trained in full and holds an adapter, which PEFT's modules_to_save cannot hold"
+    inside = tuple(f"{path}." for path in paths)
+    shared = [name for name, p in model.named_parameters(remove_duplicate=False)
+              if id(p) in params and not name.startswith(inside)]
+    fields: dict = {"modules_to_save": list(paths)}
+    if shared:
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head is not None and embed is not None and head.weight is embed.weight \
+            and any(model.get_submodule(path) is embed for path in paths)
+        if not tied or len(shared) != 1:
+            return f"{shared[0]} shares a tensor trained in full, which PEFT's modules_to_save would untie"
+        fields["ensure_weight_tying"] = True
+    tensors = {f"base_model.model.{path}.{name}": p for path in paths
+               for name, p in model.get_submodule(path).named_parameters()}
+    tensors.update({f"base_model.model.{name}": model.get_parameter(name) for name in shared})  # PEFT reads both keys
+    return fields, tensors
 
 
 def _peft_export(plan: Plan, model: nn.Module, tmp: Path) -> str:

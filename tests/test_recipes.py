@@ -79,3 +79,49 @@ def test_unipelt_on_smollm2(smollm2_dir):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 15)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_longlora_plans_verifies_and_trains_lora_embeddings_and_norms(arch):
+    model = tiny(arch)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    result = surgery.compile(model, RECIPES / "longlora.surg")
+    assert result.report.ok, result.report.text()
+    assert [s.transform for s in result.plan.steps] == ["rope", "s2attn", "lora", "unfreeze"]
+    rope = result.plan.steps[0].params
+    assert (rope.kind, rope.scale) == ("linear", 2)                # an 8k model trained at 16k tokens
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    layers = model.config.num_hidden_layers
+    region = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(layers) for n in ("input_layernorm", "post_attention_layernorm")}
+    lora = trainable - region
+    assert region <= trainable and len(lora) == layers * 4 * 2       # A and B on q, k, v, o of every layer
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    state = model.state_dict()
+    for key, value in base.items():                             # frozen but for the embeddings and norms
+        if key in state:
+            assert torch.equal(state[key], value) == (key not in region), key
+
+
+def test_longlora_groups_attention_while_training_and_not_at_inference():
+    """At 2G tokens the training forward groups its attention (S2-Attn) and the eval forward does not."""
+    model = tiny("llama")
+    surgery.compile(model, RECIPES / "longlora.surg")
+    ids = torch.randint(0, model.config.vocab_size, (1, 2 * 4096), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.train()
+        grouped = model(input_ids=ids).logits
+        model.eval()
+        full = model(input_ids=ids).logits
+    assert (grouped[:, :2048] - full[:, :2048]).abs().max() < 1e-5   # the first half-group: the same keys either way
+    assert (grouped[:, 4096:] - full[:, 4096:]).abs().max() > 1e-3

@@ -47,6 +47,10 @@ class Options:
     optim: str = "adamw_torch"
     device: str = "cpu"
     shuffle: bool = True
+    eval_on_start: bool = False
+    # Keep each layer's input only and recompute the rest in the backward pass: memory for long
+    # sequences (LongLoRA at 16k tokens) for about one more forward's time.
+    checkpointing: bool = False
 
 
 def check_options(name: str, device: str, schedule: str = "cosine") -> None:
@@ -88,6 +92,7 @@ def _arguments(checkpoints: Path, opts: Options) -> transformers.TrainingArgumen
         ddp_backend="gloo" if opts.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable parameter is an added one the forward uses
         eval_strategy="steps" if eval_every else "no", eval_steps=eval_every or None,
+        eval_on_start=opts.eval_on_start, activation_checkpointing=opts.checkpointing,
         save_strategy="steps" if opts.save_every else "no", save_steps=opts.save_every or 500,
         logging_strategy="steps", logging_steps=opts.log_every, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False,

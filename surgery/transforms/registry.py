@@ -21,7 +21,8 @@ fails. Today:
 Optional capabilities, for any kind: :class:`Accepts` (keep or drop candidate anchors),
 :class:`ConfigPatch` (the step as transformers config fields, so a plain model expresses it),
 :class:`Schedule` (training-time behaviour: a :class:`StepSchedule` that :mod:`surgery.train` calls
-each optimizer step) and :class:`PeftExport` (with the tensor protocol its anchor kind reads: :class:`AdapterPeftTensors` at
+each optimizer step), :class:`PeftModulesToSave` (modules trained in full, exported beside any
+adapter) and :class:`PeftExport` (with the tensor protocol its anchor kind reads: :class:`AdapterPeftTensors` at
 linear anchors, :class:`ModelPeftTensors` elsewhere). Class attributes read once, at registration:
 
 * ``freezes_base = True``: a fine-tuning method; the pipeline freezes every original parameter
@@ -154,6 +155,14 @@ class PeftExport(Protocol):
 
 
 @runtime_checkable
+class PeftModulesToSave(Protocol):
+    """The step as PEFT's ``modules_to_save``, beside an adapter of any type: the paths of the modules
+    trained in full, whose tensors the adapter carries (``unfreeze``)."""
+
+    def peft_modules(self, p: Any, targets: Sequence[Target]) -> list[str]: ...
+
+
+@runtime_checkable
 class AdapterPeftTensors(Protocol):
     """PEFT's tensors of one linear adapter, keyed below the layer (default: its state dict)."""
 
@@ -235,7 +244,7 @@ class TransformSpec:
 REGISTRY: dict[str, TransformSpec] = {}
 
 # Capabilities any anchor kind may use; anchor kinds add their own (`required`, `optional`).
-COMMON: tuple[type, ...] = (Accepts, ConfigPatch, PeftExport, Schedule)
+COMMON: tuple[type, ...] = (Accepts, ConfigPatch, PeftExport, PeftModulesToSave, Schedule)
 
 F = TypeVar("F", bound=Callable[..., float])
 

@@ -154,3 +154,28 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, model
     one, two = surgery.load(tmp_path / "one"), surgery.load(tmp_path / "two")
     for (name, x), y in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_activation_checkpointing_trains_like_keeping_activations(tmp_path, model_dir, data, capsys, monkeypatch):
+    """--activation-checkpointing recomputes in the backward what it did not keep: the same losses;
+    --eval-on-start adds the held-out loss before the first step."""
+    rule = spec(tmp_path, "attn.q, attn.v: lora(r=4, alpha=8); embed, norm.*: unfreeze\n")
+    curves = []
+    for name, flags in (("kept", []), ("recomputed", ["--activation-checkpointing"])):
+        code, out, err = run(["train", rule, model_dir, "--data", data, "-o", tmp_path / name, "--steps", 6,
+                              "--batch-size", 2, "--seq-len", 24, "--lr", 3e-2, "--eval-every", 3, "--log-every", 1,
+                              "--eval-on-start", "--no-shuffle", *flags], capsys, monkeypatch)
+        assert code == 0, err
+        curves.append((losses(out), losses(out, "eval")))
+    (train, held), (train_ckpt, held_ckpt) = curves
+    assert len(train) == 6 and len(held) == 3 and held[-1] < held[0]
+    assert train_ckpt == pytest.approx(train, rel=1e-5) and held_ckpt == pytest.approx(held, rel=1e-5)
+
+
+def test_options_reach_the_trainer(tmp_path):
+    from surgery.train.run import Options, arguments
+
+    args = arguments(tmp_path, Options(checkpointing=True, eval_on_start=True))
+    assert args.activation_checkpointing is True and args.eval_on_start is True
+    args = arguments(tmp_path, Options())
+    assert not args.activation_checkpointing and args.eval_on_start is False
