@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from surgery.attention.frame import Table, rotate_signed, signed
+from surgery.attention import fast
+from surgery.attention.frame import Table, composite, matrix, rotate, rotate_signed, signed
 from surgery.attention.internals import DynamicLayer
 from surgery.attention.program import Bounded, PreRope, SinkFrame
 from surgery.errors import ApplyError
@@ -57,6 +58,60 @@ class Shared:
         return self.values[name]
 
 
+class Ring:
+    """A full bounded cache written in place (steady decoding: one token in, the oldest recent one out).
+
+    Storage is [slots, B, H, D] (keys, values, and with a sink frame the keys rotated in the frame),
+    seen as [B, H, slots, D] views: slots 0 … head − 1 hold the head, slots head … hold the recent
+    columns in a ring — column c at head + (c − base) mod R, R = slots − head, `base` fixed when
+    the ring is built. A new column overwrites the oldest one's slot, so a step writes one vector
+    per tensor and copies nothing. Attention over an unmasked band does not depend on the keys'
+    order, so the views go straight to the fused kernel; any other call first takes the columns
+    back in order (:meth:`ordered`).
+
+    With a sink frame, the frame keys hold the recent keys at column − origin (as
+    ``ProgramLayer.keys2``) and, in slots 0 … S − 1, the sinks as the step's query needs them: sink s
+    at s + offset with offset = i − (size − 1) − origin (see fast._step). The sinks rotated at
+    their slots, R(s)k_s, are kept (``sinks``), so a step places them with one rotation by offset."""
+
+    def __init__(self, keys, values, framed, head: int, start: int, table: Table | None = None):
+        storage = [t.permute(2, 0, 1, 3).contiguous() for t in (keys, values)]
+        self.k, self.v = storage
+        self.f = framed.permute(2, 0, 1, 3).contiguous() if framed is not None else None
+        self.keys, self.values = self.k.permute(1, 2, 0, 3), self.v.permute(1, 2, 0, 3)
+        self.framed = self.f.permute(1, 2, 0, 3) if self.f is not None else None
+        self.head, self.base = head, start
+        self.slots: list = [None] * self.k.shape[0]
+        self.sinks = self.sink_slots = None
+        if self.f is not None and head:
+            positions = torch.arange(head, device=keys.device)
+            c, si = table.at(positions, bound=head)
+            self.sinks = rotate(self.k[:head].float(), c[:, None, None], si[:, None, None])
+            self.sink_slots = self.f[:head]
+
+    def slot(self, column: int):
+        """Views [B, H, 1, D] of the slot that holds `column` (key, value, frame key)."""
+        p = self.head + (column - self.base) % (self.k.shape[0] - self.head)
+        if self.slots[p] is None:
+            self.slots[p] = tuple(None if t is None else t[p].unsqueeze(2) for t in (self.k, self.v, self.f))
+        return self.slots[p]
+
+    def columns(self, start: int, end: int) -> torch.Tensor:
+        """The column each slot holds, the ring holding columns start … end − 1."""
+        r = self.k.shape[0] - self.head
+        ring = torch.arange(r, device=self.k.device)
+        first = (start - self.base) % r  # the slot offset of column `start`
+        return torch.cat([torch.arange(self.head, device=self.k.device), start + (ring - first) % r])
+
+    def ordered(self, start: int) -> tuple:
+        """(keys, values, frame keys) in column order (head, then start …), as ProgramLayer keeps them."""
+        p = self.head + (start - self.base) % (self.k.shape[0] - self.head)
+
+        def order(t):
+            return None if t is None else torch.cat([t[..., :self.head, :], t[..., p:, :], t[..., self.head:p, :]], -2)
+        return order(self.keys), order(self.values), order(self.framed)
+
+
 def _pieces(t: torch.Tensor, layout: tuple[int, int], kept: tuple[int, int]) -> list[torch.Tensor]:
     """Views of `t` (keys in `layout`) holding, in order, the columns of layout `kept` (a subset)."""
     head, start = kept
@@ -74,6 +129,21 @@ def _inverse(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(c, signed(−s)) / (c² + s²): the inverse rotation for :func:`rotate_signed`, per head."""
     norm = cos.float() ** 2 + sin.float() ** 2
     return (cos.float() / norm).unsqueeze(1), signed(-sin.float() / norm).unsqueeze(1)
+
+
+def _unpadded(mask) -> bool:
+    """Whether the model's key-padding mask ([B, 1, 1, K] bool, implementation.key_padding) has no
+    padding: every column real. Any other mask (a caller's 4D mask) counts as padding."""
+    return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[2] == 1
+            and bool(mask.all()))
+
+
+def _rotate_into(slot: torch.Tensor, x: torch.Tensor, rotation: torch.Tensor) -> None:
+    """slot ← x @ rotation, written in place (one op when the dtypes agree)."""
+    if slot.dtype == x.dtype == rotation.dtype:
+        torch.matmul(x, rotation, out=slot)
+    else:
+        slot.copy_(torch.matmul(x.float(), rotation))
 
 
 def _signed(cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +169,17 @@ class ProgramLayer(DynamicLayer):
         self.returned_raw = True   # whether the keys the last update returned are pre-RoPE
         self.origin = 0
         self.max_distance = 0      # largest query–key distance attention used (when recorded)
+        self.ring: Ring | None = None  # the cache written in place while decoding is steady
+        self.stepped = None        # after a ring step: (keys for attention, the query's rotation) (fast.ring_step)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kwargs=None, **rest):
         call = (kwargs or {}).get("surgery_call")
+        self.stepped = None
+        if call is not None and self._steady(call, key_states, value_states):
+            return self._step(call, key_states, value_states)
+        if self.ring is not None:  # any other call sees the columns in order again
+            self.keys, self.values, self.keys2 = self.ring.ordered(self.start)
+            self.ring = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
             self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
@@ -140,6 +218,76 @@ class ProgramLayer(DynamicLayer):
         self.returned_raw = not (isinstance(self.policy, PreRope) and start_col == 0)
         return (keys if self.returned_raw else rotated), values
 
+    def _steady(self, call, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether this call is a steady decoding step, written in place (:class:`Ring`): one new
+        token, evicting the oldest recent one; window rules only (so the query sees its whole band
+        unmasked); no padding anywhere and no caller mask; no gradient through the cache; and
+        with a sink frame, the sinks at slots 0 … S − 1 and the frame's origin at or before the
+        sinks' offset. Everything else takes the general path."""
+        policy = self.policy
+        if (key_states.shape[-2] != 1 or call.reference or policy.size is None or not call.program.only_windows
+                or self.head != self.head_span or key_states.requires_grad or value_states.requires_grad):
+            return False
+        reach = policy.size - policy.sinks
+        if self.ring is None and not (self.start > self.head and self.cumulative_length - self.start == reach
+                                      and (not policy.pre_rope or self.keys2 is not None)):
+            return False
+        if policy.pre_rope and (self.head != policy.sinks or fast.sink_offset(self.cumulative_length, policy.size,
+                                                                              self.origin) < 0):
+            return False
+        return call.mask is None or self.shared.per_call(call.anchor(), ("unpadded",), lambda: _unpadded(call.mask))
+
+    def _step(self, call, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A steady step: the new column overwrites the oldest recent one in place. With a sink frame
+        its key is written un-rotated and in the frame, and the sinks are moved to the step's
+        offset; the query's rotation into the frame is left for attention (``stepped``)."""
+        i = self.cumulative_length
+        if self.ring is None:
+            self.ring = Ring(self.keys, self.values, self.keys2, self.head, self.start, self.table)
+        ring = self.ring
+        key, value, framed = ring.slot(self.start)  # the oldest recent column's slot
+        value.copy_(value_states)
+        if framed is None:
+            key.copy_(key_states)
+            self.stepped = (ring.keys, None)
+        else:
+            rebase = i + 1 - self.origin > 3 * self.policy.size  # as _frame does: keeps positions in 3·size
+            if rebase:
+                self.origin = max(self.start + 1 - self.policy.size, 0)
+            raw, frame, sinks = self.shared.per_call(call.anchor(), ("ring", id(self.table), i, self.origin),
+                                                     lambda: self._rotations(call, i))
+            _rotate_into(key, key_states, raw)
+            if rebase:  # every recent key again from its pre-RoPE key, at column − origin
+                columns = ring.columns(self.start + 1, i + 1)
+                columns = (columns - self.start - 1).clamp(min=0) + self.start + 1  # the head's slots: any column
+                ring.f.copy_(fast.frame_keys(self.table, ring.keys, columns, self.origin, i + 1).permute(2, 0, 1, 3))
+            else:
+                _rotate_into(framed, key_states, frame)
+            torch.matmul(ring.sinks, sinks, out=ring.sink_slots)
+            self.stepped = (ring.framed, frame)
+        self.cumulative_length = i + 1
+        self.start += 1
+        self.layout = (self.head, self.start)
+        self.keys, self.values = ring.keys, ring.values
+        self.returned2 = self.keys2 = ring.framed
+        return ring.keys, ring.values
+
+    def _rotations(self, call, i: int):
+        """Matrices of one step (shared by the layers): the model's rotation at column i undone, the
+        move from it into the frame at i − origin (the new key's and the query's), and the sinks'
+        rotation by fast.sink_offset (a unit rotation: the table's scale is in Ring.sinks already)."""
+        cos, sin = (t.float() for t in call.position_embeddings)  # [B, 1, D]
+        norm = cos * cos + sin * sin
+        frame_c, frame_s = composite(*self.table.at(torch.tensor([i - self.origin], device=cos.device),
+                                                    bound=i - self.origin + 1), cos, sin)
+        offset = fast.sink_offset(i, self.policy.size, self.origin)
+        sink_c, sink_s = self.table.at(torch.tensor(offset, device=cos.device), bound=offset + 1)
+        scale = self.table.scale[0]
+        one = cos.shape[0] == 1  # one rotation for the batch: [D, D] matrices (matmul folds the batch)
+        raw = matrix(cos / norm, -sin / norm)  # frame.unrotate: (c − sJ)/(c² + s²)
+        frame = matrix(frame_c, frame_s)
+        return ((raw[0, 0], frame[0, 0]) if one else (raw, frame)) + (matrix(sink_c / scale, sink_s / scale),)
+
     def _kept(self, first: int, end: int) -> tuple[int, int]:
         """The layout keeping the head and the columns first … end − 1 ((0, 0): every column)."""
         head = min(self.head_span, end)
@@ -153,15 +301,13 @@ class ProgramLayer(DynamicLayer):
         The origin is set one frame size before the first kept column, so that a decoding step can
         place the sinks in this frame too (at column − origin − (size − 1 − slot) ≥ 0; see
         fast._step)."""
-        from surgery.attention.fast import frame_keys
-
         frame = call.program.frame
         table = self.frame_table(frame.rotary(), frame.size, new_keys)
         head, start = self.layout
         if self.keys2 is None or end - self.origin > 3 * frame.size:
             self.origin = max(start - frame.size, 0)
             columns = torch.cat([torch.arange(head), torch.arange(start, end)]).to(keys.device)
-            return frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin, end)
+            return fast.frame_keys(table, keys, (columns - start).clamp(min=0) + start, self.origin, end)
         c, s = self.shared.per_call(
             call.anchor(), ("fresh", id(table), start_col, end, self.origin),
             lambda: _signed(table.at(torch.arange(start_col - self.origin, end - self.origin, device=keys.device),
@@ -200,6 +346,7 @@ class ProgramLayer(DynamicLayer):
         self.origin = 0
         self.layout = (0, 0)
         self.max_distance = 0
+        self.ring = self.stepped = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ApplyError("a bounded attention cache cannot be cropped: evicted tokens are gone "

@@ -111,7 +111,7 @@ def _step(program: Program, x: Inputs, rotated) -> torch.Tensor:
         return sdpa(x.q, k, v, scale=x.scaling, enable_gqa=x.q.shape[1] != k.shape[1])
     keys2, origin = rotated
     i, sinks = x.end - 1, frame.sinks
-    offset = i - min(i, frame.size - 1) - origin
+    offset = sink_offset(i, frame.size, origin)
 
     def rotations():  # the same for every layer of the cache in this call (cache.Shared)
         at = torch.arange(offset, offset + sinks, device=x.k.device)
@@ -133,6 +133,26 @@ def _step(program: Program, x: Inputs, rotated) -> torch.Tensor:
         v = torch.cat([x.v[..., :sinks, :], x.v[..., max(lo, sinks):hi, :]], dim=-2).float()
     out = sdpa(q, k, v, scale=x.scaling, enable_gqa=q.shape[1] != k.shape[1])
     return out.to(x.v.dtype)
+
+
+def ring_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, rotation=None) -> torch.Tensor:
+    """A steady decoding step on a cache written in place (:class:`surgery.attention.cache.Ring`):
+    the one query against every stored key, unmasked, in one fused call ([B, 1, H, Dv]). The keys
+    are in slot order, not column order, which an unmasked softmax does not see. With a sink frame
+    `k` holds the frame keys (the recent ones at column − origin, the sinks moved into that frame
+    as in :func:`_step`) and `rotation` moves the model's query there (cache.ProgramLayer._rotations)."""
+    dtype = v.dtype
+    if rotation is not None:  # frame keys are float32
+        q = torch.matmul(q if q.dtype == rotation.dtype else q.float(), rotation)
+        v = v if v.dtype == q.dtype else v.float()
+    out = sdpa(q, k, v, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    return (out if out.dtype == dtype else out.to(dtype)).transpose(1, 2)
+
+
+def sink_offset(i: int, size: int, origin: int) -> int:
+    """Where sink 0 sits in the recent frame (keys at column − origin) for query column i: its slot
+    0 plus i − min(i, size − 1), the query's column minus its slot (see :func:`_step`)."""
+    return i - min(i, size - 1) - origin
 
 
 def _band(program: Program, x: Inputs, a: int, b: int) -> tuple[int, int]:

@@ -45,6 +45,17 @@ def rotate_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation ``rotate(·, cos, sin)`` as a matrix M, [..., D, D] from [..., D]: ``x @ M`` is one
+    op where the elementwise form takes four, for a decoding step that rotates a vector per layer
+    by the same angles (its rows hold c on the diagonal and ∓s where rotate_half pairs j with j ± D/2)."""
+    half = cos.shape[-1] // 2
+    m = torch.diag_embed(cos)
+    m[..., half:, :half] = torch.diag_embed(-sin[..., :half])  # y_j gets −x_{j+h}·s_j for j < h
+    m[..., :half, half:] = torch.diag_embed(sin[..., half:])   # and x_{j−h}·s_j for j ≥ h
+    return m
+
+
 def unrotate(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x from y = (c + sJ)x: x = (c − sJ)y / (c² + s²); the division also undoes a rotary's
     attention scaling (YaRN multiplies cos and sin by it). Float32."""

@@ -110,6 +110,12 @@ def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=N
         return export.attend(text, call, query, key, value, attention_mask,
                              scaling if scaling is not None else module.scaling, dropout if module.training else 0.0), None
     program, layer = call.program, call.layer
+    if layer is not None and layer.stepped is not None:  # a steady step, written in place (cache.Ring)
+        if call.record:  # the ring holds the columns of layout (head, start), in another order
+            x = Inputs(query, key, value, 0.0, head=layer.layout[0], start=layer.layout[1])
+            layer.max_distance = max(layer.max_distance, _max_distance(program, x))
+        keys, rotation = layer.stepped
+        return fast.ring_step(query, keys, value, scaling if scaling is not None else module.scaling, rotation), None
     head, start = layer.layout if layer is not None else (0, 0)
     if layer is None:
         start = 0

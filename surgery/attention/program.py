@@ -280,38 +280,45 @@ class Program:
             raise ValueError(found[0].message())
         return program
 
+    # Derived fields are cached (the program is frozen): the pre-hook and the cache layer ask for
+    # them at every call of every layer, a decoding step's fixed cost.
+
     def active(self, training: bool) -> "Program":
         """The stages that act in this mode (train-only stages drop out at inference)."""
-        if training or not any(s.train_only for s in self.stages):
+        return self if training else self.inference
+
+    @cached_property
+    def inference(self) -> "Program":
+        if not any(s.train_only for s in self.stages):
             return self
         return Program(tuple(s for s in self.stages if not s.train_only))
 
-    @property
+    @cached_property
     def rules(self) -> tuple:
         """The rules on every head."""
         return tuple(r for s in self.stages for r in s.rules if not isinstance(r, HeadRule))
 
-    @property
+    @cached_property
     def head_rules(self) -> tuple[HeadRule, ...]:
         return tuple(r for s in self.stages for r in s.rules if isinstance(r, HeadRule))
 
-    @property
+    @cached_property
     def unrotated(self) -> bool:
         return any(s.unrotated for s in self.stages)
 
-    @property
+    @cached_property
     def biased(self) -> bool:
         return any(s.bias for s in self.stages)
 
-    @property
+    @cached_property
     def frame(self) -> SinkFrame | RelativeFrame | ConsistentFrame | None:
         return next((s.frame for s in self.stages if s.frame is not None), None)
 
-    @property
+    @cached_property
     def cache(self) -> Bounded | PreRope | None:
         return next((s.cache for s in self.stages if s.cache is not None), None)
 
-    @property
+    @cached_property
     def prefix(self) -> KVPrefix | None:
         return next((s.prefix for s in self.stages if s.prefix is not None), None)
 
