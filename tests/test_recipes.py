@@ -12,6 +12,21 @@ from surgery.models import tiny
 RECIPES = Path(__file__).resolve().parent.parent / "specs" / "recipes"
 
 
+def train(model, steps: int = 5) -> list[float]:
+    """Losses of `steps` AdamW steps (lr 1e-2) on the trainable parameters, one seeded 4 × 16 batch."""
+    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_mam_plans_verifies_and_trains(arch):
     model = tiny(arch)
@@ -24,15 +39,7 @@ def test_mam_plans_verifies_and_trains(arch):
     layers = model.config.num_hidden_layers
     adapters = layers * (2 * d * m + m + d)                    # one parallel adapter per FFN
     assert sum(p.numel() for p in trainable) > adapters        # … plus the prefix (and its encoder)
-    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model)
     assert losses[-1] < losses[0] - 0.1
     for key, value in base.items():                            # the base is frozen
         assert torch.equal(model.state_dict()[key], value)
@@ -50,16 +57,7 @@ def test_unipelt_plans_verifies_and_trains(arch):
     d, layers = model.config.hidden_size, model.config.num_hidden_layers
     gate_params = sum(p.numel() for n, p in model.named_parameters() if ".gate.proj." in n or "prefix_gate" in n)
     assert gate_params == layers * 4 * (d + 1)                 # W_G, b_G at q, v, the prefix and the adapter
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model)
     assert losses[-1] < losses[0] - 0.1
     assert all(torch.equal(p, before) and not p.requires_grad for p, before in base)  # the base is frozen
     gate_weights = [p for n, p in model.named_parameters() if n.endswith("gate.proj.weight")]
@@ -96,16 +94,7 @@ def test_longlora_plans_verifies_and_trains_lora_embeddings_and_norms(arch):
         f"model.layers.{i}.{n}.weight" for i in range(layers) for n in ("input_layernorm", "post_attention_layernorm")}
     lora = trainable - region
     assert region <= trainable and len(lora) == layers * 4 * 2       # A and B on q, k, v, o of every layer
-    ids = torch.randint(0, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model)
     assert losses[-1] < losses[0] - 0.1
     state = model.state_dict()
     for key, value in base.items():                             # frozen but for the embeddings and norms
