@@ -182,9 +182,6 @@ class GatedLinear(nn.Module):
         base = inner(x)
         return base + self.delta(x, lambda z: base if z is x else inner(z))
 
-    def merge(self, weight, bias):
-        raise NotImplementedError("a gated layer does not merge")
-
 
 def linear_gate(built: Sequence[nn.Module], width: int, like: torch.Tensor, parallel: Callable) -> nn.Module:
     """Each built branch gated at a layer of input width `width`; several branches side by side."""
