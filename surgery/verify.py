@@ -109,6 +109,13 @@ class Check:
                 handle.remove()
         return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
+    @staticmethod
+    def structure(model: nn.Module) -> tuple[set, set]:
+        """(module path, type) pairs and parameter names (tied ones under each name): what the
+        "no new modules" obligations compare."""
+        return ({(name, type(m)) for name, m in model.named_modules()},
+                {name for name, _ in model.named_parameters(remove_duplicate=False)})
+
     def linear_layers(self):
         """(target, surgered SurgeryLinear, original layer) for every linear target of this step."""
         for target in self.targets:

@@ -103,11 +103,7 @@ class BitFit:
 
     @obligation("no new modules: module tree unchanged, parameter names but for the added biases", tol=0)
     def no_new_modules(self, p, check) -> float:
-        def tree(model: nn.Module):
-            return ({(name, type(m)) for name, m in model.named_modules()},
-                    {name for name, _ in model.named_parameters(remove_duplicate=False)})
-
-        (mods, params), (mods0, params0) = tree(check.surgered), tree(check.original)
+        (mods, params), (mods0, params0) = check.structure(check.surgered), check.structure(check.original)
         added = {f"{path}.bias" for path in missing_biases(check.original, [t.path for t in check.targets])} \
             if p.add else set()
         return float(len(mods ^ mods0) + len(params ^ (params0 | added)))

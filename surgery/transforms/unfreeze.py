@@ -64,11 +64,7 @@ class Unfreeze:
 
     @obligation("no new modules: module tree and parameter names unchanged", tol=0)
     def no_new_modules(self, p, check) -> float:
-        def tree(model: nn.Module):
-            return ({(name, type(m)) for name, m in model.named_modules()},
-                    {name for name, _ in model.named_parameters(remove_duplicate=False)})
-
-        (mods, params), (mods0, params0) = tree(check.surgered), tree(check.original)
+        (mods, params), (mods0, params0) = check.structure(check.surgered), check.structure(check.original)
         return float(len(mods ^ mods0) + len(params ^ params0))
 
     @obligation("exactly the region's parameters are trainable", tol=0)
