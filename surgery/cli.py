@@ -362,6 +362,8 @@ def eval_(specs: list[str] = typer.Argument(None, metavar="[SPEC]... MODEL_DIR",
           plot: Optional[Path] = typer.Option(None, "--plot", help="write a plot: FILE.png, or FILE.html "
                                               "(self-contained page)"),
           check_obligations: bool = typer.Option(True, "--verify/--no-verify", help="run each spec's obligations"),
+          untouched: bool = typer.Option(True, "--untouched/--no-untouched",
+                                         help="also evaluate the untouched model (the anchor of every ratio)"),
           seed: int = typer.Option(0, **SEED)):
     """Perplexity per length (past / within the trained length) and passkey retrieval, specs side by side."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -390,6 +392,7 @@ def eval_(specs: list[str] = typer.Argument(None, metavar="[SPEC]... MODEL_DIR",
         task = bar.add_task("evaluating", total=None)
         result = ev.evaluate(model, parsed, ids=ids, tokenizer=tokenizer, lengths=ppl_lengths, passkey=passkey,
                              passkey_lengths=key_lengths, stream=stream, seed=seed, check=check_obligations,
+                             untouched=untouched,
                              progress=lambda d, done, total: bar.update(task, description=d, completed=done,
                                                                         total=total),
                              partial=lambda so_far: _write_eval(so_far, json_out, plot))

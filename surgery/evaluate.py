@@ -437,7 +437,7 @@ def _check_lengths(name: str, lengths: Sequence[int], available: int | None) -> 
 def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None = None, tokenizer=None,
              lengths: Sequence[int] = (4096, 8192, 16384), passkey: int = 0,
              passkey_lengths: Sequence[int] | None = None, stream: int = 0, seed: int = 0,
-             trained_length: int | None = None,
+             trained_length: int | None = None, untouched: bool = True,
              check: bool = True, chunk: int = 1024, answer_tokens: int = 8,
              progress: Callable[[str, int, int], None] | None = None,
              partial: Callable[["Evaluation"], None] | None = None) -> Evaluation:
@@ -450,6 +450,8 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
     obligations checked first unless ``check=False``). `progress(description, done, total)` is
     called before each compile and each forward (`done` of `total` finished so far); `partial` with
     the results so far after each spec (to keep what finished when a long run is stopped).
+    ``untouched=False`` skips the untouched model (its figures already measured with the same
+    seed and text); a stream's tokens/s then has no anchor to be a ratio of.
     """
     from surgery.api import compile as compile_spec, parse
     from surgery.syntax import ast
@@ -474,7 +476,9 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
     L = trained_length or model.config.max_position_embeddings
     prompts = {n: passkey_prompts(tokenizer, n, passkey, seed) for n in key_lengths} if passkey else {}
     parsed = [s if isinstance(s, ast.Spec) else parse(s) for s in specs]
-    labels = [UNTOUCHED] + [spec_label(s) for s in parsed]
+    labels = [UNTOUCHED] * untouched + [spec_label(s) for s in parsed]
+    if not labels:
+        raise EvalError("nothing to evaluate: no spec, and the untouched model skipped")
     rows: list[Row] = []
     total = len(parsed) + len(labels) * (len(lengths) + sum(len(t) for t in prompts.values()) + bool(stream_at))
     done = 0
@@ -485,7 +489,7 @@ def evaluate(model: nn.Module, specs: Sequence = (), *, ids: torch.Tensor | None
             progress(description, done, total)
         done += 1
 
-    for done_specs, (label, spec) in enumerate(zip(labels, [None, *parsed]), start=1):
+    for done_specs, (label, spec) in enumerate(zip(labels, [None] * untouched + parsed), start=1):
         working = model
         if spec is not None:
             report(f"{label}: compiling")

@@ -132,6 +132,10 @@ def test_evaluate_leaves_the_model_untouched_and_matches_a_direct_run():
     assert [(r["spec"], r["length"]) for r in data["results"]] == [
         ("untouched", 30), ("untouched", 90), ("attn: rope(ntk, scale=2)", 30), ("attn: rope(ntk, scale=2)", 90)]
     assert data["results"][1]["targets_past_L"] == 90 - 64
+    # Without the untouched model: the same spec's figures, no untouched row.
+    alone = ev.evaluate(model, ["attn: rope(ntk, scale=2)"], ids=ids, lengths=[90, 30], untouched=False)
+    assert alone.specs == ["attn: rope(ntk, scale=2)"]
+    assert alone.row("attn: rope(ntk, scale=2)", 90).loss.ppl == result.row("attn: rope(ntk, scale=2)", 90).loss.ppl
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -139,6 +143,7 @@ def test_evaluate_leaves_the_model_untouched_and_matches_a_direct_run():
     (dict(lengths=[500]), "beyond the text"),
     (dict(lengths=[10], passkey=-1), "number of trials"),
     (dict(lengths=[10], passkey=1), "needs a tokenizer"),
+    (dict(lengths=[10], untouched=False), "nothing to evaluate"),
 ])
 def test_user_errors(kwargs, message):
     with pytest.raises(SurgeryError, match=message) as info:
