@@ -426,10 +426,9 @@ def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: i
 #
 # ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = p_i + 1 (p the position: the
 # row's stream index plus the offset its position ids carry). Tiles whose every query has n ≤ L
-# share plain RoPE: keys rotated once, the
-# fused kernel. Past L each query has its own base, so its scores are formed explicitly, q rotated by
-# (i′ − j′)·θ(n_i) against the raw keys ((R(a)q)·(R(b)k) = (R(a − b)q)·k), in chunks of queries that
-# bound the [chunk, keys, D] rotation to MEMORY floats per head-batch.
+# share plain RoPE: keys rotated once, the fused kernel. Past L each query has its own base, so its
+# scores are formed explicitly by :func:`consistent_scores`, in chunks of queries that bound the
+# [chunk, keys, D] rotated keys to MEMORY floats.
 
 MEMORY = 1 << 24
 
@@ -444,13 +443,30 @@ def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) 
 
 
 def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
-    """q·R((i′ − j′)·θ(i′ + 1))·k for raw q [B, H, t, D] and raw k [B, H, n, D] (heads repeated),
-    stream indices q_pos [B, t] and k_pos [B, n]: [B, H, t, n] (float32, unscaled)."""
+    """R_n(i′)q_i · R_n(j′)k_j with n = i′ + 1, for raw q [B, H, t, D] and raw k [B, H/G, n, D] (each
+    KV head serving G consecutive query heads, unrepeated), positions q_pos [B, t] and k_pos [B, n]:
+    [B, H, t, n] (float32, unscaled). Prefill tiles and decoding steps both come here, so a query's
+    scores are the same computation whether it is scored alone or in a chunk.
+
+    Rotations compose, R(a)q·R(b)k = q·R(b − a)k, and with c = cos((i′ − j′)·θ(n_i)),
+    s = sin(…) per frequency (D/2 of them; rotate_half's pairs are (x_lo, x_hi)):
+
+        score = q_lo·(c⊙k_lo + s⊙k_hi) + q_hi·(c⊙k_hi − s⊙k_lo) = q · k̂_ij
+
+    The angle table depends on positions only: cos/sin over [t, n, D/2] once per call, shared by
+    every head (the dense formula of reference.py rotates every query head against a [t, n, D] table
+    of both halves). k̂ is formed once per KV head, [t, n, D], and the G query heads of its group
+    take their scores in one batched product over the t queries: [t, G, D] @ [t, D, n]. The angles
+    are float32 (i′ − j′)·θ(n_i), as the oracle forms them."""
+    heads, half = q.shape[1], q.shape[-1] // 2
     theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
     angles = (q_pos[:, :, None] - k_pos[:, None, :]).float()[..., None] * theta[:, :, None, :]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]                     # [B, 1, t, n, D]
-    rotated = rotate(q[:, :, :, None, :], angles.cos(), angles.sin())
-    return (rotated * k[:, :, None, :, :]).sum(-1)
+    c, s = angles.cos()[:, None, :, :, None], angles.sin()[:, None, :, :, None]  # [B, 1, t, n, 1, D/2]
+    pairs = k.unflatten(-1, (2, half))[:, :, None]                            # [B, kv, 1, n, 2, D/2]
+    swapped = torch.stack((pairs[..., 1, :], -pairs[..., 0, :]), dim=-2)     # (k_hi, −k_lo)
+    rotated = (c * pairs).addcmul_(s, swapped).flatten(-2)                   # k̂: [B, kv, t, n, D]
+    grouped = q.unflatten(1, (k.shape[1], heads // k.shape[1])).transpose(2, 3)  # [B, kv, t, G, D]
+    return (grouped @ rotated.transpose(-1, -2)).transpose(2, 3).flatten(1, 2)
 
 
 def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
@@ -465,7 +481,6 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
     pad, offset = x.pads(), x.position_offset()
     q_pos = x.query_columns()[None] - pad[:, None] + offset                   # [B, Tq] positions
     k_pos = x.key_columns()[None] - pad[:, None] + offset
-    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     v = x.v.float().repeat_interleave(groups, dim=1) if groups > 1 else x.v.float()
     plain = None
     outs = []
@@ -485,12 +500,12 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
                     angles = torch.cat((angles, angles), dim=-1)[:, None]
                     return angles.cos(), angles.sin()
 
-                given_k = x.k.float().repeat_interleave(groups, dim=1) if groups > 1 else x.k.float()
-                plain = (x.q.float(), rotate(k, *at(k_pos.clamp(min=0))) if x.k_raw else given_k)
+                rotated = rotate(k, *at(k_pos.clamp(min=0))) if x.k_raw else x.k.float()
+                plain = (x.q.float(), rotated.repeat_interleave(groups, dim=1) if groups > 1 else rotated)
             out = sdpa(plain[0][..., a:b, :], plain[1][..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask,
                        scale=x.scaling, dropout_p=x.dropout)
         else:
-            chunk = max(1, min(b - a, MEMORY // max(1, q.shape[0] * q.shape[1] * (hi - lo) * q.shape[-1])))
+            chunk = max(1, min(b - a, MEMORY // max(1, k.shape[0] * k.shape[1] * (hi - lo) * k.shape[-1])))
             pieces = []
             for s in range(a, b, chunk):
                 e = min(s + chunk, b)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from surgery.attention import fast, reference
-from surgery.attention.frame import Table
+from surgery.attention.frame import Table, rotate
 from surgery.attention.keys import Inputs
 from surgery.attention.program import PreRope, Program, RelativeFrame, Stage, WindowRule
 from surgery.models import tiny
@@ -283,6 +283,35 @@ def test_consistent_frame_full_forward(n, tile):
     """Tiles within L (fused, plain RoPE) and past it (a base per query) against the dense reference."""
     prog = consistent_program()
     assert error(prog, inputs(prog, n, n, seed=n), tile) < 1e-5
+
+
+def test_consistent_scores_equal_the_dense_formula():
+    """The fast scores (keys rotated once per KV head, shared by its query heads) against the
+    reference's (every query head rotated against a table of both halves), float64: two groups of
+    three query heads, queries past L = 20 (and one before it), a left-padded row (negative positions)."""
+    rotary = consistent_program().frame.rotary()
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 5, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 48, D, generator=g, dtype=torch.float64)
+    k_pos = torch.arange(48)[None] - torch.tensor([[0], [6]])          # row 1: six padding columns
+    q_pos = k_pos[:, [17, 25, 31, 40, 47]]
+    got = fast.consistent_scores(rotary, q, k, q_pos, k_pos)
+    want = reference.consistent_scores(rotary, q, k.repeat_interleave(3, dim=1), q_pos, k_pos)
+    assert got.shape == want.shape == (2, 6, 5, 48)
+    assert (got - want).abs().max() < 1e-12 * want.abs().max()
+    # past L the base is the query's own: plain RoPE's scores (θ of L) differ there, not before
+    plain = consistent_scores_at(rotary, q, k, q_pos, k_pos)
+    assert (got[0, :, 0] - plain[0, :, 0]).abs().max() < 1e-5      # float32 angles there, float64 here
+    assert (got[:, :, 1:] - plain[:, :, 1:]).abs().max() > 1e-2
+
+
+def consistent_scores_at(rotary, q, k, q_pos, k_pos):
+    """Scores with plain RoPE (rotary.inv_freq) for every query: R(i′)q · R(j′)k."""
+    def rotated(x, pos):
+        angles = pos.double()[..., None] * rotary.inv_freq.double()
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return rotate(x, angles.cos(), angles.sin())
+    return rotated(q, q_pos) @ rotated(k, k_pos).repeat_interleave(3, dim=1).transpose(-1, -2)
 
 
 def test_consistent_frame_padding_decoding_and_a_window_rule():

@@ -551,6 +551,7 @@ def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
     real = fast.consistent_scores
 
     def own_base(rotary, q, k, q_pos, k_pos):
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)               # k comes one per KV head
         theta_k = rotary.frequencies_at(k_pos + 1).float()                       # [B, n, D/2]
         theta_q = rotary.frequencies_at(q_pos + 1).float()
         qa = torch.cat([q_pos[..., None].float() * theta_q] * 2, -1)[:, None]
