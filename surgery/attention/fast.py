@@ -427,10 +427,13 @@ def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: i
 # ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = p_i + 1 (p the position: the
 # row's stream index plus the offset its position ids carry). Tiles whose every query has n ≤ L
 # share plain RoPE: keys rotated once, the fused kernel. Past L each query has its own base, so its
-# scores are formed explicitly by :func:`consistent_scores`, in chunks of queries that bound the
-# [chunk, keys, D] rotated keys to MEMORY floats.
+# scores are formed explicitly by :func:`consistent_scores`, in chunks of queries whose scores
+# [B, H, chunk, keys] stay within MEMORY floats.
 
 MEMORY = 1 << 24
+STEP = 64      # d = a·STEP + b: cos/sin of d·θ composed from those of a·STEP·θ and b·θ
+QUERIES = 8    # queries per angle table
+KEYS = 512     # keys per block: a block's table and rotated keys stay in cache
 
 
 def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) -> bool:
@@ -442,31 +445,76 @@ def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) 
     return bool((positions < L).all())
 
 
+def _turns(steps: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of s·θ for every step s [m] and query frequencies θ [B, t, D/2]: [B, t, m, D/2]."""
+    angles = steps.float()[:, None] * theta[:, :, None, :]
+    return angles.cos(), angles.sin()
+
+
 def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
     """R_n(i′)q_i · R_n(j′)k_j with n = i′ + 1, for raw q [B, H, t, D] and raw k [B, H/G, n, D] (each
-    KV head serving G consecutive query heads, unrepeated), positions q_pos [B, t] and k_pos [B, n]:
-    [B, H, t, n] (float32, unscaled). Prefill tiles and decoding steps both come here, so a query's
-    scores are the same computation whether it is scored alone or in a chunk.
+    KV head serving G consecutive query heads, not repeated), positions q_pos [B, t] and k_pos [B, n]
+    of one call's layout (consecutive, the same q_pos − k_pos in every row): [B, H, t, n] (float32,
+    or float64 for float64 inputs; unscaled). Prefill chunks and decoding steps both come here.
 
-    Rotations compose, R(a)q·R(b)k = q·R(b − a)k, and with c = cos((i′ − j′)·θ(n_i)),
-    s = sin(…) per frequency (D/2 of them; rotate_half's pairs are (x_lo, x_hi)):
+    Rotations compose, R(a)q·R(b)k = q·R(b − a)k, so with d = i′ − j′ and, per frequency θ = θ(n_i)
+    (D/2 of them; rotate_half's pairs are (x_lo, x_hi)), c = cos(d·θ), s = sin(d·θ):
 
         score = q_lo·(c⊙k_lo + s⊙k_hi) + q_hi·(c⊙k_hi − s⊙k_lo) = q · k̂_ij
 
-    The angle table depends on positions only: cos/sin over [t, n, D/2] once per call, shared by
-    every head (the dense formula of reference.py rotates every query head against a [t, n, D] table
-    of both halves). k̂ is formed once per KV head, [t, n, D], and the G query heads of its group
-    take their scores in one batched product over the t queries: [t, G, D] @ [t, D, n]. The angles
-    are float32 (i′ − j′)·θ(n_i), as the oracle forms them."""
-    heads, half = q.shape[1], q.shape[-1] // 2
+    The table (c, s) depends on positions only: it is shared by every head, and k̂ is formed once per
+    KV head, [t, n, D], the G query heads of its group taking their scores in one batched product
+    over the queries, [G, D] @ [D, n] (the dense formula of reference.py rotates every query head
+    against a table of both halves). The table itself needs no trigonometry per entry: d = a·STEP + b
+    (0 ≤ b < STEP) gives c = c_a·c_b − s_a·s_b and s = s_a·c_b + c_a·s_b from the cos/sin of a·STEP·θ
+    and b·θ (a few per query). The decomposition depends on d alone, so a query gets the same table
+    whether it is scored in a chunk or alone (decoding equals the full forward); it differs from the
+    oracle's cos(fl32(d·θ)) by float32 rounding of the angles (~ulp(d·θ)), as two roundings of one
+    exact angle do. A block of queries sees its keys along anti-diagonals of the table (d falls by one
+    per key), so each query's row is a strided view of one [queries, d, D/2] table: no gather.
+    Everything runs in blocks of QUERIES × KEYS into preallocated buffers, so tables and rotated keys
+    stay in cache (measured: the same work on fresh, large tensors runs several times slower)."""
+    batch, heads, t, dim = q.shape
+    kv, n, half = k.shape[1], k.shape[-2], dim // 2
+    groups = heads // kv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    low, high = k[..., :half].contiguous(), k[..., half:].contiguous()
+    grouped = q.unflatten(1, (kv, groups)).transpose(2, 3)                    # [B, kv, t, G, D]
     theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
-    angles = (q_pos[:, :, None] - k_pos[:, None, :]).float()[..., None] * theta[:, :, None, :]
-    c, s = angles.cos()[:, None, :, :, None], angles.sin()[:, None, :, :, None]  # [B, 1, t, n, 1, D/2]
-    pairs = k.unflatten(-1, (2, half))[:, :, None]                            # [B, kv, 1, n, 2, D/2]
-    swapped = torch.stack((pairs[..., 1, :], -pairs[..., 0, :]), dim=-2)     # (k_hi, −k_lo)
-    rotated = (c * pairs).addcmul_(s, swapped).flatten(-2)                   # k̂: [B, kv, t, n, D]
-    grouped = q.unflatten(1, (k.shape[1], heads // k.shape[1])).transpose(2, 3)  # [B, kv, t, G, D]
-    return (grouped @ rotated.transpose(-1, -2)).transpose(2, 3).flatten(1, 2)
+    base = int(q_pos[0, 0] - k_pos[0, 0])                                     # d of query 0, key 0
+    out = torch.empty(batch, kv, t, groups, n, dtype=acc, device=q.device)
+    fine = torch.arange(STEP - 1, -1, -1, device=q.device)                    # b, descending
+    tq, nk = min(t, QUERIES), min(n, KEYS)
+    tables = torch.empty(3, batch, tq * ((nk + tq) // STEP + 2) * STEP * half, device=q.device)
+    rotated = torch.empty(batch, kv, tq, nk, dim, dtype=acc, device=q.device)
+    part = torch.empty(batch, kv, tq, nk, half, dtype=acc, device=q.device)
+    scores = torch.empty(batch, kv, tq, groups, nk, dtype=acc, device=q.device)
+    for s in range(0, t, QUERIES):
+        e = min(s + QUERIES, t)
+        # Table row m of query u holds d = top − 1 − m: key j sits at m = top − 1 − base − s − u + j.
+        top = ((base + e - 1) // STEP + 1) * STEP                             # above every d of these queries
+        bottom = ((base + s - (n - 1)) // STEP) * STEP                        # at or below every d
+        coarse = torch.arange(top - STEP, bottom - 1, -STEP, device=q.device)  # a·STEP, descending
+        cos_a, sin_a = _turns(coarse, theta[:, s:e])
+        cos_b, sin_b = (f[:, :, None] for f in _turns(fine, theta[:, s:e]))
+        for lo in range(0, n, KEYS):
+            hi = min(lo + KEYS, n)
+            first = top - 1 - base - s + lo                                   # m of query s, key lo
+            a0, a1 = (first - (e - s - 1)) // STEP, (first + hi - lo - 1) // STEP + 1
+            rows = (a1 - a0) * STEP
+            cos, sin, tmp = (b[:, :(e - s) * rows * half].view(batch, e - s, a1 - a0, STEP, half) for b in tables)
+            ca, sa = cos_a[:, :, a0:a1, None], sin_a[:, :, a0:a1, None]
+            torch.mul(ca, cos_b, out=cos).sub_(torch.mul(sa, sin_b, out=tmp))
+            torch.mul(sa, cos_b, out=sin).add_(torch.mul(ca, sin_b, out=tmp))
+            size, stride = (batch, 1, e - s, hi - lo, half), (cos.stride(0), 0, (rows - 1) * half, half, 1)
+            c, sn = (f.as_strided(size, stride, f.storage_offset() + (first - a0 * STEP) * half) for f in (cos, sin))
+            r, p = rotated[:, :, :e - s, :hi - lo], part[:, :, :e - s, :hi - lo]
+            k_lo, k_hi = low[:, :, None, lo:hi], high[:, :, None, lo:hi]
+            torch.mul(c, k_lo, out=r[..., :half]).add_(torch.mul(sn, k_hi, out=p))
+            torch.mul(c, k_hi, out=r[..., half:]).sub_(torch.mul(sn, k_lo, out=p))
+            block = torch.matmul(grouped[:, :, s:e], r.transpose(-1, -2), out=scores[:, :, :e - s, :, :hi - lo])
+            out[:, :, s:e, :, lo:hi] = block
+    return out.transpose(2, 3).flatten(1, 2)
 
 
 def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
@@ -505,7 +553,7 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
             out = sdpa(plain[0][..., a:b, :], plain[1][..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask,
                        scale=x.scaling, dropout_p=x.dropout)
         else:
-            chunk = max(1, min(b - a, MEMORY // max(1, k.shape[0] * k.shape[1] * (hi - lo) * k.shape[-1])))
+            chunk = max(1, min(b - a, MEMORY // max(1, q.shape[0] * q.shape[1] * (hi - lo))))
             pieces = []
             for s in range(a, b, chunk):
                 e = min(s + chunk, b)
