@@ -482,13 +482,13 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
     grouped = q.unflatten(1, (kv, groups)).transpose(2, 3)                    # [B, kv, t, G, D]
     theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
     base = int(q_pos[0, 0] - k_pos[0, 0])                                     # d of query 0, key 0
-    out = torch.empty(batch, kv, t, groups, n, dtype=acc, device=q.device)
+    out = torch.empty(batch, kv, groups, t, n, dtype=acc, device=q.device)
     fine = torch.arange(STEP - 1, -1, -1, device=q.device)                    # b, descending
     tq, nk = min(t, QUERIES), min(n, KEYS)
+    # flat buffers, viewed at each block's shape (contiguous, so bmm needs no copies)
     tables = torch.empty(3, batch, tq * ((nk + tq) // STEP + 2) * STEP * half, device=q.device)
-    rotated = torch.empty(batch, kv, tq, nk, dim, dtype=acc, device=q.device)
-    part = torch.empty(batch, kv, tq, nk, half, dtype=acc, device=q.device)
-    scores = torch.empty(batch, kv, tq, groups, nk, dtype=acc, device=q.device)
+    rotated, part, scores = (torch.empty(batch * kv * tq * size, dtype=acc, device=q.device)
+                             for size in (nk * dim, nk * half, groups * nk))
     for s in range(0, t, QUERIES):
         e = min(s + QUERIES, t)
         # Table row m of query u holds d = top − 1 − m: key j sits at m = top − 1 − base − s − u + j.
@@ -497,6 +497,7 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
         coarse = torch.arange(top - STEP, bottom - 1, -STEP, device=q.device)  # a·STEP, descending
         cos_a, sin_a = _turns(coarse, theta[:, s:e])
         cos_b, sin_b = (f[:, :, None] for f in _turns(fine, theta[:, s:e]))
+        queries = grouped[:, :, s:e].reshape(-1, groups, dim)                 # [B·kv·t′, G, D]
         for lo in range(0, n, KEYS):
             hi = min(lo + KEYS, n)
             first = top - 1 - base - s + lo                                   # m of query s, key lo
@@ -508,13 +509,16 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
             torch.mul(sa, cos_b, out=sin).add_(torch.mul(ca, sin_b, out=tmp))
             size, stride = (batch, 1, e - s, hi - lo, half), (cos.stride(0), 0, (rows - 1) * half, half, 1)
             c, sn = (f.as_strided(size, stride, f.storage_offset() + (first - a0 * STEP) * half) for f in (cos, sin))
-            r, p = rotated[:, :, :e - s, :hi - lo], part[:, :, :e - s, :hi - lo]
+            shape = (batch, kv, e - s, hi - lo)
+            r = rotated[:batch * kv * (e - s) * (hi - lo) * dim].view(*shape, dim)
+            p = part[:batch * kv * (e - s) * (hi - lo) * half].view(*shape, half)
             k_lo, k_hi = low[:, :, None, lo:hi], high[:, :, None, lo:hi]
             torch.mul(c, k_lo, out=r[..., :half]).add_(torch.mul(sn, k_hi, out=p))
             torch.mul(c, k_hi, out=r[..., half:]).sub_(torch.mul(sn, k_lo, out=p))
-            block = torch.matmul(grouped[:, :, s:e], r.transpose(-1, -2), out=scores[:, :, :e - s, :, :hi - lo])
-            out[:, :, s:e, :, lo:hi] = block
-    return out.transpose(2, 3).flatten(1, 2)
+            block = scores[:batch * kv * (e - s) * groups * (hi - lo)].view(-1, groups, hi - lo)
+            torch.bmm(queries, r.view(-1, hi - lo, dim).transpose(1, 2), out=block)
+            out[:, :, :, s:e, lo:hi] = block.view(batch, kv, e - s, groups, hi - lo).transpose(2, 3)
+    return out.view(batch, heads, t, n)
 
 
 def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
@@ -529,7 +533,8 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
     pad, offset = x.pads(), x.position_offset()
     q_pos = x.query_columns()[None] - pad[:, None] + offset                   # [B, Tq] positions
     k_pos = x.key_columns()[None] - pad[:, None] + offset
-    v = x.v.float().repeat_interleave(groups, dim=1) if groups > 1 else x.v.float()
+    values = x.v.float()
+    v = values.repeat_interleave(groups, dim=1) if groups > 1 else values
     plain = None
     outs = []
     for a in range(0, q.shape[-2], tile):
@@ -558,8 +563,10 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
             for s in range(a, b, chunk):
                 e = min(s + chunk, b)
                 scores = consistent_scores(rotary, q[..., s:e, :], k[..., lo:hi, :], q_pos[:, s:e], k_pos[:, lo:hi])
-                weights = torch.softmax(scores * x.scaling + mask[:, :, s - a:e - a], dim=-1)
-                pieces.append(weights @ v[..., lo:hi, :])
+                weights = torch.softmax(scores.mul_(x.scaling).add_(mask[:, :, s - a:e - a]), dim=-1)
+                # the G query heads of a KV head as one [G·t, n] @ [n, Dv] product: v is read once per group
+                grouped = weights.unflatten(1, (k.shape[1], groups)).flatten(2, 3) @ values[..., lo:hi, :]
+                pieces.append(grouped.unflatten(2, (groups, e - s)).flatten(1, 2))
             out = torch.cat(pieces, dim=2)
         outs.append(out)
     return torch.cat(outs, dim=2).to(x.v.dtype)
