@@ -486,7 +486,7 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
     fine = torch.arange(STEP - 1, -1, -1, device=q.device)                    # b, descending
     tq, nk = min(t, QUERIES), min(n, KEYS)
     # flat buffers, viewed at each block's shape (contiguous, so bmm needs no copies)
-    tables = torch.empty(3, batch, tq * ((nk + tq) // STEP + 2) * STEP * half, device=q.device)
+    tables = torch.empty(2, batch, tq * ((nk + tq) // STEP + 2) * STEP * half, device=q.device)
     rotated, part, scores = (torch.empty(batch * kv * tq * size, dtype=acc, device=q.device)
                              for size in (nk * dim, nk * half, groups * nk))
     for s in range(0, t, QUERIES):
@@ -503,10 +503,10 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
             first = top - 1 - base - s + lo                                   # m of query s, key lo
             a0, a1 = (first - (e - s - 1)) // STEP, (first + hi - lo - 1) // STEP + 1
             rows = (a1 - a0) * STEP
-            cos, sin, tmp = (b[:, :(e - s) * rows * half].view(batch, e - s, a1 - a0, STEP, half) for b in tables)
+            cos, sin = (b[:, :(e - s) * rows * half].view(batch, e - s, a1 - a0, STEP, half) for b in tables)
             ca, sa = cos_a[:, :, a0:a1, None], sin_a[:, :, a0:a1, None]
-            torch.mul(ca, cos_b, out=cos).sub_(torch.mul(sa, sin_b, out=tmp))
-            torch.mul(sa, cos_b, out=sin).add_(torch.mul(ca, sin_b, out=tmp))
+            torch.mul(ca, cos_b, out=cos).addcmul_(sa, sin_b, value=-1)
+            torch.mul(sa, cos_b, out=sin).addcmul_(ca, sin_b)
             size, stride = (batch, 1, e - s, hi - lo, half), (cos.stride(0), 0, (rows - 1) * half, half, 1)
             c, sn = (f.as_strided(size, stride, f.storage_offset() + (first - a0 * STEP) * half) for f in (cos, sin))
             shape = (batch, kv, e - s, hi - lo)

@@ -311,6 +311,23 @@ def test_consistent_scores_equal_the_dense_formula(monkeypatch, step, queries, k
     assert (got[:, :, 5:] - plain[:, :, 5:]).abs().max() > 1e-2
 
 
+def test_consistent_scores_of_a_query_alone_equal_its_row_in_a_chunk():
+    """Decoding scores one query at a time, a prefill in chunks: at distances near 16k (where d·θ
+    turns one ulp of θ into 1e-4 of a score) both give the same scores, up to float32 rounding of the
+    final products: θ(n) and the angle table are the same bits either way."""
+    from surgery.transforms.rope import ConsistentNtkRope
+
+    rotary = ConsistentNtkRope(100000.0, 64, 2.0, 8192)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 6, 37, 64, generator=g), torch.randn(1, 2, 16384, 64, generator=g)
+    k_pos = torch.arange(16384)[None]
+    q_pos = k_pos[:, -37:]
+    chunk = fast.consistent_scores(rotary, q, k, q_pos, k_pos)
+    alone = torch.cat([fast.consistent_scores(rotary, q[:, :, u:u + 1], k, q_pos[:, u:u + 1], k_pos)
+                       for u in range(37)], dim=2)
+    assert (alone - chunk).abs().max() < 1e-6 * chunk.abs().max()
+
+
 def consistent_scores_at(rotary, q, k, q_pos, k_pos):
     """Scores with plain RoPE (rotary.inv_freq) for every query: R(i′)q · R(j′)k."""
     def rotated(x, pos):

@@ -566,6 +566,23 @@ def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
     assert errors["prefill + decode equals the full forward (rel.)"] > 1e-5  # its tolerance
 
 
+@pytest.mark.parametrize("dim", [16, 64])
+def test_consistent_base_is_the_same_alone_and_in_a_batch(dim):
+    """θ(n) of a decoding step (n alone) equals, to the bit, θ(n) among a prefill's lengths: at
+    distance d a score turns one ulp of θ into d ulps of angle (1e-4 of a score at 16k), and the
+    float32 power took a vector or a scalar path by where n sat in the tensor."""
+    from surgery.transforms.rope import ConsistentNtkRope
+
+    rotary = ConsistentNtkRope(10000.0, dim, 2.0, 8192)
+    n = torch.arange(2 * 8192 - 36, 2 * 8192 + 1)[None]                      # the last 37 lengths of 2L
+    batch = rotary.frequencies_at(n)
+    alone = torch.cat([rotary.frequencies_at(n[:, i:i + 1]) for i in range(n.shape[1])], dim=1)
+    assert torch.equal(batch, alone)
+    exact = 1.0 / (10000.0 * (2.0 * n.double() / 8192 - 1) ** (dim / (dim - 2)))[..., None] ** (
+        torch.arange(0, dim, 2).double() / dim)
+    assert ((batch.double() - exact).abs() / exact).max() < 1e-6
+
+
 def test_consistent_clashes_with_a_window_and_is_not_exported():
     from surgery.errors import SpecErrors
 
