@@ -430,7 +430,7 @@ def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: i
 # scores are formed explicitly by :func:`consistent_scores`, in chunks of queries whose scores
 # [B, H, chunk, keys] stay within MEMORY floats.
 
-MEMORY = 1 << 24
+MEMORY = 1 << 22
 STEP = 64      # d = a·STEP + b: cos/sin of d·θ composed from those of a·STEP·θ and b·θ
 QUERIES = 8    # queries per angle table
 KEYS = 512     # keys per block: a block's table and rotated keys stay in cache
