@@ -467,8 +467,9 @@ def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Ten
     over the queries, [G, D] @ [D, n] (the dense formula of reference.py rotates every query head
     against a table of both halves). The table itself needs no trigonometry per entry: d = a·STEP + b
     (0 ≤ b < STEP) gives c = c_a·c_b − s_a·s_b and s = s_a·c_b + c_a·s_b from the cos/sin of a·STEP·θ
-    and b·θ (a few per query). The decomposition depends on d alone, so a query gets the same table
-    whether it is scored in a chunk or alone (decoding equals the full forward); it differs from the
+    and b·θ (a few per query). The decomposition depends on d alone (and θ(n) has the same bits for
+    n alone or among others, :meth:`ConsistentNtkRope.frequencies_at`), so a query gets the same
+    table whether it is scored in a chunk or alone (decoding equals the full forward); it differs from the
     oracle's cos(fl32(d·θ)) by float32 rounding of the angles (~ulp(d·θ)), as two roundings of one
     exact angle do. A block of queries sees its keys along anti-diagonals of the table (d falls by one
     per key), so each query's row is a strided view of one [queries, d, D/2] table: no gather.
