@@ -426,12 +426,14 @@ def _visibility(program: Program, x: Inputs, a: int, b: int, first: int, last: i
 #
 # ConsistentFrame: query i and its keys rotated with θ(n_i), n_i = p_i + 1 (p the position: the
 # row's stream index plus the offset its position ids carry). Tiles whose every query has n ≤ L
-# share plain RoPE: keys rotated once, the
-# fused kernel. Past L each query has its own base, so its scores are formed explicitly, q rotated by
-# (i′ − j′)·θ(n_i) against the raw keys ((R(a)q)·(R(b)k) = (R(a − b)q)·k), in chunks of queries that
-# bound the [chunk, keys, D] rotation to MEMORY floats per head-batch.
+# share plain RoPE: keys rotated once, the fused kernel. Past L each query has its own base, so its
+# scores are formed explicitly by :func:`consistent_scores`, in chunks of queries whose scores
+# [B, H, chunk, keys] stay within MEMORY floats.
 
-MEMORY = 1 << 24
+MEMORY = 1 << 22
+STEP = 64      # d = a·STEP + b: cos/sin of d·θ composed from those of a·STEP·θ and b·θ
+QUERIES = 8    # queries per angle table
+KEYS = 512     # keys per block: a block's table and rotated keys stay in cache
 
 
 def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) -> bool:
@@ -443,14 +445,81 @@ def _within(x: Inputs, L: int, positions: torch.Tensor, end: int | None = None) 
     return bool((positions < L).all())
 
 
+def _turns(steps: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of s·θ for every step s [m] and query frequencies θ [B, t, D/2]: [B, t, m, D/2]."""
+    angles = steps.float()[:, None] * theta[:, :, None, :]
+    return angles.cos(), angles.sin()
+
+
 def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
-    """q·R((i′ − j′)·θ(i′ + 1))·k for raw q [B, H, t, D] and raw k [B, H, n, D] (heads repeated),
-    stream indices q_pos [B, t] and k_pos [B, n]: [B, H, t, n] (float32, unscaled)."""
+    """R_n(i′)q_i · R_n(j′)k_j with n = i′ + 1, for raw q [B, H, t, D] and raw k [B, H/G, n, D] (each
+    KV head serving G consecutive query heads, not repeated), positions q_pos [B, t] and k_pos [B, n]
+    of one call's layout (consecutive, the same q_pos − k_pos in every row): [B, H, t, n] (float32,
+    or float64 for float64 inputs; unscaled). Prefill chunks and decoding steps both come here.
+
+    Rotations compose, R(a)q·R(b)k = q·R(b − a)k, so with d = i′ − j′ and, per frequency θ = θ(n_i)
+    (D/2 of them; rotate_half's pairs are (x_lo, x_hi)), c = cos(d·θ), s = sin(d·θ):
+
+        score = q_lo·(c⊙k_lo + s⊙k_hi) + q_hi·(c⊙k_hi − s⊙k_lo) = q · k̂_ij
+
+    The table (c, s) depends on positions only: it is shared by every head, and k̂ is formed once per
+    KV head, [t, n, D], the G query heads of its group taking their scores in one batched product
+    over the queries, [G, D] @ [D, n] (the dense formula of reference.py rotates every query head
+    against a table of both halves). The table itself needs no trigonometry per entry: d = a·STEP + b
+    (0 ≤ b < STEP) gives c = c_a·c_b − s_a·s_b and s = s_a·c_b + c_a·s_b from the cos/sin of a·STEP·θ
+    and b·θ (a few per query). The decomposition depends on d alone (and θ(n) has the same bits for
+    n alone or among others, :meth:`ConsistentNtkRope.frequencies_at`), so a query gets the same
+    table whether it is scored in a chunk or alone (decoding equals the full forward); it differs from the
+    oracle's cos(fl32(d·θ)) by float32 rounding of the angles (~ulp(d·θ)), as two roundings of one
+    exact angle do. A block of queries sees its keys along anti-diagonals of the table (d falls by one
+    per key), so each query's row is a strided view of one [queries, d, D/2] table: no gather.
+    Everything runs in blocks of QUERIES × KEYS into preallocated buffers, so tables and rotated keys
+    stay in cache (measured: the same work on fresh, large tensors runs several times slower)."""
+    batch, heads, t, dim = q.shape
+    kv, n, half = k.shape[1], k.shape[-2], dim // 2
+    groups = heads // kv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    low, high = k[..., :half].contiguous(), k[..., half:].contiguous()
+    grouped = q.unflatten(1, (kv, groups)).transpose(2, 3)                    # [B, kv, t, G, D]
     theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
-    angles = (q_pos[:, :, None] - k_pos[:, None, :]).float()[..., None] * theta[:, :, None, :]
-    angles = torch.cat((angles, angles), dim=-1)[:, None]                     # [B, 1, t, n, D]
-    rotated = rotate(q[:, :, :, None, :], angles.cos(), angles.sin())
-    return (rotated * k[:, :, None, :, :]).sum(-1)
+    base = int(q_pos[0, 0] - k_pos[0, 0])                                     # d of query 0, key 0
+    out = torch.empty(batch, kv, groups, t, n, dtype=acc, device=q.device)
+    fine = torch.arange(STEP - 1, -1, -1, device=q.device)                    # b, descending
+    tq, nk = min(t, QUERIES), min(n, KEYS)
+    # flat buffers, viewed at each block's shape (contiguous, so bmm needs no copies)
+    tables = torch.empty(2, batch, tq * ((nk + tq) // STEP + 2) * STEP * half, device=q.device)
+    rotated, part, scores = (torch.empty(batch * kv * tq * size, dtype=acc, device=q.device)
+                             for size in (nk * dim, nk * half, groups * nk))
+    for s in range(0, t, QUERIES):
+        e = min(s + QUERIES, t)
+        # Table row m of query u holds d = top − 1 − m: key j sits at m = top − 1 − base − s − u + j.
+        top = ((base + e - 1) // STEP + 1) * STEP                             # above every d of these queries
+        bottom = ((base + s - (n - 1)) // STEP) * STEP                        # at or below every d
+        coarse = torch.arange(top - STEP, bottom - 1, -STEP, device=q.device)  # a·STEP, descending
+        cos_a, sin_a = _turns(coarse, theta[:, s:e])
+        cos_b, sin_b = (f[:, :, None] for f in _turns(fine, theta[:, s:e]))
+        queries = grouped[:, :, s:e].reshape(-1, groups, dim)                 # [B·kv·t′, G, D]
+        for lo in range(0, n, KEYS):
+            hi = min(lo + KEYS, n)
+            first = top - 1 - base - s + lo                                   # m of query s, key lo
+            a0, a1 = (first - (e - s - 1)) // STEP, (first + hi - lo - 1) // STEP + 1
+            rows = (a1 - a0) * STEP
+            cos, sin = (b[:, :(e - s) * rows * half].view(batch, e - s, a1 - a0, STEP, half) for b in tables)
+            ca, sa = cos_a[:, :, a0:a1, None], sin_a[:, :, a0:a1, None]
+            torch.mul(ca, cos_b, out=cos).addcmul_(sa, sin_b, value=-1)
+            torch.mul(sa, cos_b, out=sin).addcmul_(ca, sin_b)
+            size, stride = (batch, 1, e - s, hi - lo, half), (cos.stride(0), 0, (rows - 1) * half, half, 1)
+            c, sn = (f.as_strided(size, stride, f.storage_offset() + (first - a0 * STEP) * half) for f in (cos, sin))
+            shape = (batch, kv, e - s, hi - lo)
+            r = rotated[:batch * kv * (e - s) * (hi - lo) * dim].view(*shape, dim)
+            p = part[:batch * kv * (e - s) * (hi - lo) * half].view(*shape, half)
+            k_lo, k_hi = low[:, :, None, lo:hi], high[:, :, None, lo:hi]
+            torch.mul(c, k_lo, out=r[..., :half]).add_(torch.mul(sn, k_hi, out=p))
+            torch.mul(c, k_hi, out=r[..., half:]).sub_(torch.mul(sn, k_lo, out=p))
+            block = scores[:batch * kv * (e - s) * groups * (hi - lo)].view(-1, groups, hi - lo)
+            torch.bmm(queries, r.view(-1, hi - lo, dim).transpose(1, 2), out=block)
+            out[:, :, :, s:e, lo:hi] = block.view(batch, kv, e - s, groups, hi - lo).transpose(2, 3)
+    return out.view(batch, heads, t, n)
 
 
 def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
@@ -465,8 +534,8 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
     pad, offset = x.pads(), x.position_offset()
     q_pos = x.query_columns()[None] - pad[:, None] + offset                   # [B, Tq] positions
     k_pos = x.key_columns()[None] - pad[:, None] + offset
-    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-    v = x.v.float().repeat_interleave(groups, dim=1) if groups > 1 else x.v.float()
+    values = x.v.float()
+    v = values.repeat_interleave(groups, dim=1) if groups > 1 else values
     plain = None
     outs = []
     for a in range(0, q.shape[-2], tile):
@@ -485,18 +554,20 @@ def _consistent(program: Program, x: Inputs, tile: int) -> torch.Tensor:
                     angles = torch.cat((angles, angles), dim=-1)[:, None]
                     return angles.cos(), angles.sin()
 
-                given_k = x.k.float().repeat_interleave(groups, dim=1) if groups > 1 else x.k.float()
-                plain = (x.q.float(), rotate(k, *at(k_pos.clamp(min=0))) if x.k_raw else given_k)
+                rotated = rotate(k, *at(k_pos.clamp(min=0))) if x.k_raw else x.k.float()
+                plain = (x.q.float(), rotated.repeat_interleave(groups, dim=1) if groups > 1 else rotated)
             out = sdpa(plain[0][..., a:b, :], plain[1][..., lo:hi, :], v[..., lo:hi, :], attn_mask=mask,
                        scale=x.scaling, dropout_p=x.dropout)
         else:
-            chunk = max(1, min(b - a, MEMORY // max(1, q.shape[0] * q.shape[1] * (hi - lo) * q.shape[-1])))
+            chunk = max(1, min(b - a, MEMORY // max(1, q.shape[0] * q.shape[1] * (hi - lo))))
             pieces = []
             for s in range(a, b, chunk):
                 e = min(s + chunk, b)
                 scores = consistent_scores(rotary, q[..., s:e, :], k[..., lo:hi, :], q_pos[:, s:e], k_pos[:, lo:hi])
-                weights = torch.softmax(scores * x.scaling + mask[:, :, s - a:e - a], dim=-1)
-                pieces.append(weights @ v[..., lo:hi, :])
+                weights = torch.softmax(scores.mul_(x.scaling).add_(mask[:, :, s - a:e - a]), dim=-1)
+                # the G query heads of a KV head as one [G·t, n] @ [n, Dv] product: v is read once per group
+                grouped = weights.unflatten(1, (k.shape[1], groups)).flatten(2, 3) @ values[..., lo:hi, :]
+                pieces.append(grouped.unflatten(2, (groups, e - s)).flatten(1, 2))
             out = torch.cat(pieces, dim=2)
         outs.append(out)
     return torch.cat(outs, dim=2).to(x.v.dtype)

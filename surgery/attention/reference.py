@@ -34,6 +34,18 @@ from surgery.attention.keys import Inputs
 from surgery.attention.program import ConsistentFrame, Program, RelativeFrame
 
 
+def consistent_scores(rotary, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """R_n(i′)q_i · R_n(j′)k_j = R_n(i′ − j′)q_i · k_j, n = i′ + 1, for raw q [B, H, t, D] and raw k
+    [B, H, n, D] (heads repeated), positions q_pos [B, t], k_pos [B, n]: [B, H, t, n] (float32,
+    unscaled), every query rotated against a [t, n, D] table (the fast path's
+    :func:`surgery.attention.fast.consistent_scores` rotates the keys instead, once per KV head)."""
+    theta = rotary.frequencies_at(q_pos + 1).float()                          # [B, t, D/2]
+    angles = (q_pos[:, :, None] - k_pos[:, None, :]).float()[..., None] * theta[:, :, None, :]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]                     # [B, 1, t, n, D]
+    rotated = rotate(q[:, :, :, None, :], angles.cos(), angles.sin())
+    return (rotated * k[:, :, None, :, :]).sum(-1)
+
+
 def attend(program: Program, x: Inputs) -> torch.Tensor:
     """Attention output [B, Tq, H, Dv] (transformers' layout)."""
     groups = x.q.shape[1] // x.k.shape[1]
@@ -56,8 +68,6 @@ def attend(program: Program, x: Inputs) -> torch.Tensor:
     if frame is None:
         scores = q @ k.transpose(-1, -2)
     elif isinstance(frame, ConsistentFrame):
-        from surgery.attention.fast import consistent_scores
-
         offset = x.position_offset()
         scores = consistent_scores(frame.rotary(), q, k, i[..., 0] + offset, j[:, 0] + offset)
     elif isinstance(frame, RelativeFrame):

@@ -280,11 +280,20 @@ class ConsistentNtkRope(RescaledRope):
         self.trained = L
 
     def frequencies_at(self, n: torch.Tensor) -> torch.Tensor:
-        """θ(n) for every entry of `n` (stream lengths), shape n.shape + [d/2], float32."""
+        """θ(n) for every entry of `n` (stream lengths), shape n.shape + [d/2], float32.
+
+        The same bits whether n comes alone (a decoding step; transformers' dynamic NTK on n tokens,
+        which forms α^(d/(d−2)) on one number) or among others (a prefill): torch's float32 power
+        runs a vectorised kernel over contiguous runs and the C library's powf on anything else (a
+        run's tail, a strided view, a single number), one ulp apart at times, and a score at
+        distance 16k turns one ulp of θ into ~1e-4. So the power of α runs on a strided view (powf
+        for every n); the power of the base runs on rows of d/2 frequencies, the same kernel for
+        one n as for many."""
         base, dim, s, L = self.dynamic
-        alpha = (s * n.clamp(min=L).float() / L - (s - 1))[..., None]  # clamped: no NaN where plain RoPE is taken
+        alpha = s * n.clamp(min=L).float() / L - (s - 1)  # clamped: no NaN where plain RoPE is taken
+        stretched = torch.stack((alpha, alpha), dim=-1)[..., 0] ** (dim / (dim - 2))  # strided: powf, as alone
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=n.device).float() / dim
-        scaled = 1.0 / ((base * alpha ** (dim / (dim - 2))) ** exponents)
+        scaled = 1.0 / ((base * stretched[..., None]) ** exponents)
         return torch.where(n[..., None] <= L, self.inv_freq.to(n.device), scaled)
 
     def at_length(self, x: torch.Tensor, position_ids: torch.Tensor, n: int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from surgery.attention import fast, reference
-from surgery.attention.frame import Table
+from surgery.attention.frame import Table, rotate
 from surgery.attention.keys import Inputs
 from surgery.attention.program import PreRope, Program, RelativeFrame, Stage, WindowRule
 from surgery.models import tiny
@@ -283,6 +283,58 @@ def test_consistent_frame_full_forward(n, tile):
     """Tiles within L (fused, plain RoPE) and past it (a base per query) against the dense reference."""
     prog = consistent_program()
     assert error(prog, inputs(prog, n, n, seed=n), tile) < 1e-5
+
+
+@pytest.mark.parametrize("step, queries, keys", [(fast.STEP, fast.QUERIES, fast.KEYS), (4, 7, 11)])
+def test_consistent_scores_equal_the_dense_formula(monkeypatch, step, queries, keys):
+    """The fast scores (a composed angle table shared by all heads, keys rotated once per KV head)
+    against the reference's (every query head rotated against a table of cos(d·θ) of both halves),
+    float64 inputs: two groups of three query heads, queries before and past L = 20, a left-padded
+    row (negative positions), and (second case) blocks and angle steps that cut the call unevenly."""
+    monkeypatch.setattr(fast, "STEP", step)
+    monkeypatch.setattr(fast, "QUERIES", queries)
+    monkeypatch.setattr(fast, "KEYS", keys)
+    rotary = consistent_program().frame.rotary()
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 30, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 2, 48, D, generator=g, dtype=torch.float64)
+    k_pos = torch.arange(48)[None] - torch.tensor([[0], [6]])          # row 1: six padding columns
+    q_pos = k_pos[:, 18:]
+    got = fast.consistent_scores(rotary, q, k, q_pos, k_pos)
+    want = reference.consistent_scores(rotary, q, k.repeat_interleave(3, dim=1), q_pos, k_pos)
+    assert got.shape == want.shape == (2, 6, 30, 48) and got.dtype == torch.float64
+    # the table's float32 angles are rounded differently from the oracle's (~ulp of d·θ)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    # past L the base is the query's own: plain RoPE's scores (θ of L) differ there, not before
+    plain = consistent_scores_at(rotary, q, k, q_pos, k_pos)
+    assert (got[0, :, 0] - plain[0, :, 0]).abs().max() < 1e-5
+    assert (got[:, :, 5:] - plain[:, :, 5:]).abs().max() > 1e-2
+
+
+def test_consistent_scores_of_a_query_alone_equal_its_row_in_a_chunk():
+    """Decoding scores one query at a time, a prefill in chunks: at distances near 16k (where d·θ
+    turns one ulp of θ into 1e-4 of a score) both give the same scores, up to float32 rounding of the
+    final products: θ(n) and the angle table are the same bits either way."""
+    from surgery.transforms.rope import ConsistentNtkRope
+
+    rotary = ConsistentNtkRope(100000.0, 64, 2.0, 8192)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 6, 37, 64, generator=g), torch.randn(1, 2, 16384, 64, generator=g)
+    k_pos = torch.arange(16384)[None]
+    q_pos = k_pos[:, -37:]
+    chunk = fast.consistent_scores(rotary, q, k, q_pos, k_pos)
+    alone = torch.cat([fast.consistent_scores(rotary, q[:, :, u:u + 1], k, q_pos[:, u:u + 1], k_pos)
+                       for u in range(37)], dim=2)
+    assert (alone - chunk).abs().max() < 1e-6 * chunk.abs().max()
+
+
+def consistent_scores_at(rotary, q, k, q_pos, k_pos):
+    """Scores with plain RoPE (rotary.inv_freq) for every query: R(i′)q · R(j′)k."""
+    def rotated(x, pos):
+        angles = pos.double()[..., None] * rotary.inv_freq.double()
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return rotate(x, angles.cos(), angles.sin())
+    return rotated(q, q_pos) @ rotated(k, k_pos).repeat_interleave(3, dim=1).transpose(-1, -2)
 
 
 def test_consistent_frame_padding_decoding_and_a_window_rule():

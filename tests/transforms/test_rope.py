@@ -551,6 +551,7 @@ def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
     real = fast.consistent_scores
 
     def own_base(rotary, q, k, q_pos, k_pos):
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)               # k comes one per KV head
         theta_k = rotary.frequencies_at(k_pos + 1).float()                       # [B, n, D/2]
         theta_q = rotary.frequencies_at(q_pos + 1).float()
         qa = torch.cat([q_pos[..., None].float() * theta_q] * 2, -1)[:, None]
@@ -563,6 +564,23 @@ def test_consistent_obligation_fails_when_keys_keep_their_own_base(monkeypatch):
     model = tiny("llama")
     errors = {m.obligation: m.error for m in verify(plan_for(CONSISTENT, model), model).measurements}
     assert errors["prefill + decode equals the full forward (rel.)"] > 1e-5  # its tolerance
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+def test_consistent_base_is_the_same_alone_and_in_a_batch(dim):
+    """θ(n) of a decoding step (n alone) equals, to the bit, θ(n) among a prefill's lengths: at
+    distance d a score turns one ulp of θ into d ulps of angle (1e-4 of a score at 16k), and the
+    float32 power took a vector or a scalar path by where n sat in the tensor."""
+    from surgery.transforms.rope import ConsistentNtkRope
+
+    rotary = ConsistentNtkRope(10000.0, dim, 2.0, 8192)
+    n = torch.arange(2 * 8192 - 36, 2 * 8192 + 1)[None]                      # the last 37 lengths of 2L
+    batch = rotary.frequencies_at(n)
+    alone = torch.cat([rotary.frequencies_at(n[:, i:i + 1]) for i in range(n.shape[1])], dim=1)
+    assert torch.equal(batch, alone)
+    exact = 1.0 / (10000.0 * (2.0 * n.double() / 8192 - 1) ** (dim / (dim - 2)))[..., None] ** (
+        torch.arange(0, dim, 2).double() / dim)
+    assert ((batch.double() - exact).abs() / exact).max() < 1e-6
 
 
 def test_consistent_clashes_with_a_window_and_is_not_exported():
