@@ -105,6 +105,7 @@ class Diff:
         self._provenances: dict[tuple, tuple[str, str, str]] = {}
         self._rules: dict[tuple[str, str, str], tuple[str, ...]] = {}
         self._groups: dict[bool, list[dict]] = {}
+        self._step_targets: list[set[str]] | None = None   # each plan step's target paths
         self._order, self._children = self._union_tree()
         self._statuses = {p: st for p in self._order if (st := self._status(p))}
         self.runtime = self._runtime()
@@ -267,11 +268,11 @@ class Diff:
     def _rules_at(self, path: str, via: str, owner: str) -> tuple[str, ...]:
         paths = [p for p in (path, via) if p]
         paths = [self._translate(p) for p in paths] + paths
-
-        def covers(target: str) -> bool:
-            return any(p == target or p.startswith(target + ".") for p in paths)
-
-        steps = [s for s in self.plan.steps if any(covers(t.path) for t in s.targets)]
+        # A target contains a path when it is the path or one of its ancestors.
+        within = {a for p in paths for a in _ancestors(p)}
+        if self._step_targets is None:
+            self._step_targets = [{t.path for t in s.targets} for s in self.plan.steps]
+        steps = [s for s, targets in zip(self.plan.steps, self._step_targets) if not within.isdisjoint(targets)]
         if owner and not via and any(s.transform == owner for s in steps):
             steps = [s for s in steps if s.transform == owner]
         return tuple(_rule_label(s) for s in steps)

@@ -20,6 +20,7 @@ module called from inside a module that does not contain it (``model.rotary_emb`
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import time
@@ -190,6 +191,7 @@ class GraphSnapshot:
 _GETATTR = re.compile(r"getattr\((.*?), '([^']*)'\)")
 
 
+@functools.lru_cache(maxsize=4096)   # a graph repeats a few hundred module paths on thousands of nodes
 def _module_path(raw: str) -> str:
     """A dotted module path from an ``nn_module_stack`` path (plain in torch 2.13; older releases
     spelled it ``L['self'].model.layers[0]`` or ``getattr(L['self'].model.layers, '0')``)."""
