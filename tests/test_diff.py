@@ -415,6 +415,32 @@ def test_design_card_html_pictures(card):
     assert "<g class='node removed'" in page and "text-decoration='line-through'" in page
 
 
+def test_picture_does_not_depend_on_the_order_a_set_of_edges_iterates_in(llama_lora):
+    """Edge sets iterate in an order set by the process's string hashes: two inputs read by the same
+    node (the input and ``self.base.weight`` of q_proj's first linear) must not swap between runs."""
+    from dataclasses import replace
+
+    from surgery.diff.picture import unit_svg
+
+    class Ordered(set):
+        def __init__(self, items, reverse):
+            super().__init__(items)
+            self.reverse = reverse
+
+        def __iter__(self):
+            return iter(sorted(set.__iter__(self), reverse=self.reverse))
+
+    _, _, d = llama_lora
+    unit = next(u for u in d.units if u.path == Q[0])
+    pictures = set()
+    for reverse in (False, True):
+        turned = replace(unit, edges_before=Ordered(unit.edges_before, reverse),
+                         edges_after=Ordered(unit.edges_after, reverse))
+        for side in ("before", "after"):
+            pictures.add((side, re.sub(r"g\d+-", "g-", unit_svg(turned, side))))   # marker ids count up
+    assert len(pictures) == 2
+
+
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if exe is None:

@@ -101,6 +101,11 @@ class Diff:
         self._classify()
         self._back = {now: old for old, now in self._relocated.items()}
         self._anchors: set[str] = set()
+        # Memos: many nodes share a module stack (a layer's ops) or a module (a changed unit's lines).
+        self._provenances: dict[tuple, tuple[str, str, str]] = {}
+        self._rules: dict[tuple[str, str, str], tuple[str, ...]] = {}
+        self._groups: dict[bool, list[dict]] = {}
+        self._step_targets: list[set[str]] | None = None   # each plan step's target paths
         self._order, self._children = self._union_tree()
         self._statuses = {p: st for p in self._order if (st := self._status(p))}
         self.runtime = self._runtime()
@@ -225,7 +230,13 @@ class Diff:
         called by a ``self_attn``). A foreign call is part of its caller's computation, so the node
         stays with the caller (``down_proj.base`` called by ``down_proj.adapter.1`` is not foreign:
         both count as ``down_proj``)."""
-        stack = node.stack or (("", ""),)
+        memo = (node.stack, side)
+        if memo not in self._provenances:
+            self._provenances[memo] = self._provenance_of(node.stack, side)
+        return self._provenances[memo]
+
+    def _provenance_of(self, stack: tuple, side: str) -> tuple[str, str, str]:
+        stack = stack or (("", ""),)
         here, owner = stack[0][0], stack[0][1]
         unit = self._graph_key(here, side)
         via = ""
@@ -249,13 +260,19 @@ class Diff:
         (or the foreign module it ran in), narrowed to the transform whose module ran it when one did."""
         if self.plan is None:
             return ()
-        paths = [p for p in (node.path, via) if p]
+        memo = (node.path, via, owner)
+        if memo not in self._rules:
+            self._rules[memo] = self._rules_at(*memo)
+        return self._rules[memo]
+
+    def _rules_at(self, path: str, via: str, owner: str) -> tuple[str, ...]:
+        paths = [p for p in (path, via) if p]
         paths = [self._translate(p) for p in paths] + paths
-
-        def covers(target: str) -> bool:
-            return any(p == target or p.startswith(target + ".") for p in paths)
-
-        steps = [s for s in self.plan.steps if any(covers(t.path) for t in s.targets)]
+        # A target contains a path when it is the path or one of its ancestors.
+        within = {a for p in paths for a in _ancestors(p)}
+        if self._step_targets is None:
+            self._step_targets = [{t.path for t in s.targets} for s in self.plan.steps]
+        steps = [s for s, targets in zip(self.plan.steps, self._step_targets) if not within.isdisjoint(targets)]
         if owner and not via and any(s.transform == owner for s in steps):
             steps = [s for s in steps if s.transform == owner]
         return tuple(_rule_label(s) for s in steps)
@@ -272,6 +289,7 @@ class Diff:
             return
         self._back = {now: old for old, now in self._relocated.items()}
         self._anchors = set(self._added) | set(self._removed) | set(self._replaced) | set(self.wrapped_at)
+        self._provenances.clear()   # units depend on the anchors
         counts: dict[str, tuple[Counter, Counter]] = {}
         for i, (side, graph) in enumerate(sides):
             for node in graph.calls:
@@ -290,7 +308,13 @@ class Diff:
     def graph_groups(self, group: bool = True) -> list[dict]:
         """The changed units, those whose change reads the same (layer index aside) merged:
         ``{"label": "model.layers.{0-29}.mlp.down_proj", "paths": [...], "unit": UnitDiff, "code": str}``
-        where ``code`` is the unified diff with layer indices written ``{i}``."""
+        where ``code`` is the unified diff with layer indices written ``{i}``. Computed once per
+        `group` (text, code, HTML and JSON all read it); callers get a fresh list of the same dicts."""
+        if group not in self._groups:
+            self._groups[group] = self._graph_groups(group)
+        return list(self._groups[group])
+
+    def _graph_groups(self, group: bool) -> list[dict]:
         groups: dict[tuple, dict] = {}
         for unit in self.units or []:
             if not unit.changed:

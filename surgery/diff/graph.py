@@ -52,6 +52,8 @@ class _Side:
     outputs: dict[str, list[str]]    # unit → the nodes it hands out, in slot order
     tpath: dict[str, str]            # call node → module path as before surgery
     ttarget: dict[str, str]          # tensor placeholder → tensor path as before surgery
+    refs: dict[str, list[tuple[str, str]]]   # call node → its inputs (``GraphNode.refs``), walked once
+    literals: dict[str, tuple]       # call node → its arguments with inputs blanked (args, kwargs)
 
 
 def _side(graph: GraphSnapshot, provenance: Callable[[GraphNode], tuple[str, str, str]],
@@ -65,8 +67,9 @@ def _side(graph: GraphSnapshot, provenance: Callable[[GraphNode], tuple[str, str
         tpath[n.name] = translate(n.path)
     handed: dict[str, None] = {}
     reads: dict[tuple[str, str], dict[str, None]] = {}
+    refs = {n.name: n.refs() for n in graph.calls}
     for n in graph.calls:
-        for _, src in n.refs():
+        for _, src in refs[n.name]:
             if src in unit and unit[src] != unit[n.name]:
                 handed[src] = None
                 reads.setdefault((unit[n.name], unit[src]), {})[src] = None
@@ -80,7 +83,8 @@ def _side(graph: GraphSnapshot, provenance: Callable[[GraphNode], tuple[str, str
     slot = {name: k for names in outputs.values() for k, name in enumerate(names)}
     ordered = {key: sorted(srcs, key=order.__getitem__) for key, srcs in reads.items()}
     ttarget = {n.name: translate(n.target) for n in graph.nodes if n.kind != "call"}
-    return _Side(nodes, unit, via, owner, units, slot, ordered, outputs, tpath, ttarget)
+    literals = {n.name: (_literals(n.args), _literals(n.kwargs)) for n in graph.calls}
+    return _Side(nodes, unit, via, owner, units, slot, ordered, outputs, tpath, ttarget, refs, literals)
 
 
 def _literals(value):
@@ -192,6 +196,9 @@ class _Matcher:
         self.back: dict[str, str] = {}      # before → after
         self._pairing = False               # whether unpaired reads may stand for each other yet
         self._match()
+        self.local: dict[str, dict[str, str]] = {}   # unit → its matched pairs (after → before)
+        for a, b in self.matched.items():
+            self.local.setdefault(after.unit[a], {})[a] = b
 
     def ref(self, after_side: bool, src: str, consumer: str) -> tuple:
         """How input `src` of a node of unit `consumer` is identified across the graphs: a tensor by
@@ -222,8 +229,9 @@ class _Matcher:
     def _key(self, after_side: bool, name: str) -> tuple:
         side = self.after if after_side else self.before
         n = side.nodes[name]
-        refs = tuple((pos, self.ref(after_side, src, side.unit[name])) for pos, src in n.refs())
-        return side.unit[name], side.tpath[name], n.target, _literals(n.args), _literals(n.kwargs), refs
+        unit = side.unit[name]
+        refs = tuple((pos, self.ref(after_side, src, unit)) for pos, src in side.refs[name])
+        return unit, side.tpath[name], n.target, *side.literals[name], refs
 
     def _pair(self, a: str, b: str) -> None:
         self.matched[a] = b
@@ -323,7 +331,7 @@ def unit_diff(path: str, m: _Matcher,
     """One unit's entries, code lines, edges and hunks."""
     before, after = m.before, m.after
     b_names, a_names = before.units.get(path, []), after.units.get(path, [])
-    local = {a: b for a, b in m.matched.items() if after.unit[a] == path}
+    local = m.local.get(path, {})
     namer = _Namer()
     entries: list[Entry] = []
     name_b: dict[str, str] = {}
@@ -401,7 +409,7 @@ def unit_diff(path: str, m: _Matcher,
         else:
             if into[0].get(e.name) != into[1].get(e.name):
                 e.status = "rewired"
-            elif (_literals(e.before.args), _literals(e.before.kwargs)) != (_literals(e.after.args), _literals(e.after.kwargs)):
+            elif before.literals[e.before.name] != after.literals[e.after.name]:
                 e.status = "changed"
             else:
                 e.status = "same"

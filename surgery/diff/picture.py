@@ -52,7 +52,10 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
     label["return"] = title["return"] = "return"
 
     # Sources: whatever an edge reads that is not a node of this unit.
-    sources = list(dict.fromkeys(s for s, _, _ in sorted(mine, key=lambda e: _pos(entries, e[1])) if s not in status))
+    # Edges are sets: every walk over them goes in sorted order, so the picture does not depend on the
+    # process's string hashes (PYTHONHASHSEED) and the same diff renders the same page every run.
+    edges = sorted(mine)
+    sources = list(dict.fromkeys(s for s, _, _ in sorted(edges, key=lambda e: _pos(entries, e[1])) if s not in status))
     inputs = unit.inputs_before if side == "before" else unit.inputs_after
     shown = unit.shown[0 if side == "before" else 1]
     for s in sources:
@@ -64,7 +67,7 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
         title[s] = f"{name} = {inputs[s]}" if s in inputs else name
     names = sources + [e.name for e in entries] + (["return"] if returned or unit.returns != ([], []) else [])
     parents: dict[str, list[str]] = {n: [] for n in names}
-    for s, d, _ in mine:
+    for s, d, _ in edges:
         if d in parents and s in parents:
             parents[d].append(s)
 
@@ -89,7 +92,7 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
     # An input, or a node that reads nothing (``arange``, ``zeros``), sits just above its first reader,
     # not at the top: short edges, branches side by side. Later ones first, so chains of them settle.
     for s in reversed([n for n in names if n != "return" and not parents[n]]):
-        readers = [rank[d] for src, d, _ in mine if src == s and d in rank and d != s]
+        readers = [rank[d] for src, d, _ in edges if src == s and d in rank and d != s]
         rank[s] = max(0, min(readers, default=1) - 1)
     if "return" in rank:
         rank["return"] = max((r for n, r in rank.items() if n != "return"), default=-1) + 1
@@ -123,7 +126,7 @@ def unit_svg(unit: UnitDiff, side: str) -> str:
                f"<marker id='{uid}-{k}' viewBox='0 0 8 8' refX='7' refY='4' markerWidth='7' markerHeight='7' orient='auto'>"
                f"<path d='M0,0 L8,4 L0,8 z' fill='{c}'/></marker>" for k, c in _EDGE_COLOURS.items()) + "</defs>"]
     y = {n: GAP / 2 + rank[n] * ROW for n in names}
-    for s, d, where in sorted(mine):
+    for s, d, where in edges:
         if s not in x or d not in x:
             continue
         kind = "same" if (s, d, where) in theirs else ("removed" if side == "before" else "added")

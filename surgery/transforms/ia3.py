@@ -65,10 +65,14 @@ class IA3Adapter(nn.Module):
         self.ia3_l = nn.Parameter(torch.ones(size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
+        # Cast only where the product's dtype differs (see LoraAdapter.delta: a same-dtype ``.to`` is
+        # two nodes under torch.export and nothing in eager).
         if self.side == "out":
             y = inner(x)
-            return (y * self.ia3_l).to(y.dtype)
-        return inner((x * self.ia3_l).to(x.dtype))
+            out = y * self.ia3_l
+            return out if out.dtype == y.dtype else out.to(y.dtype)
+        z = x * self.ia3_l
+        return inner(z if z.dtype == x.dtype else z.to(x.dtype))
 
     def merge(self, weight: torch.Tensor, bias):
         scale = self.ia3_l.detach().to(weight.dtype)

@@ -52,7 +52,11 @@ class LoraAdapter(nn.Module):
 
     def delta(self, x: torch.Tensor, inner) -> torch.Tensor:
         dtype = self.lora_A.weight.dtype
-        return (self.lora_B(self.lora_A(self.dropout(x.to(dtype)))) * self.scaling).to(x.dtype)
+        # Cast only where the dtypes differ: a same-dtype ``.to`` returns x itself, but torch.export
+        # records it as two nodes (a cast and a metadata check), which every graph capture then traces.
+        z = x if x.dtype == dtype else x.to(dtype)
+        out = self.lora_B(self.lora_A(self.dropout(z))) * self.scaling
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
         return inner(x) + self.delta(x, inner)

@@ -13,7 +13,7 @@ from surgery.models import tiny
 from surgery.planner import build_plan
 from surgery.syntax import parse
 from surgery.transforms.ia3 import IA3, IA3Adapter
-from surgery.transforms.lora import LoraAdapter
+from surgery.transforms.lora import LoraAdapter, LoraParams
 from surgery.verify import verify
 
 EVERYWHERE = "attn.*: ia3; mlp.*: ia3"
@@ -192,3 +192,24 @@ def test_obligations_catch_a_wrong_transform(monkeypatch):
     monkeypatch.setattr(IA3Adapter, "__init__", off_by_a_little)
     failed = {m.obligation for m in verify(plan, model).failures}
     assert {"identity at init: layer output unchanged", "identity at init: model logits unchanged"} <= failed
+
+
+def test_lora_and_ia3_export_no_casts_that_change_nothing():
+    """A same-dtype ``.to`` is nothing in eager but two nodes under torch.export (cast + metadata check),
+    traced by every graph capture; the branches cast only where dtypes differ, and still do there."""
+    model = tiny("llama")
+    apply_plan(plan_for("mlp.down: lora(r=4) | ia3", model), model)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    graph = torch.export.export(layer, (x,), strict=False).graph
+    ops = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+    assert not [op for op in ops if op.startswith(("aten.to", "aten._assert_tensor_metadata"))], ops
+    assert ops.count("aten.linear.default") == 4   # base, lora_A, lora_B, base on the IA3-scaled input
+
+    lora = LoraAdapter(8, 4, LoraParams(r=2), torch.float32, torch.device("cpu"))
+    half = torch.randn(3, 8).to(torch.bfloat16)
+    assert lora.delta(half, None).dtype == torch.bfloat16
+    scaled = IA3Adapter("in", 8, torch.float32, torch.device("cpu"))
+    assert scaled(half, lambda z: z).dtype == torch.bfloat16
+    out = IA3Adapter("out", 8, torch.float32, torch.device("cpu"))
+    assert out(half, lambda z: z).dtype == torch.bfloat16
