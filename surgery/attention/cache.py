@@ -22,6 +22,8 @@ the layer belongs to one cache, i.e. to one generation, so nothing here is share
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from surgery.attention import fast
@@ -51,7 +53,7 @@ class Shared:
 
     def per_call(self, anchor: tuple, name: tuple, make):
         """`make()` once per `name` while the call's tensors are the same objects as `anchor`."""
-        if len(anchor) != len(self.anchor) or any(a is not b for a, b in zip(anchor, self.anchor)):
+        if len(anchor) != len(self.anchor) or not all(map(operator.is_, anchor, self.anchor)):
             self.anchor, self.values = anchor, {}
         if name not in self.values:
             self.values[name] = make()
@@ -224,18 +226,27 @@ class ProgramLayer(DynamicLayer):
         unmasked); no padding anywhere and no caller mask; no gradient through the cache; and
         with a sink frame, the sinks at slots 0 … S − 1 and the frame's origin at or before the
         sinks' offset. Everything else takes the general path."""
-        policy = self.policy
-        if (key_states.shape[-2] != 1 or call.reference or policy.size is None or not call.program.only_windows
-                or self.head != self.head_span or key_states.requires_grad or value_states.requires_grad):
+        if (key_states.shape[-2] != 1 or call.reference or not call.program.only_windows
+                or key_states.requires_grad or value_states.requires_grad):
             return False
-        reach = policy.size - policy.sinks
-        if self.ring is None and not (self.start > self.head and self.cumulative_length - self.start == reach
-                                      and (not policy.pre_rope or self.keys2 is not None)):
-            return False
-        if policy.pre_rope and (self.head != policy.sinks or fast.sink_offset(self.cumulative_length, policy.size,
-                                                                              self.origin) < 0):
+        if self.ring is None and not self._full():
             return False
         return call.mask is None or self.shared.per_call(call.anchor(), ("unpadded",), lambda: _unpadded(call.mask))
+
+    def _full(self) -> bool:
+        """What :meth:`_steady` asks of the layer itself: a bounded policy, the head holding exactly
+        the sinks, the recent part full, and with a sink frame the frame keys kept and the origin at
+        or before the sinks' offset. Once the ring is built, each step keeps all of it (the head
+        never moves, start and the length grow together, the sinks' offset grows by one a step and a
+        rebase leaves it at reach + 1), so it is asked only before."""
+        policy = self.policy
+        if policy.size is None or self.head != self.head_span:
+            return False
+        if not (self.start > self.head and self.cumulative_length - self.start == policy.size - policy.sinks
+                and (not policy.pre_rope or self.keys2 is not None)):
+            return False
+        return not policy.pre_rope or (self.head == policy.sinks and fast.sink_offset(
+            self.cumulative_length, policy.size, self.origin) >= 0)
 
     def _step(self, call, key_states: torch.Tensor, value_states: torch.Tensor):
         """A steady step: the new column overwrites the oldest recent one in place. With a sink frame
