@@ -88,8 +88,10 @@ class Ring:
         self.f = store(framed) if framed is not None else None
         self.keys, self.values = self.k.permute(1, 2, 0, 3), self.v.permute(1, 2, 0, 3)
         self.framed = self.f.permute(1, 2, 0, 3) if self.f is not None else None
-        self.head, self.base = head, base
-        self.slots: list = [None] * slots
+        self.head, self.base, self.r = head, base, slots - head
+        # Views [B, H, 1, D] of each slot (key, value, frame key), made at once: one op per tensor.
+        self.slots = list(zip(*(t.unsqueeze(3).unbind(0) if t is not None else (None,) * slots
+                                for t in (self.k, self.v, self.f))))
         self.sinks = self.sink_slots = self.placed = None
         if self.f is not None and head:
             positions = torch.arange(head, device=keys.device)
@@ -99,10 +101,7 @@ class Ring:
 
     def slot(self, column: int):
         """Views [B, H, 1, D] of the slot that holds `column` (key, value, frame key)."""
-        p = self.head + (column - self.base) % (self.k.shape[0] - self.head)
-        if self.slots[p] is None:
-            self.slots[p] = tuple(None if t is None else t[p].unsqueeze(2) for t in (self.k, self.v, self.f))
-        return self.slots[p]
+        return self.slots[self.head + (column - self.base) % self.r]
 
     def columns(self, start: int, end: int) -> torch.Tensor:
         """The column each slot holds, the ring full and holding columns start … end − 1."""
