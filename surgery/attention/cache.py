@@ -6,6 +6,8 @@
 keeps its padding columns before the sinks too (bounded by size + padding, fixed at prefill).
 With ``pre_rope`` (a sink frame) it stores keys before RoPE, un-rotated with the cos/sin the model
 used, and remembers the recent keys rotated in the frame so decoding rotates only the new ones.
+Single-token decoding steps on an unpadded stream write in place (:class:`Ring`), from the first
+step after the prompt, while the cache fills and once it evicts.
 
 With a :class:`PreRope` policy nothing is evicted and every key is stored before RoPE: the frame
 re-rotates them per call (:class:`RelativeFrame`: near and far keys differently;
