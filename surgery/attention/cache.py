@@ -6,6 +6,8 @@
 keeps its padding columns before the sinks too (bounded by size + padding, fixed at prefill).
 With ``pre_rope`` (a sink frame) it stores keys before RoPE, un-rotated with the cos/sin the model
 used, and remembers the recent keys rotated in the frame so decoding rotates only the new ones.
+Single-token decoding steps on an unpadded stream write in place (:class:`Ring`), from the first
+step after the prompt, while the cache fills and once it evicts.
 
 With a :class:`PreRope` policy nothing is evicted and every key is stored before RoPE: the frame
 re-rotates them per call (:class:`RelativeFrame`: near and far keys differently;
@@ -21,6 +23,8 @@ the layer belongs to one cache, i.e. to one generation, so nothing here is share
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -51,7 +55,7 @@ class Shared:
 
     def per_call(self, anchor: tuple, name: tuple, make):
         """`make()` once per `name` while the call's tensors are the same objects as `anchor`."""
-        if len(anchor) != len(self.anchor) or any(a is not b for a, b in zip(anchor, self.anchor)):
+        if len(anchor) != len(self.anchor) or not all(map(operator.is_, anchor, self.anchor)):
             self.anchor, self.values = anchor, {}
         if name not in self.values:
             self.values[name] = make()
@@ -59,30 +63,38 @@ class Shared:
 
 
 class Ring:
-    """A full bounded cache written in place (steady decoding: one token in, the oldest recent one out).
+    """A bounded cache written in place (steady decoding: one token in, and once full the oldest recent one out).
 
     Storage is [slots, B, H, D] (keys, values, and with a sink frame the keys rotated in the frame),
     seen as [B, H, slots, D] views: slots 0 … head − 1 hold the head, slots head … hold the recent
     columns in a ring — column c at head + (c − base) mod R, R = slots − head, `base` fixed when
-    the ring is built. A new column overwrites the oldest one's slot, so a step writes one vector
-    per tensor and copies nothing. Attention over an unmasked band does not depend on the keys'
-    order, so the views go straight to the fused kernel; any other call first takes the columns
-    back in order (:meth:`ordered`).
+    the ring is built. A new column takes the next free slot while the cache fills, then the slot of
+    the column it evicts (c − R), so a step writes one vector per tensor and copies nothing.
+    Attention over an unmasked band does not depend on the keys' order, so the views of the slots
+    in use go straight to the fused kernel; any other call first takes the columns back in order
+    (:meth:`ordered`).
 
     With a sink frame, the frame keys hold the recent keys at column − origin (as
     ``ProgramLayer.keys2``) and, in slots 0 … S − 1, the sinks as the step's query needs them: sink s
-    at s + offset with offset = i − (size − 1) − origin (see fast._step). The sinks rotated at
-    their slots, R(s)k_s, are kept (``sinks``), so a step places them with one rotation by offset."""
+    at s + offset with offset = i − min(i, size − 1) − origin (see fast._step). The sinks rotated at
+    their slots, R(s)k_s, are kept (``sinks``), so a step places them with one rotation by offset
+    (none while the offset stays where ``placed`` says it is: 0 while the cache fills)."""
 
-    def __init__(self, keys, values, framed, head: int, start: int, table: Table | None = None):
-        storage = [t.permute(2, 0, 1, 3).contiguous() for t in (keys, values)]
-        self.k, self.v = storage
-        self.f = framed.permute(2, 0, 1, 3).contiguous() if framed is not None else None
+    def __init__(self, keys, values, framed, head: int, base: int, slots: int, table: Table | None = None):
+        """`keys`, `values`, `framed` hold the first columns in slot order (the head, then base …)."""
+        def store(t):
+            storage = t.new_zeros((slots, t.shape[0], t.shape[1], t.shape[3]))  # free slots are never read
+            storage[:t.shape[2]] = t.permute(2, 0, 1, 3)
+            return storage
+        self.k, self.v = store(keys), store(values)
+        self.f = store(framed) if framed is not None else None
         self.keys, self.values = self.k.permute(1, 2, 0, 3), self.v.permute(1, 2, 0, 3)
         self.framed = self.f.permute(1, 2, 0, 3) if self.f is not None else None
-        self.head, self.base = head, start
-        self.slots: list = [None] * self.k.shape[0]
-        self.sinks = self.sink_slots = None
+        self.head, self.base, self.r = head, base, slots - head
+        # Views [B, H, 1, D] of each slot (key, value, frame key), made at once: one op per tensor.
+        self.slots = list(zip(*(t.unsqueeze(3).unbind(0) if t is not None else (None,) * slots
+                                for t in (self.k, self.v, self.f))))
+        self.sinks = self.sink_slots = self.placed = None
         if self.f is not None and head:
             positions = torch.arange(head, device=keys.device)
             c, si = table.at(positions, bound=head)
@@ -91,20 +103,21 @@ class Ring:
 
     def slot(self, column: int):
         """Views [B, H, 1, D] of the slot that holds `column` (key, value, frame key)."""
-        p = self.head + (column - self.base) % (self.k.shape[0] - self.head)
-        if self.slots[p] is None:
-            self.slots[p] = tuple(None if t is None else t[p].unsqueeze(2) for t in (self.k, self.v, self.f))
-        return self.slots[p]
+        return self.slots[self.head + (column - self.base) % self.r]
 
     def columns(self, start: int, end: int) -> torch.Tensor:
-        """The column each slot holds, the ring holding columns start … end − 1."""
+        """The column each slot holds, the ring full and holding columns start … end − 1."""
         r = self.k.shape[0] - self.head
         ring = torch.arange(r, device=self.k.device)
         first = (start - self.base) % r  # the slot offset of column `start`
         return torch.cat([torch.arange(self.head, device=self.k.device), start + (ring - first) % r])
 
-    def ordered(self, start: int) -> tuple:
-        """(keys, values, frame keys) in column order (head, then start …), as ProgramLayer keeps them."""
+    def ordered(self, start: int, end: int) -> tuple:
+        """(keys, values, frame keys) in column order, as ProgramLayer keeps them in layout (head,
+        start) with columns up to end − 1: start = 0, the ring not yet full, is columns 0 … end − 1
+        (slots 0 … end − 1); otherwise the full ring's head, then start … ."""
+        if start == 0:
+            return tuple(None if t is None else t[..., :end, :] for t in (self.keys, self.values, self.framed))
         p = self.head + (start - self.base) % (self.k.shape[0] - self.head)
 
         def order(t):
@@ -178,7 +191,7 @@ class ProgramLayer(DynamicLayer):
         if call is not None and self._steady(call, key_states, value_states):
             return self._step(call, key_states, value_states)
         if self.ring is not None:  # any other call sees the columns in order again
-            self.keys, self.values, self.keys2 = self.ring.ordered(self.start)
+            self.keys, self.values, self.keys2 = self.ring.ordered(self.start, self.cumulative_length)
             self.ring = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -220,57 +233,79 @@ class ProgramLayer(DynamicLayer):
 
     def _steady(self, call, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Whether this call is a steady decoding step, written in place (:class:`Ring`): one new
-        token, evicting the oldest recent one; window rules only (so the query sees its whole band
-        unmasked); no padding anywhere and no caller mask; no gradient through the cache; and
-        with a sink frame, the sinks at slots 0 … S − 1 and the frame's origin at or before the
-        sinks' offset. Everything else takes the general path."""
-        policy = self.policy
-        if (key_states.shape[-2] != 1 or call.reference or policy.size is None or not call.program.only_windows
-                or self.head != self.head_span or key_states.requires_grad or value_states.requires_grad):
+        token, filling the cache or evicting the oldest recent column; window rules only (so the
+        query sees every stored key unmasked); no padding anywhere and no caller mask; no gradient
+        through the cache; and what :meth:`_ringable` asks of the layer. Everything else takes the
+        general path."""
+        if (key_states.shape[-2] != 1 or call.reference or not call.program.only_windows
+                or key_states.requires_grad or value_states.requires_grad):
             return False
-        reach = policy.size - policy.sinks
-        if self.ring is None and not (self.start > self.head and self.cumulative_length - self.start == reach
-                                      and (not policy.pre_rope or self.keys2 is not None)):
-            return False
-        if policy.pre_rope and (self.head != policy.sinks or fast.sink_offset(self.cumulative_length, policy.size,
-                                                                              self.origin) < 0):
+        if self.ring is None and not self._ringable():
             return False
         return call.mask is None or self.shared.per_call(call.anchor(), ("unpadded",), lambda: _unpadded(call.mask))
 
+    def _ringable(self) -> bool:
+        """What :meth:`_steady` asks of the layer itself: a bounded policy whose head holds exactly
+        the sinks (no padding), all of them stored; the layout a general step leaves (every stored
+        column visible to the next query but the one it evicts: columns 0 … end − 1 with end ≤ size,
+        or the head and the last reach − 1 or reach columns); and with a sink frame the frame keys
+        kept and the origin at or before the sinks' offset. Once the ring is built, each step keeps
+        all of it (the head never moves, the sinks' offset never decreases and a rebase leaves it at
+        reach + 1), so it is asked only before."""
+        policy = self.policy
+        if policy.size is None or self.head_span != policy.sinks or self.cumulative_length < self.head_span:
+            return False
+        end, reach = self.cumulative_length, policy.size - policy.sinks
+        if (self.head, self.start) == (0, 0):
+            if end > policy.size:
+                return False
+        elif self.head != self.head_span or not end - reach <= self.start <= end - reach + 1:
+            return False
+        return not policy.pre_rope or (self.keys2 is not None and fast.sink_offset(end, policy.size, self.origin) >= 0)
+
     def _step(self, call, key_states: torch.Tensor, value_states: torch.Tensor):
-        """A steady step: the new column overwrites the oldest recent one in place. With a sink frame
-        its key is written un-rotated and in the frame, and the sinks are moved to the step's
-        offset; the query's rotation into the frame is left for attention (``stepped``)."""
-        i = self.cumulative_length
-        if self.ring is None:
-            self.ring = Ring(self.keys, self.values, self.keys2, self.head, self.start, self.table)
+        """A steady step: the new column takes the next free slot, or the slot of the column it
+        evicts, in place. With a sink frame its key is written un-rotated and in the frame, and the
+        sinks are moved to the step's offset; the query's rotation into the frame is left for
+        attention (``stepped``). The layer's layout afterwards is the one the general path keeps."""
+        i, size = self.cumulative_length, self.policy.size
+        if self.ring is None:  # layout (0, 0) is the head (0 … head_span − 1), then columns head_span …
+            self.ring = Ring(self.keys, self.values, self.keys2, self.head_span, self.start or self.head_span, size,
+                             self.table)
         ring = self.ring
-        key, value, framed = ring.slot(self.start)  # the oldest recent column's slot
+        start = i + 1 - (size - self.policy.sinks)  # the oldest recent column after this step, once full
+        key, value, framed = ring.slot(i)  # a free slot, or that of column i − R, which leaves the window
         value.copy_(value_states)
         if framed is None:
             key.copy_(key_states)
-            self.stepped = (ring.keys, None)
         else:
-            rebase = i + 1 - self.origin > 3 * self.policy.size  # as _frame does: keeps positions in 3·size
+            rebase = i + 1 - self.origin > 3 * size  # as _frame does: keeps positions in 3·size
             if rebase:
-                self.origin = max(self.start + 1 - self.policy.size, 0)
+                self.origin = max(start - size, 0)
             raw, frame, sinks = self.shared.per_call(call.anchor(), ("ring", id(self.table), i, self.origin),
                                                      lambda: self._rotations(call, i))
             _rotate_into(key, key_states, raw)
             if rebase:  # every recent key again from its pre-RoPE key, at column − origin
-                columns = ring.columns(self.start + 1, i + 1)
-                columns = (columns - self.start - 1).clamp(min=0) + self.start + 1  # the head's slots: any column
+                columns = ring.columns(start, i + 1)
+                columns = (columns - start).clamp(min=0) + start  # the head's slots: any column
                 ring.f.copy_(fast.frame_keys(self.table, ring.keys, columns, self.origin, i + 1).permute(2, 0, 1, 3))
             else:
                 _rotate_into(framed, key_states, frame)
-            torch.matmul(ring.sinks, sinks, out=ring.sink_slots)
-            self.stepped = (ring.framed, frame)
+            offset = fast.sink_offset(i, size, self.origin)
+            if rebase or ring.placed != offset:
+                torch.matmul(ring.sinks, sinks, out=ring.sink_slots)
+                ring.placed = offset
         self.cumulative_length = i + 1
-        self.start += 1
+        if start > self.head_span:
+            self.head, self.start = self.head_span, start
+            self.keys, self.values, self.keys2 = ring.keys, ring.values, ring.framed
+        else:  # still filling: slots 0 … i hold columns 0 … i
+            self.keys, self.values = ring.keys[..., :i + 1, :], ring.values[..., :i + 1, :]
+            self.keys2 = None if framed is None else ring.framed[..., :i + 1, :]
         self.layout = (self.head, self.start)
-        self.keys, self.values = ring.keys, ring.values
-        self.returned2 = self.keys2 = ring.framed
-        return ring.keys, ring.values
+        self.returned2 = self.keys2
+        self.stepped = (self.keys if framed is None else self.keys2, None if framed is None else frame)
+        return self.keys, self.values
 
     def _rotations(self, call, i: int):
         """Matrices of one step (shared by the layers): the model's rotation at column i undone, the

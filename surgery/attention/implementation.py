@@ -35,9 +35,13 @@ ATTR = "surgery_attention"
 _LOCK = threading.Lock()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Call:
-    """What one attention call needs besides q, k, v (built by the pre-hook, passed as a kwarg)."""
+    """What one attention call needs besides q, k, v (built by the pre-hook, passed as a kwarg).
+
+    Built once per attention module per forward and never changed after: not ``frozen``, because a
+    frozen dataclass sets each field through ``object.__setattr__`` (4× the cost of this one, and
+    a decoding step builds one per layer)."""
 
     program: Program
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -58,6 +62,8 @@ class Call:
 
 # ------------------------------------------------------------------------------ per call
 
+OPTIONS = frozenset(("surgery_reference", "surgery_tile", "surgery_record"))  # what a caller may pass
+
 
 def _pads(mask) -> torch.Tensor | None:
     """First real column per row, from our key-padding mask ([B, 1, 1, K] bool)."""
@@ -67,38 +73,52 @@ def _pads(mask) -> torch.Tensor | None:
 
 
 def before_attention(module: nn.Module, args, kwargs):
-    """Forward pre-hook of a module with a program: its cache layer, and the call's state as a kwarg."""
-    program: Program = getattr(module, ATTR).active(module.training)
-    options = {k: kwargs.pop(f"surgery_{k}") for k in ("reference", "tile", "record") if f"surgery_{k}" in kwargs}
-    cache = internals.cache_of(kwargs)
+    """Forward pre-hook of a module with a program: its cache layer, and the call's state as a kwarg.
+
+    Runs once per attention module per forward, so a decoding step's fixed cost: it writes into the
+    call's own `kwargs` (a fresh dict for every call, see ``nn.Module._call_impl``) instead of
+    copying it, and a layer that is already this program's cache layer costs one identity check."""
+    program: Program = getattr(module, ATTR)
+    if not module.training:
+        program = program.inference  # Program.active: train-only stages drop out
+    options = {name[8:]: kwargs.pop(name) for name in OPTIONS & kwargs.keys()} if OPTIONS & kwargs.keys() else {}
     layer = None
-    if cache is not None and program.cache is not None:
+    if program.cache is not None and (cache := internals.cache_of(kwargs)) is not None:
         layers = internals.cache_layers(cache, module.layer_idx)
         layer = layers[module.layer_idx]
-        if not isinstance(layer, ProgramLayer):
-            if layer.get_seq_length() > 0:
-                raise ApplyError(f"the KV cache already holds {layer.get_seq_length()} tokens for layer "
-                                 f"{module.layer_idx} that were cached without {program.describe()}; "
-                                 "start from an empty cache")
-            others = next((other.shared for other in layers if isinstance(other, ProgramLayer)), None)
-            layer = layers[module.layer_idx] = ProgramLayer(program.cache, others)
-        elif layer.policy != program.cache:
-            raise ApplyError(f"the KV cache of layer {module.layer_idx} was built for {layer.policy}, "
-                             f"not {program.cache}")
-    if program.unrotated and kwargs.get("position_embeddings") is not None:
+        if type(layer) is not ProgramLayer or layer.policy is not program.cache:
+            layer = _program_layer(module, program, layers)
+    position_embeddings = kwargs.get("position_embeddings")
+    if program.unrotated and position_embeddings is not None:
         # The module rotates q and k with what it is handed: the identity rotation leaves them un-rotated
         # (cos·x + sin·J(x) = x), in the forward and in whatever it caches.
-        cos, sin = kwargs["position_embeddings"]
-        kwargs = {**kwargs, "position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
+        cos, sin = position_embeddings
+        kwargs["position_embeddings"] = position_embeddings = (torch.ones_like(cos), torch.zeros_like(sin))
     if program.prefix is not None:  # resolved per call (a trainable prefix changes between calls)
         options["prefix"] = program.prefix.kv(module, kwargs)
         if program.prefix.gate is not None:  # per query, from this call's hidden states
             options["prefix_weight"] = program.prefix.gate(module, args, kwargs)
     mask = kwargs.get("attention_mask")
-    pad = _pads(mask) if layer is None else layer.shared.per_call(
-        (*(kwargs.get("position_embeddings") or (None, None)), mask), ("pads",), lambda: _pads(mask))
-    call = Call(program, kwargs.get("position_embeddings"), layer, pad, mask=mask, **options)
-    return args, {**kwargs, "surgery_call": call}
+    pad = None if mask is None else _pads(mask) if layer is None else layer.shared.per_call(
+        (*(position_embeddings or (None, None)), mask), ("pads",), lambda: _pads(mask))
+    kwargs["surgery_call"] = Call(program, position_embeddings, layer, pad, mask=mask, **options)
+
+
+def _program_layer(module: nn.Module, program: Program, layers: list) -> ProgramLayer:
+    """The module's layer of the cache as a layer of `program`'s cache policy: installed on an empty
+    layer, an ApplyError on one that holds tokens cached otherwise."""
+    layer = layers[module.layer_idx]
+    if not isinstance(layer, ProgramLayer):
+        if layer.get_seq_length() > 0:
+            raise ApplyError(f"the KV cache already holds {layer.get_seq_length()} tokens for layer "
+                             f"{module.layer_idx} that were cached without {program.describe()}; "
+                             "start from an empty cache")
+        others = next((other.shared for other in layers if isinstance(other, ProgramLayer)), None)
+        layer = layers[module.layer_idx] = ProgramLayer(program.cache, others)
+    elif layer.policy != program.cache:
+        raise ApplyError(f"the KV cache of layer {module.layer_idx} was built for {layer.policy}, "
+                         f"not {program.cache}")
+    return layer
 
 
 def attention(module: nn.Module, query, key, value, attention_mask, *, scaling=None, dropout=0.0,

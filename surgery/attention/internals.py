@@ -74,10 +74,11 @@ def cache_of(kwargs: dict):
 def cache_layers(cache, index: int) -> list:
     """The per-layer list of `cache`, grown to hold layer `index`."""
     cache = getattr(cache, "self_attention_cache", cache)  # encoder–decoder caches
-    if getattr(cache, "layer_class_to_replicate", None) is not None:
-        while len(cache.layers) <= index:
-            cache.layers.append(cache.layer_class_to_replicate())
-    return cache.layers
+    layers = cache.layers
+    if len(layers) <= index and getattr(cache, "layer_class_to_replicate", None) is not None:
+        while len(layers) <= index:
+            layers.append(cache.layer_class_to_replicate())
+    return layers
 
 
 def sdpa_with_lse(q, k, v, mask, scale: float):

@@ -41,20 +41,22 @@ def _rel(got, want):
     return ((got - want).abs().max() / want.abs().max()).item()
 
 
-@pytest.mark.parametrize("arch, text", [
-    ("llama", "attn: window(8, sinks=2)"),
-    ("qwen2", "attn: window(8, sinks=2)"),
-    ("mistral", "attn: window(8)"),
+@pytest.mark.parametrize("arch, text, prefill", [
+    ("llama", "attn: window(8, sinks=2)", 5),
+    ("qwen2", "attn: window(8, sinks=2)", 5),
+    ("mistral", "attn: window(8)", 5),
+    ("llama", "attn: window(8, sinks=2)", 20),  # a prompt longer than the window: its cache one short of full
+    ("mistral", "attn: window(8)", 20),
 ])
-def test_steady_decoding_is_written_in_place_and_equals_the_full_forward(arch, text):
-    """60 tokens through an 8-slot cache: the ring wraps seven times and, with sinks, the frame is
-    rebased (positions kept within 3·size) several times."""
+def test_steady_decoding_is_written_in_place_and_equals_the_full_forward(arch, text, prefill):
+    """60 tokens through an 8-slot cache: the ring fills, wraps several times and, with sinks, the
+    frame is rebased (positions kept within 3·size) several times."""
     model = _model(arch, text)
     ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
-    got, stepped, storage, layer = _decode(model, ids)
-    assert stepped == 60 - 9      # every step after the first eviction (column 8)
+    got, stepped, storage, layer = _decode(model, ids, prefill=prefill)
+    assert stepped == 60 - prefill  # every step after the prefill, while the cache fills and once it is full
     assert len(storage) == 1      # one buffer, written in place
     assert layer.keys.shape[-2] == 8
     if "sinks" in text:
@@ -126,7 +128,8 @@ def test_a_non_steady_call_sees_the_columns_in_order_again():
         while t < 40:
             n = 3 if t == 23 else 1
             out.append(model(input_ids=ids[:, t:t + n], cache=cache_, use_cache=True).logits)
-            # a step after a chunk finds the cache one short of full: the general path refills it
-            assert (cache_.layers[0].stepped is not None) == (n == 1 and t >= 9 and t != 26)
+            # every single token is written in place: while the cache fills (t < 8), once it is
+            # full, and right after the chunk, which leaves it one short of full
+            assert (cache_.layers[0].stepped is not None) == (n == 1)
             t += n
     assert _rel(torch.cat(out, dim=1), full) < 1e-5
