@@ -78,9 +78,7 @@ def before_attention(module: nn.Module, args, kwargs):
     Runs once per attention module per forward, so a decoding step's fixed cost: it writes into the
     call's own `kwargs` (a fresh dict for every call, see ``nn.Module._call_impl``) instead of
     copying it, and a layer that is already this program's cache layer costs one identity check."""
-    program: Program = getattr(module, ATTR)
-    if not module.training:
-        program = program.inference  # Program.active: train-only stages drop out
+    program: Program = getattr(module, ATTR).active(module.training)  # train-only stages drop out at inference
     options = {name[8:]: kwargs.pop(name) for name in OPTIONS & kwargs.keys()} if OPTIONS & kwargs.keys() else {}
     layer = None
     if program.cache is not None and (cache := internals.cache_of(kwargs)) is not None:
