@@ -107,7 +107,7 @@ class Ring:
 
     def columns(self, start: int, end: int) -> torch.Tensor:
         """The column each slot holds, the ring full and holding columns start … end − 1."""
-        r = self.k.shape[0] - self.head
+        r = self.r
         ring = torch.arange(r, device=self.k.device)
         first = (start - self.base) % r  # the slot offset of column `start`
         return torch.cat([torch.arange(self.head, device=self.k.device), start + (ring - first) % r])
@@ -118,7 +118,7 @@ class Ring:
         (slots 0 … end − 1); otherwise the full ring's head, then start … ."""
         if start == 0:
             return tuple(None if t is None else t[..., :end, :] for t in (self.keys, self.values, self.framed))
-        p = self.head + (start - self.base) % (self.k.shape[0] - self.head)
+        p = self.head + (start - self.base) % self.r
 
         def order(t):
             return None if t is None else torch.cat([t[..., :self.head, :], t[..., p:, :], t[..., self.head:p, :]], -2)
