@@ -366,26 +366,33 @@ class Evaluation:
         matplotlib.use("Agg")  # files only, no display
         import matplotlib.pyplot as plt
 
-        fig, (ppl_ax, key_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+        series = {"ppl": {}, "passkey": {}}
         for spec in self.specs:
-            ppl = [(r.length, r.loss.ppl_past if r.loss.count_past else r.loss.ppl)
-                   for r in self.rows if r.spec == spec and r.loss is not None]
-            acc = [(r.length, r.passkey_accuracy) for r in self.rows if r.spec == spec and r.passkey]
-            if ppl:
-                ppl_ax.plot(*zip(*sorted(ppl)), marker="o", label=spec)
-            if acc:
-                key_ax.plot(*zip(*sorted(acc)), marker="o", label=spec)
-        for ax in (ppl_ax, key_ax):
+            rows = [r for r in self.rows if r.spec == spec]
+            ppl = [(r.length, r.loss.ppl_past if r.loss.count_past else r.loss.ppl) for r in rows if r.loss is not None]
+            acc = [(r.length, r.passkey_accuracy) for r in rows if r.passkey]
+            for kind, points in (("ppl", ppl), ("passkey", acc)):
+                if points:
+                    series[kind][spec] = sorted(points)
+        # one panel per measurement that has points (a passkey-only run gets no empty perplexity panel)
+        kinds = [kind for kind in series if series[kind]] or ["ppl"]
+        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.5), squeeze=False)
+        for kind, ax in zip(kinds, axes[0]):
+            for spec, points in series[kind].items():
+                ax.plot(*zip(*points), marker="o", label=spec)
             ax.axvline(self.trained_length, color="grey", linestyle=":", linewidth=1)
             ax.set_xlabel("length (tokens)")
             ax.grid(alpha=0.3)
-        ppl_ax.set_yscale("log")
-        ppl_ax.set_ylabel("perplexity (targets past L where the length exceeds L)")
-        ppl_ax.set_title("perplexity vs length")
-        key_ax.set_ylabel("passkey accuracy")
-        key_ax.set_ylim(-0.05, 1.05)
-        key_ax.set_title("passkey retrieval vs length")
-        (ppl_ax if ppl_ax.lines else key_ax).legend(fontsize=8)
+            if kind == "ppl":
+                ax.set_yscale("log")
+                ax.set_ylabel("perplexity (targets past L where the length exceeds L)")
+                ax.set_title("perplexity vs length")
+            else:
+                ax.set_ylabel("passkey accuracy")
+                ax.set_ylim(-0.05, 1.05)
+                ax.set_title("passkey retrieval vs length")
+        if series[kinds[0]]:
+            axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         return fig, plt
 

@@ -181,6 +181,28 @@ def test_plot_png_and_html(tmp_path, tokenizer):
     assert "data:image/png;base64," in page and "rope(linear, scale=2)" in page and "<script" not in page
 
 
+
+@pytest.mark.parametrize(("lengths", "passkey", "titles"), [
+    ([40, 80], 1, ["perplexity vs length", "passkey retrieval vs length"]),
+    ([], 1, ["passkey retrieval vs length"]),     # a passkey-only run: no empty perplexity panel
+    ([40], 0, ["perplexity vs length"]),
+])
+def test_plot_draws_the_panels_with_points(tokenizer, lengths, passkey, titles):
+    import warnings
+
+    result = ev.evaluate(tiny("llama"), ["attn: rope(linear, scale=2)"], ids=text_ids(100), tokenizer=tokenizer,
+                         lengths=lengths, passkey=passkey, passkey_lengths=[400], check=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend with nothing to label
+        fig, plt = result._figure()
+    try:
+        assert [ax.get_title() for ax in fig.axes] == titles
+        assert all(len(ax.lines) == 3 for ax in fig.axes)  # untouched + the spec + the trained-length line
+        assert fig.axes[0].get_legend() is not None
+    finally:
+        plt.close(fig)
+
+
 @pytest.mark.slow
 def test_smollm2_tokenizer_path(smollm2_dir):
     from surgery.models import load_model
