@@ -158,7 +158,7 @@ def _saved_modules(config: dict, model: nn.Module, adapted: list[str]) -> list[s
                   if name not in paths and any(True for _ in model.get_submodule(name).parameters())]
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = embed is not None and head is not None and head.weight is embed.weight and bool(config.get(
-        "ensure_weight_tying")) and any(str(e).rpartition(".")[2] in _PEFT_EMBEDDING_NAMES for e in entries)
+        "ensure_weight_tying")) and any(e.rpartition(".")[2] in _PEFT_EMBEDDING_NAMES for e in entries)
     if tied:  # PEFT saves the head through the input embeddings' copy
         embed_path = next(name for name in every if model.get_submodule(name) is embed)
         paths = list(dict.fromkeys(embed_path if model.get_submodule(p) is head else p for p in paths))
