@@ -52,11 +52,6 @@ def _matches(config: dict, name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules or ())
 
 
-def _nested(a: str, b: str) -> bool:
-    """Whether one of two module paths is inside the other."""
-    return a.startswith(f"{b}.") or b.startswith(f"{a}.")
-
-
 def _pattern_value(patterns: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the name."""
     for key, value in (patterns or {}).items():
@@ -90,6 +85,11 @@ def _check_fixed(config: dict, fixed: dict, kind: str) -> None:
 def spec_from_peft(config: dict, model: nn.Module) -> str:
     """The spec equivalent to a PEFT ``adapter_config.json`` on `model`: the adapter's rules, then
     ``unfreeze`` on the modules PEFT's ``modules_to_save`` trains in full."""
+    for entry in config.get("modules_to_save") or ():
+        try:  # PEFT reads each entry as a name suffix, and as a regex to keep adapters out of it
+            re.compile(entry)
+        except (TypeError, re.error):
+            raise ModelError(f"the PEFT adapter's modules_to_save entry {entry!r} is not a module name") from None
     names = [name for name, _ in model.named_modules() if name]
     rules, adapted = _adapter_rules(config, model, names)
     saved = _saved_modules(config, model, adapted)
@@ -163,7 +163,8 @@ def _saved_modules(config: dict, model: nn.Module, adapted: list[str]) -> list[s
         embed_path = next(name for name in every if model.get_submodule(name) is embed)
         paths = list(dict.fromkeys(embed_path if model.get_submodule(p) is head else p for p in paths))
     for path in paths:
-        layer = next((p for p in adapted if p == path or _nested(p, path)), None)
+        layer = next((p for p in adapted if p == path or p.startswith(f"{path}.") or path.startswith(f"{p}.")),
+                     None)
         if layer is not None:
             raise ModelError(f"the PEFT adapter's modules_to_save trains {path} in full, and the adapted layer "
                              f"{layer} overlaps it: PEFT trains a copy of the adapter too, which surgery's "

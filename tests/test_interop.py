@@ -104,6 +104,7 @@ def test_unsupported_fields_are_refused_by_name(field, value, needle):
 
 @pytest.mark.parametrize("saved, tied, needle", [
     (["lm_haed"], False, "entry 'lm_haed' matches no module of this model (did you mean 'lm_head'?)"),
+    (["lm_head("], False, "entry 'lm_head(' is not a module name"), ([3], False, "entry 3 is not a module name"),
     (["_proj"], False, "trains model.layers.0.self_attn.q_proj in full, and the adapted layer "
                        "model.layers.0.self_attn.q_proj overlaps it"),
     (["mlp", "down_proj"], False, "names model.layers.0.mlp and model.layers.0.mlp.down_proj inside it"),
