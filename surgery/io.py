@@ -269,7 +269,9 @@ def peft_adapter(plan: Plan, model: nn.Module) -> tuple[dict, dict[str, torch.Te
     if isinstance(named, str):
         return named.removeprefix("not written: ")
     if whole:
-        extra = _modules_to_save(model, whole)
+        # PEFT's prompt-learning models (their configs count virtual tokens) hold the model itself as
+        # ``base_model``, the others inside their tuner, as ``base_model.model``: the keys follow.
+        extra = _modules_to_save(model, whole, "base_model." if "num_virtual_tokens" in config else "base_model.model.")
         if isinstance(extra, str):
             return extra
         config.update(extra[0])
@@ -279,8 +281,9 @@ def peft_adapter(plan: Plan, model: nn.Module) -> tuple[dict, dict[str, torch.Te
     return config, named
 
 
-def _modules_to_save(model: nn.Module, paths: list[str]) -> tuple[dict, dict[str, torch.Tensor]] | str:
-    """PEFT's ``modules_to_save`` for the modules at `paths` (config fields, tensors under PEFT's keys),
+def _modules_to_save(model: nn.Module, paths: list[str], prefix: str) -> tuple[dict, dict[str, torch.Tensor]] | str:
+    """PEFT's ``modules_to_save`` for the modules at `paths` (config fields, tensors under PEFT's keys:
+    `prefix`, then the parameter's name in the model),
     or why it cannot hold them. PEFT keeps a trained copy of each module and saves its tensors under
     the module's own key; a tensor the input embeddings share with the output head stays shared
     through ``ensure_weight_tying``; any other sharing, or an adapter inside, PEFT cannot express."""
@@ -301,9 +304,8 @@ def _modules_to_save(model: nn.Module, paths: list[str]) -> tuple[dict, dict[str
         if not tied or len(shared) != 1:
             return f"{shared[0]} shares a tensor trained in full, which PEFT's modules_to_save would untie"
         fields["ensure_weight_tying"] = True
-    tensors = {f"base_model.model.{path}.{name}": p for path in paths
-               for name, p in model.get_submodule(path).named_parameters()}
-    tensors.update({f"base_model.model.{name}": model.get_parameter(name) for name in shared})  # PEFT reads both keys
+    tensors = {f"{prefix}{path}.{name}": p for path in paths for name, p in model.get_submodule(path).named_parameters()}
+    tensors.update({f"{prefix}{name}": model.get_parameter(name) for name in shared})  # PEFT reads both keys
     return fields, tensors
 
 

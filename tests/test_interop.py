@@ -1,7 +1,10 @@
 """PEFT → surgery: the imported model gives PEFT's logits, and its peft/ export loads back in PEFT
-with the same logits (the round trip), for LoRA (with per-module ranks), IA3 and prompt tuning."""
+with the same logits (the round trip), for LoRA (with per-module ranks), IA3 and prompt tuning, each
+also with modules_to_save (imported as unfreeze with PEFT's trained weights); surgery → PEFT →
+surgery gives back the same tensors; what unfreeze cannot express is refused with the module named."""
 
 import json
+import re
 import sys
 
 import peft
@@ -39,6 +42,14 @@ CONFIGS = {
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     "p_tuning": lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+    # modules_to_save: PEFT's plain suffix rule ("norm" is also every input_layernorm), and no adapter
+    # inside a saved module (layer 1's down_proj is trained in full, not scaled)
+    "lora_saved": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          modules_to_save=["lm_head", "norm"]),
+    "ia3_saved": lambda: peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                        modules_to_save=["layers.1.mlp"]),
+    "prompt_saved": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5,
+                                                    modules_to_save=["lm_head"]),
 }
 
 
@@ -72,14 +83,72 @@ def test_spec_is_compact_and_keeps_per_module_settings():
     ]
 
 
+def test_modules_to_save_become_unfreeze_of_the_modules_peft_wraps():
+    text = spec_from_peft(json.loads(json.dumps(CONFIGS["ia3_saved"]().to_dict(), default=list)), tiny("llama"))
+    assert text.splitlines() == [
+        '"model.layers.*.self_attn.k_proj", "model.layers.0.mlp.down_proj": ia3',
+        '"model.layers.1.mlp": unfreeze',
+    ]
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("use_dora", True, "use_dora=True"), ("bias", "all", "bias='all'"),
-    ("layers_to_transform", [0], "layers_to_transform=[0]"), ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("layers_to_transform", [0], "layers_to_transform=[0]"),
+    ("modules_to_save", ["classifier"], "modules_to_save entry 'classifier' matches no module"),
 ])
 def test_unsupported_fields_are_refused_by_name(field, value, needle):
     config = {**CONFIGS["lora"]().to_dict(), field: value}
     with pytest.raises(ModelError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         spec_from_peft(json.loads(json.dumps(config, default=list)), tiny("llama"))
+
+
+@pytest.mark.parametrize("saved, tied, needle", [
+    (["lm_haed"], False, "entry 'lm_haed' matches no module of this model (did you mean 'lm_head'?)"),
+    (["lm_head("], False, "entry 'lm_head(' is not a module name"), ([3], False, "entry 3 is not a module name"),
+    (["_proj"], False, "trains model.layers.0.self_attn.q_proj in full, and the adapted layer "
+                       "model.layers.0.self_attn.q_proj overlaps it"),
+    (["mlp", "down_proj"], False, "names model.layers.0.mlp and model.layers.0.mlp.down_proj inside it"),
+    (["embed_tokens"], True, "trains a copy of model.embed_tokens, untied from lm_head.weight"),
+    (["lm_head"], True, "trains a copy of lm_head, untied from model.embed_tokens.weight"),
+])
+def test_modules_to_save_unfreeze_cannot_express_are_refused_by_module(saved, tied, needle):
+    config = {**CONFIGS["lora"]().to_dict(), "modules_to_save": saved}
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        spec_from_peft(json.loads(json.dumps(config, default=list)), tiny("llama", tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_tied_embeddings_saved_with_ensure_weight_tying_stay_tied(saved, tmp_path):
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=[saved], ensure_weight_tying=True)
+    theirs = peft.get_peft_model(tiny("llama", tie_word_embeddings=True), config)
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ids = _ids()
+    ours = tiny("llama", tie_word_embeddings=True)
+    result = import_peft(tmp_path / "adapter", ours)
+    assert result.plan.spec.source.splitlines()[-1] == '"model.embed_tokens": unfreeze'
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert (_logits(ours, ids) - _logits(tiny("llama", tie_word_embeddings=True), ids)).abs().max() > 1e-2
+    assert (_logits(ours, ids) - _logits(theirs, ids)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_surgery_to_peft_to_surgery_gives_back_the_trained_tensors(tied, tmp_path):
+    model = tiny("llama", tie_word_embeddings=tied)
+    first = surgery.compile(model, "attn.q, attn.v: lora(r=2); embed, norm.*: unfreeze")
+    _perturb(model)
+    first.save(tmp_path / "out")
+    ours = tiny("llama", tie_word_embeddings=tied)
+    second = import_peft(tmp_path / "out" / "peft", ours)
+    assert second.plan.spec.source.splitlines()[-1] == ('"model.embed_tokens", "model.layers.*.input_layernorm", '
+                                                        '"model.layers.*.post_attention_layernorm", "model.norm": unfreeze')
+    state, back = model.state_dict(), ours.state_dict()
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+    ids = _ids()
+    assert (_logits(ours, ids) - _logits(tiny("llama", tie_word_embeddings=tied), ids)).abs().max() > 1e-2
 
 
 def test_wrong_tensors_leave_the_model_untouched(tmp_path):
@@ -133,3 +202,20 @@ def test_cli_import_peft(tmp_path, capsys, monkeypatch):
             assert "already exists" in captured.err and "Traceback" not in captured.err
     ids = _ids()
     assert (_logits(surgery.load(tmp_path / "out"), ids) - _logits(theirs, ids)).abs().max() < 1e-5
+
+
+def test_cli_refuses_modules_to_save_matching_nothing_by_name(tmp_path, capsys, monkeypatch):
+    from surgery.cli import main
+
+    peft.get_peft_model(tiny("llama"), CONFIGS["lora_saved"]()).save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "modules_to_save": ["score"]}))
+    tiny("llama").save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(sys, "argv", ["surgery", "import-peft", str(tmp_path / "adapter"), str(tmp_path / "model"),
+                                      "-o", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert "modules_to_save entry 'score' matches no module" in " ".join(err.split())
+    assert not (tmp_path / "out").exists()

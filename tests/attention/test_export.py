@@ -26,12 +26,11 @@ from surgery.attention.program import (
     WindowRule,
 )
 from surgery.models import tiny
-from surgery.planner import build_plan
-from surgery.syntax import parse
 from surgery.transforms.alibi import AlibiBias
 from surgery.transforms.logn import LogScale
 from surgery.transforms.s2attn import s2attn_stage
 from surgery.transforms.window import window_stage
+from tests.helpers import logits, plan_for
 
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
 
@@ -48,8 +47,16 @@ def _ops(exported) -> list[str]:
 
 def _surgered(spec: str):
     model = tiny("llama")
-    apply_plan(build_plan(parse(spec), model), model)
+    apply_plan(plan_for(spec, model), model)
     return model.eval()
+
+
+def _eager_and_exported(model, nodes: int):
+    """(the eager logits, the exported program's) of `model` on IDS, whose exported graph must hold
+    `nodes` attention-op nodes."""
+    exported = _export(model, input_ids=IDS)
+    assert _ops(exported).count("surgery.attention.default") == nodes
+    return logits(model, IDS, use_cache=False), logits(exported.module(), IDS, use_cache=False)
 
 
 # ------------------------------------------------------------------------------ the text
@@ -138,13 +145,8 @@ SPECS = ["attn.*: window(6)", "attn.*: window(6, sinks=2)", "attn.*: prefix_tuni
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_the_exported_program_computes_the_eager_logits(spec):
-    model = _surgered(spec)
-    exported = _export(model, input_ids=IDS)
-    assert _ops(exported).count("surgery.attention.default") == 2
-    with torch.no_grad():
-        want = model(input_ids=IDS, use_cache=False).logits
-        got = exported.module()(input_ids=IDS, use_cache=False).logits
-        untouched = tiny("llama")(input_ids=IDS, use_cache=False).logits
+    want, got = _eager_and_exported(_surgered(spec), nodes=2)
+    untouched = logits(tiny("llama"), IDS, use_cache=False)
     assert (got - want).abs().max() < 1e-6
     assert (want - untouched).abs().max() > 1e-3   # the stages change the logits: the comparison can fail
 
@@ -156,10 +158,9 @@ def test_a_padded_batch_passes_its_mask_to_the_op():
     exported = _export(model, input_ids=IDS, attention_mask=mask)
     node = next(n for n in exported.graph.nodes if str(n.target) == "surgery.attention.default")
     assert node.args[4] is not None and tuple(node.args[4].meta["val"].shape) == (2, 1, 1, 20)
-    with torch.no_grad():
-        want = model(input_ids=IDS, attention_mask=mask, use_cache=False).logits
-        got = exported.module()(input_ids=IDS, attention_mask=mask, use_cache=False).logits
-        alone = model(input_ids=IDS[:1, 5:], use_cache=False).logits
+    want = logits(model, IDS, attention_mask=mask, use_cache=False)
+    got = logits(exported.module(), IDS, attention_mask=mask, use_cache=False)
+    alone = logits(model, IDS[:1, 5:], use_cache=False)
     assert (got - want).abs().max() < 1e-6
     assert (got[0, 5:] - alone[0]).abs().max() < 1e-4      # the padded row equals the row alone
 
@@ -175,16 +176,12 @@ def test_the_prefix_is_an_input_of_the_op_not_a_constant():
     run = exported.module()
     prefix = [name for name, _ in run.named_parameters() if "prefix" in name]
     assert prefix
+    before = logits(run, IDS, use_cache=False)
     with torch.no_grad():
-        before = run(input_ids=IDS, use_cache=False).logits
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *run.named_parameters()]:
             if "prefix" in name:
                 p.add_(0.5)
-        for name, p in run.named_parameters():
-            if "prefix" in name:
-                p.add_(0.5)
-        want = model(input_ids=IDS, use_cache=False).logits
-        got = run(input_ids=IDS, use_cache=False).logits
+    want, got = logits(model, IDS, use_cache=False), logits(run, IDS, use_cache=False)
     assert (got - want).abs().max() < 1e-6 and (got - before).abs().max() > 1e-3
 
 
@@ -219,8 +216,7 @@ def test_a_saved_program_runs_in_a_fresh_process(tmp_path):
     only the op is registered (``import surgery.attention``) and gives the same logits."""
     model = _surgered("attn.*: prefix_tuning(3) + window(6, sinks=2)")
     torch.export.save(_export(model, input_ids=IDS), tmp_path / "model.pt2")
-    with torch.no_grad():
-        torch.save({"ids": IDS, "logits": model(input_ids=IDS, use_cache=False).logits}, tmp_path / "want.pt")
+    torch.save({"ids": IDS, "logits": logits(model, IDS, use_cache=False)}, tmp_path / "want.pt")
     script = ("import sys, torch, surgery.attention\n"
               "want = torch.load(sys.argv[2])\n"
               "with torch.no_grad():\n"
@@ -240,11 +236,7 @@ def test_a_gated_prefix_stays_traced_and_computes_the_eager_logits():
         for name, p in model.named_parameters():
             if "gate" in name:
                 p.normal_(0, 1, generator=torch.Generator().manual_seed(1))  # a gate that is not ½ everywhere
-    exported = _export(model, input_ids=IDS)
-    assert _ops(exported).count("surgery.attention.default") == 0
-    with torch.no_grad():
-        want = model(input_ids=IDS, use_cache=False).logits
-        got = exported.module()(input_ids=IDS, use_cache=False).logits
-        ungated = _surgered("attn.*: prefix_tuning(3)")(input_ids=IDS, use_cache=False).logits
+    want, got = _eager_and_exported(model, nodes=0)
+    ungated = logits(_surgered("attn.*: prefix_tuning(3)"), IDS, use_cache=False)
     assert (got - want).abs().max() < 1e-5
     assert (want - ungated).abs().max() > 1e-4   # the gate changes the logits: the comparison can fail

@@ -13,32 +13,12 @@ from surgery.apply import apply_plan
 from surgery.errors import SpecError, SpecErrors
 from surgery.layers import SurgeryLinear
 from surgery.models import load_model, tiny
-from surgery.planner import build_plan
-from surgery.syntax import parse
 from surgery.transforms.adapter import BottleneckAdapter
 from surgery.verify import verify
+from tests.helpers import draw_adapters, logits, plan_for, spec_error
 
 OBLIGATIONS = {"identity at init: model logits unchanged", "parameters per adapter == 2·d·m + m + d",
                "perturbed: logits == the original with h replaced by the formula at each sublayer, relative"}
-
-
-def plan_for(text, model):
-    return build_plan(parse(text), model)
-
-
-def perturb(model, seed=0):
-    """Draw every adapter's up-projection and biases, so each adapter changes its sublayer."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, BottleneckAdapter):
-                for t in (m.up.weight, m.up.bias, m.down.bias):
-                    t.copy_(0.1 * torch.randn(t.shape, generator=g))
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(input_ids=ids).logits.float()
 
 
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -72,9 +52,7 @@ def test_houlsby_is_two_adapters_per_layer_pfeiffer_one_after_the_ffn(arch, wher
 
 
 def test_pfeiffer_on_attention_names_where_it_attaches():
-    with pytest.raises(SpecErrors) as e:
-        plan_for("attn: adapter(pfeiffer)", tiny("llama"))
-    assert str(e.value).endswith("adapter finds no anchor in attn; it attaches to sublayer anchors, e.g. mlp")
+    assert str(spec_error("attn: adapter(pfeiffer)", tiny("llama"), SpecErrors)).endswith("adapter finds no anchor in attn; it attaches to sublayer anchors, e.g. mlp")
     with pytest.raises(SpecErrors, match="adapter finds no anchor in mlp.down; it attaches to sublayer anchors"):
         plan_for("mlp.down: adapter", tiny("llama"))
 
@@ -108,7 +86,7 @@ def test_each_kind_computes_its_papers_formula(arch, kind, reads):
     surgered = copy.deepcopy(model)
     plan = plan_for(f"layers[1].mlp: adapter({kind}, scaling=0.5, act=tanh)", surgered)
     apply_plan(plan, surgered)
-    perturb(surgered)
+    draw_adapters(surgered, 0)
     (target,) = plan.steps[0].targets
     adapter = composition(surgered, target)
     # The sublayer's input x and output h, captured from the untouched model.
@@ -166,7 +144,7 @@ def test_composes_with_lora_in_one_spec_and_saves_and_loads(arch, tmp_path):
     assert {s.transform for s in result.plan.steps} == {"adapter", "lora", "ia3"}
     wrapped = [p for p, m in model.named_modules() if isinstance(m, SurgeryLinear)]
     assert len(wrapped) == (2 * 7 if arch == "llama" else 2 * 6)  # every linear layer of the layers
-    perturb(model)
+    draw_adapters(model, 0)
     with torch.no_grad():
         for m in model.modules():
             if hasattr(m, "lora_B"):
@@ -186,7 +164,7 @@ def test_adapter_sees_the_lora_adapted_output():
     surgered = copy.deepcopy(model)
     plan = plan_for("layers[0]: adapter(houlsby) + lora(r=2)", surgered)
     apply_plan(plan, surgered)
-    perturb(surgered)
+    draw_adapters(surgered, 0)
     dense = surgered.get_submodule("bert.encoder.layer.0.attention.output.dense")
     with torch.no_grad():
         dense.adapter.lora_B.weight.normal_(0, 0.1)
@@ -206,7 +184,7 @@ def test_adapter_sees_the_lora_adapted_output():
 def test_deep_copies_and_training_mode_use_their_own_adapters():
     model = tiny("llama")
     apply_plan(plan_for("layers: adapter(parallel)", model), model)
-    perturb(model)
+    draw_adapters(model, 0)
     twin = copy.deepcopy(model)
     assert torch.equal(logits(twin, IDS), logits(model, IDS))
     with torch.no_grad():
@@ -231,7 +209,7 @@ def test_smollm2_verifies_saves_and_loads(smollm2_dir, tmp_path):
     assert {m.obligation for m in result.report.measurements} == OBLIGATIONS
     d, m = 576, 36
     assert result.plan.counts.added == 8 * (2 * d * m + m + d) + 2 * (2 * d * (d // 2) + d // 2 + d)
-    perturb(base)
+    draw_adapters(base, 0)
     ids = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
     before = logits(base, ids)
     loaded = surgery.load(result.save(tmp_path / "out"))

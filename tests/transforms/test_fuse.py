@@ -13,9 +13,9 @@ from surgery.errors import SpecError, SpecErrors
 from surgery.models import load_model, tiny
 from surgery.planner import check_rule
 from surgery.syntax import parse
-from surgery.transforms.adapter import BottleneckAdapter
 from surgery.transforms.fuse import AdapterFusion, Output
 from surgery.verify import verify
+from tests.helpers import draw_adapters
 
 SAVED = "alone in a fusion, equals the adapter its output holds (x, h seeded; tensors exact)"
 ONE_HOT = "in its fusion, all attention on it equals it alone (logits, relative)"
@@ -27,12 +27,7 @@ def trained_output(base, spec, out, seed):
     """Stage 1 without the training: `spec`'s adapters with random (non-zero) up-projections, saved."""
     model = copy.deepcopy(base)
     result = surgery.compile(model, spec)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, BottleneckAdapter):
-                for tensor in (module.up.weight, module.up.bias, module.down.bias):
-                    tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
+    draw_adapters(model, seed)
     return result.save(out)
 
 

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from surgery.apply import Edit, apply_plan
-from surgery.errors import SpecError
 from surgery.models import tiny
-from surgery.planner import build_plan
-from surgery.syntax import parse
 from surgery.transforms import rope as rope_module
 from surgery.transforms.rope import RescaledRope, Rope, build_rope, inverse_frequencies, rope_settings
 from surgery.verify import Check, verify
+from tests.helpers import logits, plan_for, spec_error
 
 KINDS = {
     "linear": "attn.*: rope(linear, scale=4)",
@@ -27,15 +25,6 @@ KINDS = {
 }
 L = 64  # tiny() models' max_position_embeddings
 N = 2 * L  # sequence length past the trained context
-
-
-def plan_for(text, model):
-    return build_plan(parse(text), model)
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(input_ids=ids).logits.float()
 
 
 def tokens(n=N, batch=2, seed=1):
@@ -157,22 +146,17 @@ def test_frequencies_follow_the_formulas():
     ("layers[0].attn: rope(linear, scale=2)", "not a subset"),
 ])
 def test_spec_errors(text, message):
-    with pytest.raises(SpecError) as e:
-        plan_for(text, tiny("llama"))
-    assert message in str(e.value)
+    assert message in str(spec_error(text, tiny("llama")))
 
 
 def test_no_rotary_anchor_on_gpt2():
-    with pytest.raises(SpecError) as e:
-        plan_for("attn: rope(linear, scale=2)", tiny("gpt2"))
-    assert "finds no anchor" in str(e.value) and "no rotary anchor" in str(e.value)
+    message = str(spec_error("attn: rope(linear, scale=2)", tiny("gpt2")))
+    assert "finds no anchor" in message and "no rotary anchor" in message
 
 
 def test_already_scaled_rope_is_refused():
     model = tiny("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(SpecError) as e:
-        plan_for(KINDS["ntk"], model)
-    assert "rope_type 'linear'" in str(e.value)
+    assert "rope_type 'linear'" in str(spec_error(KINDS["ntk"], model))
 
 
 def test_rollback_restores_the_rotary_module():
@@ -414,9 +398,7 @@ def test_saved_rope_parameters_reproduce_the_new_kinds(kind):
     ("attn: rope(llama3, scale=2, attention_factor=1.2)", "attention_factor do not apply to rope(llama3"),
 ])
 def test_new_kinds_spec_errors(text, message):
-    with pytest.raises(SpecError) as e:
-        plan_for(text, tiny("llama"))
-    assert message in str(e.value)
+    assert message in str(spec_error(text, tiny("llama")))
 
 
 def test_obligations_fail_on_llama3_without_the_blend(monkeypatch):
