@@ -64,7 +64,7 @@ from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, AttentionStage
 
 if TYPE_CHECKING:
-    from surgery.planner import CheckedCall, Plan
+    from surgery.planner import CheckedCall, Plan, Step
 
 GATED = (Anchor.LINEAR, Anchor.SUBLAYER, Anchor.ATTENTION)  # where a gate has a contribution to scale
 ATTR = "surgery_prefix_gate"  # on an attention module: the gate of its K/V prefix
@@ -269,6 +269,47 @@ def gates(plan: Plan) -> list[tuple[Gate, list[int]]]:
                     key = (group.span.file, group.span.line, group.span.column) if group.span else tuple(group.leaves())
                     seen.setdefault(key, (group, set()))[1].update(group.leaves())
     return [(group, sorted(steps)) for group, steps in seen.values()]
+
+
+def gated_branches(plan: Plan) -> dict[int, Node]:
+    """Each gated step → the branch of its gate that scales it: the step alone (``gate(lora(…))``, or
+    a branch of ``gate(a | b)``), or a sequence under one gate (``gate(a + b)``); the widest seen
+    where targets prune a branch differently."""
+    found: dict[int, Node] = {}
+    for by_path in plan.trees.values():
+        for tree in by_path.values():
+            for group in tree.groups():
+                if not isinstance(group, Gate):
+                    continue
+                for branch in branches(group):
+                    for i in branch.leaves():
+                        if i not in found or len(branch.leaves()) > len(found[i].leaves()):
+                            found[i] = branch
+    return found
+
+
+def described(plan: Plan, step: Step, branches_of: Mapping[int, Node] | None = None) -> str:
+    """`step` as `plan` shows it: ``lora(r=8, …)``, inside ``gate(…)`` when a gate scales it, with the
+    other steps its gate holds (``gate(a + b)``: one gate over both) named by number:
+    ``gate(lora(r=2, …) + step 3)``. `branches_of`: :func:`gated_branches` of `plan`, if at hand."""
+    branch = (gated_branches(plan) if branches_of is None else branches_of).get(step.index)
+    own = step.describe()
+    if branch is None:
+        return own
+    return f"gate({_text(branch, lambda i: own if i == step.index else f'step {i}')})"
+
+
+def _text(node: Node, name: Callable[[int], str]) -> str:
+    """`node` written as a spec writes it, each leaf as `name` gives it."""
+    if isinstance(node, Leaf):
+        return name(node.index)
+    combinator = node.combinator
+    items = [_text(item, name) for item in node.items]
+    if combinator.called:
+        return f"{combinator.name}({', '.join(items)})"
+    nested = [f"({text})" if isinstance(item, Group) and not item.combinator.called else text
+              for item, text in zip(node.items, items)]
+    return f" {combinator.spelling} ".join(nested)
 
 
 def gate_nets(model: nn.Module) -> Iterator[GateNet]:
