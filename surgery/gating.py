@@ -53,7 +53,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ from surgery.errors import SpecError
 from surgery.transforms.registry import Anchor, AttentionStage
 
 if TYPE_CHECKING:
-    from surgery.planner import CheckedCall, Plan
+    from surgery.planner import CheckedCall, Plan, Step
+    from surgery.verify import Check
 
 GATED = (Anchor.LINEAR, Anchor.SUBLAYER, Anchor.ATTENTION)  # where a gate has a contribution to scale
 ATTR = "surgery_prefix_gate"  # on an attention module: the gate of its K/V prefix
@@ -82,7 +83,8 @@ class GateNet(nn.Module):
         self.fixed: float | None = None
 
     def logit(self, z: torch.Tensor) -> torch.Tensor:
-        return self.proj(z.to(self.proj.weight.dtype))
+        logit: torch.Tensor = self.proj(z.to(self.proj.weight.dtype))
+        return logit
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.fixed is not None:
@@ -175,15 +177,17 @@ class GatedLinear(nn.Module):
 
     def delta(self, x: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         own = getattr(self.module, "delta", None)
-        contribution = own(x, inner) if own is not None else self.module(x, inner) - inner(x)
-        return self.gate(x) * contribution
+        contribution: torch.Tensor = own(x, inner) if own is not None else self.module(x, inner) - inner(x)
+        gate: torch.Tensor = self.gate(x)
+        return gate * contribution
 
     def forward(self, x: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         base = inner(x)
         return base + self.delta(x, lambda z: base if z is x else inner(z))
 
 
-def linear_gate(built: Sequence[nn.Module], width: int, like: torch.Tensor, parallel: Callable) -> nn.Module:
+def linear_gate(built: Sequence[nn.Module], width: int, like: torch.Tensor,
+                parallel: Callable[[Sequence[nn.Module]], nn.Module]) -> nn.Module:
     """Each built branch gated at a layer of input width `width`; several branches side by side."""
     gated = [GatedLinear(module, width, like) for module in built]
     return gated[0] if len(gated) == 1 else parallel(gated)
@@ -210,11 +214,12 @@ class GatedSublayer(nn.Module):
 
     def delta(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         own = getattr(self.module, "delta", None)
-        contribution = own(x, h) if own is not None else self.module(x, h) - h
+        contribution: torch.Tensor = own(x, h) if own is not None else self.module(x, h) - h
         z = x if self.reads_input else h
         if z is None:
             raise RuntimeError("the gate's sublayer input was not captured")
-        return self.gate(z) * contribution
+        gate: torch.Tensor = self.gate(z)
+        return gate * contribution
 
     def forward(self, x: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
         return h + self.delta(x, h)
@@ -225,7 +230,8 @@ def width(module: nn.Module) -> int:
     return next(m.in_features for m in module.modules() if isinstance(m, nn.Linear))
 
 
-def sublayer_gate(built: Sequence[nn.Module], width: int, parallel: Callable) -> nn.Module:
+def sublayer_gate(built: Sequence[nn.Module], width: int, parallel: Callable[[Sequence[nn.Module]], nn.Module]
+                  ) -> nn.Module:
     gated = [GatedSublayer(module, width, _like(module)) for module in built]
     return gated[0] if len(gated) == 1 else parallel(gated)
 
@@ -237,10 +243,11 @@ def _like(module: nn.Module) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ attention
 
 
-def prefix_log_gate(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def prefix_log_gate(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """[B, Tq] log G(x_i) of the call's queries, x the attention module's input hidden states."""
     hidden = args[0] if args else kwargs["hidden_states"]
-    return getattr(module, ATTR).log(hidden)
+    gate: GateNet = getattr(module, ATTR)
+    return gate.log(hidden)
 
 
 def gate_prefix(edit: Any, module: nn.Module, width: int) -> None:
@@ -271,11 +278,52 @@ def gates(plan: Plan) -> list[tuple[Gate, list[int]]]:
     return [(group, sorted(steps)) for group, steps in seen.values()]
 
 
+def gated_branches(plan: Plan) -> dict[int, Node]:
+    """Each gated step → the branch of its gate that scales it: the step alone (``gate(lora(…))``, or
+    a branch of ``gate(a | b)``), or a sequence under one gate (``gate(a + b)``); the widest seen
+    where targets prune a branch differently."""
+    found: dict[int, Node] = {}
+    for by_path in plan.trees.values():
+        for tree in by_path.values():
+            for group in tree.groups():
+                if not isinstance(group, Gate):
+                    continue
+                for branch in branches(group):
+                    for i in branch.leaves():
+                        if i not in found or len(branch.leaves()) > len(found[i].leaves()):
+                            found[i] = branch
+    return found
+
+
+def described(plan: Plan, step: Step, branches_of: Mapping[int, Node] | None = None) -> str:
+    """`step` as `plan` shows it: ``lora(r=8, …)``, inside ``gate(…)`` when a gate scales it, with the
+    other steps its gate holds (``gate(a + b)``: one gate over both) named by number:
+    ``gate(lora(r=2, …) + step 3)``. `branches_of`: :func:`gated_branches` of `plan`, if at hand."""
+    branch = (gated_branches(plan) if branches_of is None else branches_of).get(step.index)
+    own = step.describe()
+    if branch is None:
+        return own
+    return f"gate({_text(branch, lambda i: own if i == step.index else f'step {i}')})"
+
+
+def _text(node: Node, name: Callable[[int], str]) -> str:
+    """`node` written as a spec writes it, each leaf as `name` gives it."""
+    if isinstance(node, Leaf):
+        return name(node.index)
+    combinator = node.combinator
+    items = [_text(item, name) for item in node.items]
+    if combinator.called:
+        return f"{combinator.name}({', '.join(items)})"
+    nested = [f"({text})" if isinstance(item, Group) and not item.combinator.called else text
+              for item, text in zip(node.items, items)]
+    return f" {combinator.spelling} ".join(nested)
+
+
 def gate_nets(model: nn.Module) -> Iterator[GateNet]:
     return (m for m in model.modules() if isinstance(m, GateNet))
 
 
-def _perturb_methods(model: nn.Module, seed: int) -> list[torch.Tensor]:
+def _perturb_methods(model: nn.Module, seed: int) -> list[nn.Parameter]:
     """Add seeded noise to every trainable tensor that is not a gate's (the gated methods' own),
     in module order; returns them (so two models built from the same steps get the same noise)."""
     gate_params = {id(p) for net in gate_nets(model) for p in net.parameters()}
@@ -292,7 +340,8 @@ def _fix(model: nn.Module, value: float | None) -> None:
         net.fixed = value
 
 
-def check_gates(plan: Plan, reference: nn.Module, seed: int, per_position) -> list[tuple[int, str, str, float, float]]:
+def check_gates(plan: Plan, reference: nn.Module, seed: int, per_position: Callable[[nn.Module], list[Any]]
+                ) -> list[tuple[int, str, str, float, float]]:
     """Every gate's obligations, as (step, label, obligation, error, tolerance) rows; `reference` is
     the untouched model (never modified)."""
     rows = []
@@ -307,7 +356,7 @@ def check_gates(plan: Plan, reference: nn.Module, seed: int, per_position) -> li
 
 
 def _gate_obligations(plan: Plan, keep: set[int], reference: nn.Module, seed: int,
-                      per_position: Callable[[nn.Module], list]) -> list[tuple[str, float, float]]:
+                      per_position: Callable[[nn.Module], list[Any]]) -> list[tuple[str, float, float]]:
     """The gate's obligations on two copies with only its steps (as a step's are checked alone):
     `gated`, and `plain`, the same steps ungated; both get the same noise on the methods' tensors."""
     from surgery.apply import apply_plan
@@ -339,7 +388,7 @@ def _gate_obligations(plan: Plan, keep: set[int], reference: nn.Module, seed: in
     ]
 
 
-def _positions(model: nn.Module, ids: torch.Tensor) -> dict:
+def _positions(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """A K/V prefix numbers the stream after itself; the model without it is given the same numbering."""
     from surgery.transforms.prefix_tuning import PrefixEncoder
 
@@ -357,7 +406,7 @@ def _perturb_gates(model: nn.Module, generator: torch.Generator) -> None:
 
 
 @torch.no_grad()
-def _by_hand(gated: nn.Module, plain: nn.Module, check) -> float:
+def _by_hand(gated: nn.Module, plain: nn.Module, check: Check) -> float:
     """Every gated place of `gated` (gates perturbed) against its formula: base + σ(z·W_Gᵀ + b_G) times
     the contribution of the same place in `plain` (the ungated composition, the same tensors)."""
     from surgery.layers import SurgeryLinear
@@ -393,30 +442,31 @@ def _expected(net: GateNet, z: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(z @ net.proj.weight.T + net.proj.bias)
 
 
-def _prefix_by_hand(model: nn.Module, path: str, module: nn.Module, check, salt: int) -> float:
+def _prefix_by_hand(model: nn.Module, path: str, module: nn.Module, check: Check, salt: int) -> float:
     """The gated layer against the untouched layer given the prefix as its KV cache and, as its mask,
     the prefix columns at log G(x_i) for query i and the causal columns at 0 / −inf."""
     from transformers import DynamicCache
 
-    from surgery.attention import rotary_ref
+    from surgery.attention import ATTR as PROGRAM, rotary_ref
     from surgery.transforms.prefix_tuning import LayerPrefix, find_encoder
 
     encoder = find_encoder(model)
-    layer = next(s.prefix.kv for s in module.surgery_attention.stages if s.prefix is not None)
+    layer = next(s.prefix.kv for s in getattr(module, PROGRAM).stages if s.prefix is not None)
     assert isinstance(layer, LayerPrefix)
     P, n = encoder.length, 9
     original = check.module(path, surgered=False)
-    x = check.randn(2, n, check.config.hidden_size, salt=300 + salt)
+    net: GateNet = getattr(module, ATTR)
+    x = check.randn(2, n, net.proj.in_features, salt=300 + salt)  # the gate reads x: the model's width
     positions = torch.arange(P, P + n)[None].expand(2, -1)
     rotary = rotary_ref(model)
     kwargs = {"position_embeddings": rotary()(x, positions)} if rotary is not None else {}
     got = module(x, attention_mask=None, **kwargs)[0]
-    net = getattr(module, ATTR)
     log_gate = F.logsigmoid(x @ net.proj.weight.T + net.proj.bias)[..., 0]          # [B, n]
     causal = torch.zeros(n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
     mask = torch.cat([log_gate[:, None, :, None].expand(-1, 1, -1, P), causal.expand(2, 1, n, n)], dim=-1)
     table = encoder.kv()
     cache = DynamicCache()
-    cache.update(*(table[layer.index, kv][None].expand(2, -1, -1, -1) for kv in (0, 1)), original.layer_idx)
+    keys, values = (table[layer.index, kv][None].expand(2, -1, -1, -1) for kv in (0, 1))
+    cache.update(keys, values, cast(int, original.layer_idx))
     want = original(x, attention_mask=mask, cache=cache, **kwargs)[0]
     return check.max_rel(got, want)

@@ -91,6 +91,12 @@ class Plan:
                     trees.setdefault(anchor, {})[path] = pruned
         return Plan(self.spec, self.arch, [s for s in self.steps if s.index in keep], trees)
 
+    def described_steps(self) -> list[str]:
+        """Each step as the plan applies it: its transform and parameters, inside ``gate(…)`` when a
+        gate scales it (:func:`surgery.gating.described`)."""
+        branches = gating.gated_branches(self)
+        return [gating.described(self, step, branches) for step in self.steps]
+
     @property
     def linear(self) -> dict[str, Node]:
         """The composition at each wrapped linear layer."""

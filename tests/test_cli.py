@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 
@@ -91,6 +92,14 @@ def test_plan_verify_diff_apply(tmp_path, model_dir, capsys, monkeypatch):
     code, _, err = run(["apply", path, model_dir, "-o", tmp_path / "out"], capsys, monkeypatch)
     assert code == 2 and "already exists" in err
     assert tree_hash(model_dir) == before
+
+
+def test_plan_shows_gates(tmp_path, model_dir, capsys, monkeypatch):
+    path = spec(tmp_path, "attn.v: gate(lora(r=4) | ia3)\nattn.q: lora(r=2)\n")
+    code, out, _ = run(["plan", path, model_dir], capsys, monkeypatch)
+    assert code == 0
+    shown = dict(re.findall(r"^│ (\d+)\s+│ (\S+)", out, re.MULTILINE))  # step → its transform column's start
+    assert shown == {"0": "gate(lora(r=4,", "1": "gate(ia3(loss=lm))", "2": "lora(r=2,"}
 
 
 def test_apply_keeps_the_head_of_a_model_dir_without_architectures(tmp_path, capsys, monkeypatch):

@@ -57,6 +57,27 @@ def test_gate_of_branches_is_one_gate_per_branch_and_a_sequence_has_one():
     assert isinstance(q, GatedLinear) and type(q.module).__name__ == "Sequential"
 
 
+def test_a_plan_shows_its_gates_and_counts_their_parameters():
+    """The bug: a plan listed gate(lora(r=8, …)) as lora(r=8, …), so a reviewed plan hid its gates."""
+    model = tiny("llama")
+    spec = ("attn.q, attn.v: gate(lora(r=8, alpha=8))\nattn: gate(prefix_tuning(4, hidden=32))\n"
+            "mlp: gate(adapter(pfeiffer))\nmlp.down: gate(lora(r=2) + ia3)\nattn.k: lora(r=2) | gate(ia3)")
+    plan = surgery.plan(model, spec)
+    lora = "lora(r={}, alpha={}, dropout=0.0, init=kaiming, rslora=False)"
+    assert plan.described_steps() == [
+        f"gate({lora.format(8, 8.0)})", "gate(prefix_tuning(length=4, reparam=mlp, hidden=32))",
+        "gate(adapter(kind=pfeiffer, reduction=None, act=None, scaling=None))",
+        f"gate({lora.format(2, None)} + step 4)", "gate(step 3 + ia3(loss=lm))",  # one gate over the sequence
+        lora.format(2, None), "gate(ia3(loss=lm))"]
+    # Each gate is a (d + 1)-parameter linear layer on what it reads: d = 64 (q, v, k, the prefix's
+    # attention input, the adapter's FFN output), f = 128 (down_proj's input), in each of 2 layers.
+    ungated = surgery.plan(model, spec.replace("gate(", "("))
+    assert plan.counts.trainable == ungated.counts.trainable + 2 * (5 * (64 + 1) + (128 + 1))
+    applied = surgery.compile(model, spec, check=False).model
+    assert plan.counts.trainable == sum(p.numel() for p in applied.parameters() if p.requires_grad)
+    assert plan.counts.added == plan.counts.total - plan.base_counts.total == plan.counts.trainable
+
+
 # ------------------------------------------------------------------------------------ obligations
 
 

@@ -29,15 +29,28 @@ Conventions relied on (not formally public):
   ``reset``, ``is_sliding``, ``is_croppable``); a ``Cache`` holds them in ``layers`` (grown from
   ``layer_class_to_replicate`` when created without a config); encoder–decoder caches expose
   ``self_attention_cache``.
+* Defining a ``ModelOutput`` subclass registers it with torch's pytree: a process that loads a saved
+  exported program (whose outputs are ``CausalLMOutputWithPast`` and the like) needs
+  ``transformers.modeling_outputs`` imported, as ``import surgery.attention`` does.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
-from transformers import DynamicCache, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+import transformers.modeling_outputs  # noqa: F401  (see the module docstring: outputs as pytree nodes)
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+# The attention registries and PreTrainedModel live in transformers.modeling_utils and masking_utils,
+# whose imports take ~2 s (torch's dynamo and distributed tensors, transformers' quantizer
+# integrations, fine-grained FP8 and DeepGEMM among them). Only a model needs them, and a model has
+# imported them already: they are imported where used (and as attributes of this module, below), so
+# that `import surgery`, `surgery --help` and `surgery check` do not pay for them.
+_LATE = {"ALL_ATTENTION_FUNCTIONS": "transformers.modeling_utils", "AttentionInterface": "transformers.modeling_utils",
+         "PreTrainedModel": "transformers.modeling_utils", "ALL_MASK_ATTENTION_FUNCTIONS": "transformers.masking_utils",
+         "AttentionMaskInterface": "transformers.masking_utils"}
 
 ATTENTION_KWARGS = ("position_embeddings", "attention_mask", "cache")  # what the pre-hook reads
 CACHE_KWARG_ALIASES = ("cache", "past_key_values")                       # 5.x name first
@@ -45,22 +58,35 @@ MASK_KWARGS = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "
 LAYER_API = ("keys", "values", "is_initialized", "lazy_initialization", "update", "get_mask_sizes",
              "get_seq_length", "get_max_length", "reset", "is_sliding", "is_croppable")
 
-__all__ = ["ALL_ATTENTION_FUNCTIONS", "ALL_MASK_ATTENTION_FUNCTIONS", "AttentionInterface",
-           "AttentionMaskInterface", "Cache", "DynamicCache", "DynamicLayer", "PreTrainedModel",
+__all__ = [*_LATE, "Cache", "DynamicCache", "DynamicLayer",
            "register", "registered", "can_switch", "cache_layers", "cache_of"]
 
 
+def __getattr__(name: str) -> Any:
+    if name in _LATE:
+        return getattr(importlib.import_module(_LATE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def registered(name: str) -> bool:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     return name in ALL_ATTENTION_FUNCTIONS.valid_keys() and name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
 
 
 def register(name: str, attention, mask) -> None:
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
     AttentionInterface.register(name, attention)
     AttentionMaskInterface.register(name, mask)
 
 
 def can_switch(model) -> bool:
     """Whether `model` dispatches attention through the interface (so set_attn_implementation works)."""
+    from transformers.modeling_utils import PreTrainedModel
+
     return isinstance(model, PreTrainedModel) and type(model)._can_set_attn_implementation()
 
 

@@ -5,11 +5,10 @@ import importlib
 import logging
 import pkgutil
 
-# On import, bitsandbytes' CPU backend tries to fetch an optional kernel from a model hub (never
-# reachable offline) and warns on every `import surgery`; the portable kernel it falls back to is
-# the one the quantize obligations check.
+# On import (quantize imports it when it first quantises), bitsandbytes' CPU backend tries to fetch
+# an optional kernel from a model hub (never reachable offline) and warns; the portable kernel it
+# falls back to is the one the quantize obligations check.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
 
 
 @functools.cache

@@ -32,20 +32,20 @@ them) loads back bit-exactly into a model the same plan was applied to.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+import functools
+from typing import TYPE_CHECKING, Literal
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
 import torch.nn.functional as F
-from bitsandbytes.functional import QuantState
-from bitsandbytes.nn import Linear4bit, Params4bit
 from pydantic import Field
 from torch import nn
 
 from surgery.errors import ApplyError
 from surgery.layers import SurgeryLinear, linear_weight
 from surgery.transforms.registry import Anchor, Params, obligation, transform
+
+if TYPE_CHECKING:
+    from bitsandbytes.functional import QuantState
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # bitsandbytes' double quantisation always quantises the scales in blocks of 256 (functional.quantize_4bit).
@@ -60,148 +60,171 @@ class QuantizeParams(Params):
     block_size: Literal[64, 128, 256] = Field(64, description="weights per scale")
 
 
-class QuantLinear4bit(Linear4bit):
-    """A bitsandbytes ``Linear4bit`` that exposes its dequantised weight and round-trips its state dict.
+@functools.cache
+def quant_linear_class() -> type[nn.Module]:
+    """:class:`QuantLinear4bit`, defined on first use.
 
-    Differences from the parent, and why:
-
-    * ``forward`` never takes bitsandbytes' CPU fast path: it repacks the weight in place on first
-      call (dropping the double quantisation) and computes in bf16 whatever ``compute_dtype`` says;
-      nor does it cast the bias in place. It calls ``bnb.matmul_4bit`` (which keeps only the packed
-      weight for the backward pass) with the input and bias in ``compute_dtype``.
-    * bitsandbytes' CPU dequantisation kernel takes each *row* to start a new block, while its
-      quantiser blocks the *flattened* weight; they agree when ``in_features`` is a multiple of the
-      block size (a 64-wide layer with 128-blocks comes out wrong). :meth:`dequantized` therefore
-      dequantises a view whose rows are exactly one block, and ``forward`` falls back to
-      ``F.linear`` on that for the other layers on CPU.
-    * ``_load_from_state_dict`` rebuilds the quant state from the saved entries
-      (``Params4bit.from_prequantized``). ``Linear4bit`` has none: a strict load rejects the
-      quant-state entries as unexpected, a non-strict one copies the packed bytes and keeps the
-      layer's own scales.
-
-    Constructed directly (not by :meth:`from_float`) the layer holds only placeholders of the right
-    shapes, to be filled by ``load_state_dict``; on the meta device that is all there is.
+    It subclasses bitsandbytes' ``Linear4bit``, and importing bitsandbytes takes over a second (it
+    pulls in torch's inductor); :func:`~surgery.transforms.register_all` imports this module for
+    every command, so only quantising (applying, verifying, loading a saved quantised model) pays
+    for it. ``from surgery.transforms.quantize import QuantLinear4bit`` calls this.
     """
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn import Linear4bit, Params4bit
 
-    mergeable = False
+    class QuantLinear4bit(Linear4bit):
+        """A bitsandbytes ``Linear4bit`` that exposes its dequantised weight and round-trips its state dict.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, *, quant_type: str = "nf4",
-                 double_quant: bool = True, block_size: int = 64, compute_dtype: torch.dtype = torch.float32,
-                 weight_dtype: torch.dtype = torch.float32, device=None):
-        # Build the parent on meta: its float weight placeholder would only be thrown away.
-        super().__init__(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
-                         compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8,
-                         device="meta")
-        self.block_size = block_size
-        self.weight_dtype = weight_dtype  # dtype of the dequantised weight (the original weight's)
-        self.support_avx512bf16_for_cpu = False
-        # Until quantised or loaded: an unfilled packed weight of the right shape (planning on meta
-        # counts parameters; these numbers then match a quantised model's).
-        packed = torch.empty(((in_features * out_features + 1) // 2, 1), dtype=torch.uint8, device=device)
-        self.weight = self._param(packed, None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=weight_dtype, device=device))
+        Differences from the parent, and why:
 
-    def _param(self, packed: torch.Tensor, state: QuantState | None) -> Params4bit:
-        return Params4bit(packed, requires_grad=False, quant_state=state, blocksize=self.block_size,
-                          compress_statistics=self.weight.compress_statistics, quant_type=self.weight.quant_type,
-                          quant_storage=torch.uint8, module=self, bnb_quantized=True)
+        * ``forward`` never takes bitsandbytes' CPU fast path: it repacks the weight in place on first
+          call (dropping the double quantisation) and computes in bf16 whatever ``compute_dtype`` says;
+          nor does it cast the bias in place. It calls ``bnb.matmul_4bit`` (which keeps only the packed
+          weight for the backward pass) with the input and bias in ``compute_dtype``.
+        * bitsandbytes' CPU dequantisation kernel takes each *row* to start a new block, while its
+          quantiser blocks the *flattened* weight; they agree when ``in_features`` is a multiple of the
+          block size (a 64-wide layer with 128-blocks comes out wrong). :meth:`dequantized` therefore
+          dequantises a view whose rows are exactly one block, and ``forward`` falls back to
+          ``F.linear`` on that for the other layers on CPU.
+        * ``_load_from_state_dict`` rebuilds the quant state from the saved entries
+          (``Params4bit.from_prequantized``). ``Linear4bit`` has none: a strict load rejects the
+          quant-state entries as unexpected, a non-strict one copies the packed bytes and keeps the
+          layer's own scales.
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, p: QuantizeParams) -> "QuantLinear4bit":
-        """Quantise ``weight`` (``[out, in]``); ``bias`` (kept as it is, in float) is shared, not copied."""
-        out_f, in_f = weight.shape
-        layer = cls(in_f, out_f, False, quant_type=p.quant_type, double_quant=p.double_quant,
-                    block_size=p.block_size, compute_dtype=getattr(torch, p.compute_dtype),
-                    weight_dtype=weight.dtype, device=weight.device)
-        layer.bias = bias
-        if weight.device.type != "meta":  # on meta there is nothing to quantise: structure only
-            packed, state = bnbF.quantize_4bit(weight.detach().contiguous(), blocksize=p.block_size,
-                                               compress_statistics=p.double_quant, quant_type=p.quant_type,
-                                               quant_storage=torch.uint8)
-            layer.weight = layer._param(packed, state)
-            layer.quant_state = state
-        return layer
+        Constructed directly (not by :meth:`from_float`) the layer holds only placeholders of the right
+        shapes, to be filled by ``load_state_dict``; on the meta device that is all there is.
+        """
 
-    @property
-    def double_quant(self) -> bool:
-        return self.weight.compress_statistics
+        mergeable = False
 
-    def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, quant_type={self.weight.quant_type}, block_size={self.block_size}, "
-                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+        def __init__(self, in_features: int, out_features: int, bias: bool, *, quant_type: str = "nf4",
+                     double_quant: bool = True, block_size: int = 64, compute_dtype: torch.dtype = torch.float32,
+                     weight_dtype: torch.dtype = torch.float32, device=None):
+            # Build the parent on meta: its float weight placeholder would only be thrown away.
+            super().__init__(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
+                             compress_statistics=double_quant, quant_type=quant_type, quant_storage=torch.uint8,
+                             device="meta")
+            self.block_size = block_size
+            self.weight_dtype = weight_dtype  # dtype of the dequantised weight (the original weight's)
+            self.support_avx512bf16_for_cpu = False
+            # Until quantised or loaded: an unfilled packed weight of the right shape (planning on meta
+            # counts parameters; these numbers then match a quantised model's).
+            packed = torch.empty(((in_features * out_features + 1) // 2, 1), dtype=torch.uint8, device=device)
+            self.weight = self._param(packed, None)
+            if bias:
+                self.bias = nn.Parameter(torch.empty(out_features, dtype=weight_dtype, device=device))
 
-    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantised weight Ŵ in ``nn.Linear`` layout ``[out, in]`` (in the original dtype by default)."""
-        state = self.weight.quant_state
-        dtype = dtype or self.weight_dtype
-        shape = (self.out_features, self.in_features)
-        if state is None:  # never quantised (meta): the right shape, no values
-            return torch.empty(shape, dtype=dtype, device=self.weight.device)
-        n, block = self.out_features * self.in_features, state.blocksize
-        rows = -(-n // block)
-        packed = self.weight.data.reshape(-1)
-        if rows * block // 2 > packed.numel():  # the last, partial block: pad the indices it lacks
-            packed = torch.cat([packed, packed.new_zeros(rows * block // 2 - packed.numel())])
-        # One block per row, so that a kernel that blocks rows and one that blocks the flat weight agree.
-        view = QuantState(absmax=state.absmax, shape=torch.Size((rows, block)), code=state.code,
-                          blocksize=block, quant_type=state.quant_type, dtype=dtype, offset=state.offset,
-                          state2=state.state2)
-        return bnbF.dequantize_4bit(packed.view(-1, 1), view).reshape(-1)[:n].reshape(shape)
+        def _param(self, packed: torch.Tensor, state: QuantState | None) -> Params4bit:
+            return Params4bit(packed, requires_grad=False, quant_state=state, blocksize=self.block_size,
+                              compress_statistics=self.weight.compress_statistics, quant_type=self.weight.quant_type,
+                              quant_storage=torch.uint8, module=self, bnb_quantized=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        state = self.weight.quant_state
-        if state is not None and (self.weight.device.type != "cpu" or self.in_features % state.blocksize == 0):
-            out = bnb.matmul_4bit(x, self.weight, quant_state=state, bias=bias)
-        else:
-            out = F.linear(x, self.dequantized(self.compute_dtype), bias)
-        return out.to(dtype)
+        @classmethod
+        def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, p: QuantizeParams) -> "QuantLinear4bit":
+            """Quantise ``weight`` (``[out, in]``); ``bias`` (kept as it is, in float) is shared, not copied."""
+            out_f, in_f = weight.shape
+            layer = cls(in_f, out_f, False, quant_type=p.quant_type, double_quant=p.double_quant,
+                        block_size=p.block_size, compute_dtype=getattr(torch, p.compute_dtype),
+                        weight_dtype=weight.dtype, device=weight.device)
+            layer.bias = bias
+            if weight.device.type != "meta":  # on meta there is nothing to quantise: structure only
+                packed, state = bnbF.quantize_4bit(weight.detach().contiguous(), blocksize=p.block_size,
+                                                   compress_statistics=p.double_quant, quant_type=p.quant_type,
+                                                   quant_storage=torch.uint8)
+                layer.weight = layer._param(packed, state)
+                layer.quant_state = state
+            return layer
 
-    def _quant_state_keys(self) -> list[str]:
-        """The state-dict entries bitsandbytes writes for this layer's quant state (``QuantState.as_dict``)."""
-        keys = ["absmax", "quant_map"]
-        if self.double_quant:
-            keys += ["nested_absmax", "nested_quant_map"]
-        return [f"weight.{k}" for k in keys] + [f"weight.quant_state.bitsandbytes__{self.weight.quant_type}"]
+        @property
+        def double_quant(self) -> bool:
+            return self.weight.compress_statistics
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # nn.Module's loader checks shapes, loads the bias, copies the packed bytes and reports missing
-        # keys; it also calls every dotted key under "weight." unexpected (it expects a submodule there):
-        # take the quant-state entries back out of that list.
-        expected = {prefix + k for k in self._quant_state_keys()}
-        reported = len(unexpected_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        unexpected_keys[reported:] = [k for k in unexpected_keys[reported:] if k not in expected]
-        key = prefix + "weight"
-        if key not in state_dict or state_dict[key].shape != self.weight.shape:
-            return  # reported by the parent
-        given = {k for k in state_dict if k.startswith(key + ".")}
-        if expected - given:
-            missing_keys.extend(sorted(expected - given))
-            return
-        data = state_dict[key]
-        device = data.device if self.weight.device.type == "meta" else self.weight.device
-        stats = {k[len(prefix):]: state_dict[k].detach().clone() for k in expected}
-        try:
-            loaded = Params4bit.from_prequantized(data.detach().clone(), stats, requires_grad=False, device=device)
-        except (ValueError, AssertionError, KeyError) as e:
-            error_msgs.append(f"cannot read the 4-bit quant state of {key}: {e}")
-            return
-        state = loaded.quant_state
-        saved = (tuple(state.shape), state.blocksize, state.nested)
-        wanted = ((self.out_features, self.in_features), self.block_size, self.double_quant)
-        if saved != wanted:
-            error_msgs.append(f"{key} was saved with (shape, block size, double quant) = {saved}, "
-                              f"but this layer is quantised with {wanted}")
-            return
-        self.weight = self._param(loaded.data, state)
-        self.quant_state = state
-        self.weight_dtype = state.dtype
+        def extra_repr(self) -> str:
+            return (f"{super().extra_repr()}, quant_type={self.weight.quant_type}, block_size={self.block_size}, "
+                    f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+
+        def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+            """The dequantised weight Ŵ in ``nn.Linear`` layout ``[out, in]`` (in the original dtype by default)."""
+            state = self.weight.quant_state
+            dtype = dtype or self.weight_dtype
+            shape = (self.out_features, self.in_features)
+            if state is None:  # never quantised (meta): the right shape, no values
+                return torch.empty(shape, dtype=dtype, device=self.weight.device)
+            n, block = self.out_features * self.in_features, state.blocksize
+            rows = -(-n // block)
+            packed = self.weight.data.reshape(-1)
+            if rows * block // 2 > packed.numel():  # the last, partial block: pad the indices it lacks
+                packed = torch.cat([packed, packed.new_zeros(rows * block // 2 - packed.numel())])
+            # One block per row, so that a kernel that blocks rows and one that blocks the flat weight agree.
+            view = QuantState(absmax=state.absmax, shape=torch.Size((rows, block)), code=state.code,
+                              blocksize=block, quant_type=state.quant_type, dtype=dtype, offset=state.offset,
+                              state2=state.state2)
+            return bnbF.dequantize_4bit(packed.view(-1, 1), view).reshape(-1)[:n].reshape(shape)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            dtype = x.dtype
+            x = x.to(self.compute_dtype)
+            bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+            state = self.weight.quant_state
+            if state is not None and (self.weight.device.type != "cpu" or self.in_features % state.blocksize == 0):
+                out = bnb.matmul_4bit(x, self.weight, quant_state=state, bias=bias)
+            else:
+                out = F.linear(x, self.dequantized(self.compute_dtype), bias)
+            return out.to(dtype)
+
+        def _quant_state_keys(self) -> list[str]:
+            """The state-dict entries bitsandbytes writes for this layer's quant state (``QuantState.as_dict``)."""
+            keys = ["absmax", "quant_map"]
+            if self.double_quant:
+                keys += ["nested_absmax", "nested_quant_map"]
+            return [f"weight.{k}" for k in keys] + [f"weight.quant_state.bitsandbytes__{self.weight.quant_type}"]
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                  error_msgs):
+            # nn.Module's loader checks shapes, loads the bias, copies the packed bytes and reports missing
+            # keys; it also calls every dotted key under "weight." unexpected (it expects a submodule there):
+            # take the quant-state entries back out of that list.
+            expected = {prefix + k for k in self._quant_state_keys()}
+            reported = len(unexpected_keys)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            unexpected_keys[reported:] = [k for k in unexpected_keys[reported:] if k not in expected]
+            key = prefix + "weight"
+            if key not in state_dict or state_dict[key].shape != self.weight.shape:
+                return  # reported by the parent
+            given = {k for k in state_dict if k.startswith(key + ".")}
+            if expected - given:
+                missing_keys.extend(sorted(expected - given))
+                return
+            data = state_dict[key]
+            device = data.device if self.weight.device.type == "meta" else self.weight.device
+            stats = {k[len(prefix):]: state_dict[k].detach().clone() for k in expected}
+            try:
+                loaded = Params4bit.from_prequantized(data.detach().clone(), stats, requires_grad=False, device=device)
+            except (ValueError, AssertionError, KeyError) as e:
+                error_msgs.append(f"cannot read the 4-bit quant state of {key}: {e}")
+                return
+            state = loaded.quant_state
+            saved = (tuple(state.shape), state.blocksize, state.nested)
+            wanted = ((self.out_features, self.in_features), self.block_size, self.double_quant)
+            if saved != wanted:
+                error_msgs.append(f"{key} was saved with (shape, block size, double quant) = {saved}, "
+                                  f"but this layer is quantised with {wanted}")
+                return
+            self.weight = self._param(loaded.data, state)
+            self.quant_state = state
+            self.weight_dtype = state.dtype
+
+    QuantLinear4bit.__qualname__ = "QuantLinear4bit"  # pickled by name: module.__getattr__ finds it
+    return QuantLinear4bit
+
+
+def __getattr__(name: str):
+    if name == "QuantLinear4bit":
+        return quant_linear_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _DequantizedLinear(nn.Module):
@@ -211,7 +234,7 @@ class _DequantizedLinear(nn.Module):
     model computing in float32 uses the exact products code·scale, not their bf16 roundings.
     """
 
-    def __init__(self, layer: QuantLinear4bit):
+    def __init__(self, layer: nn.Module):  # a QuantLinear4bit
         super().__init__()
         self.weight = layer.dequantized(layer.compute_dtype).detach().clone()
         self.bias = None if layer.bias is None else layer.bias.detach().clone()
@@ -229,12 +252,15 @@ def _half_gap(code: torch.Tensor) -> float:
     return (code[1:] - code[:-1]).max().item() / 2
 
 
-def error_bound_ratio(original: torch.Tensor, layer: QuantLinear4bit) -> float:
-    """max_i |W_i − Ŵ_i| / bound_i for the bound of the module docstring (≤ 1 when the layer is right).
+def error_bound_ratio(original: torch.Tensor, layer: nn.Module) -> float:
+    """max_i |W_i − Ŵ_i| / bound_i for the bound of the module docstring (≤ 1 when `layer`, a
+    :class:`QuantLinear4bit`, is right).
 
     The bound is computed from the original weights and bitsandbytes' code books only, never from the
     layer's stored scales, so corrupted indices or scales both show up as a ratio above 1.
     """
+    import bitsandbytes.functional as bnbF
+
     block = layer.block_size
     w = original.detach().float().contiguous().reshape(-1)
     err = (w - layer.dequantized(torch.float32).reshape(-1)).abs()
@@ -262,18 +288,20 @@ class Quantize:
     peft_base = True  # not an adapter: a PEFT export of the adapters on top expects a quantised base
 
     def replace_base(self, p: QuantizeParams, base: nn.Module, target) -> nn.Module:
-        if isinstance(base, (Linear4bit, bnb.nn.Linear8bitLt)):
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+        if isinstance(base, (Linear4bit, Linear8bitLt)):
             raise ApplyError(f"{target.path} is already quantised ({type(base).__name__}); "
                              "quantize applies to float linear layers")
         weight, bias = linear_weight(base)  # GPT-2 Conv1D: transposed to [out, in]
         if weight.dtype not in _FLOAT_DTYPES:
             raise ApplyError(f"{target.path} has {weight.dtype} weights; quantize needs float32, bfloat16 or float16")
-        return QuantLinear4bit.from_float(weight, bias, p)
+        return quant_linear_class().from_float(weight, bias, p)
 
     def _layers(self, check):
         for t in check.targets:
             layer = check.module(t.path)
-            assert isinstance(layer, SurgeryLinear) and isinstance(layer.base, QuantLinear4bit)
+            assert isinstance(layer, SurgeryLinear) and isinstance(layer.base, quant_linear_class())
             yield t, layer
 
     @obligation("quantised layer == float layer holding the dequantised weights", tol=1e-6)

@@ -2,6 +2,8 @@
 changes one fails here, by name."""
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,22 @@ from surgery.models import tiny
 
 def test_transformers_is_the_pinned_version():
     assert transformers.__version__ == "5.24.0"
+
+
+def test_modeling_utils_is_imported_with_a_model_not_with_surgery():
+    """transformers.modeling_utils and masking_utils take ~2 s to import (dynamo, distributed tensors,
+    FP8 and DeepGEMM integrations): `import surgery` (every command, `--help` included) must not
+    import them; this module's names for their objects still resolve, to the same objects."""
+    code = ("import sys\n"
+            "import surgery, surgery.cli\n"
+            "surgery.transforms.register_all()\n"
+            "late = ['transformers.modeling_utils', 'transformers.masking_utils', 'torch._dynamo']\n"
+            "print(*[m in sys.modules for m in late])\n"
+            "from surgery.attention import internals\n"
+            "import transformers.modeling_utils as mu\n"
+            "print(internals.PreTrainedModel is mu.PreTrainedModel, internals.AttentionInterface is mu.AttentionInterface)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False", "True", "True"]
 
 
 def test_registration_api():

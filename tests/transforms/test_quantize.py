@@ -1,6 +1,8 @@
 """quantize: 4-bit NF4/FP4 bases, their obligations, QLoRA composition, meta planning, state-dict round trip."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -247,3 +249,25 @@ def test_bfloat16_model():
     assert layer.base.dequantized().dtype == torch.bfloat16 and layer.base.bias is None
     w, _ = linear_weight(layer.base)
     assert w.dtype == torch.bfloat16 and w.shape == (64, 64)
+
+
+def test_bitsandbytes_is_imported_only_to_quantise():
+    """Importing bitsandbytes takes over a second (it pulls in torch's inductor), and every command
+    registers every transform: registering, checking a QLoRA spec and planning a spec without
+    quantize must not import it. (Planning with quantize builds the 4-bit layers on the meta device.)"""
+    code = ("import sys\n"
+            "import surgery\n"
+            "from surgery.models import tiny\n"
+            "from surgery.planner import check\n"
+            "from surgery.transforms.registry import lookup\n"
+            "surgery.transforms.register_all()\n"
+            "assert lookup('quantize').params.model_fields['quant_type'].default == 'nf4'\n"
+            "check(surgery.parse('mlp.down: quantize(nf4) + lora(r=2)'))\n"
+            "seen = ['bitsandbytes' in sys.modules]\n"
+            "model = tiny('llama')\n"
+            "surgery.plan(model, 'attn.*: lora(r=2); mlp.down: gate(lora(r=2) | ia3); layers: adapter(houlsby)')\n"
+            "seen.append('bitsandbytes' in sys.modules)\n"
+            "surgery.plan(model, 'mlp.down: quantize(nf4) + lora(r=2)')\n"
+            "print(*seen, 'bitsandbytes' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True"]
