@@ -26,6 +26,11 @@ a head rule makes the tile's mask float or per head, [B, H, tile, band] (never N
 their bias at their slots in the t × sinks scores; a query scale multiplies the tile's queries (or,
 alone on an unpadded call, the queries of the one fused causal call).
 
+A program whose every rule is block-diagonal (S2-Attn's groups, :meth:`Program.blocks`) and that
+changes nothing else is causal attention within each block: on a whole unpadded stream it runs
+without tiles or masks, each partition's whole blocks batched into one fused causal call
+(:func:`_in_blocks`), which is matrix-multiply speed where the tiled path's masked band is not.
+
 Obligation (tests/attention/test_fast.py and window's obligations): equals
 :func:`surgery.attention.reference.attend` on random inputs at lengths that are and are not
 multiples of the tile, for every stage combination the registry allows.
@@ -57,6 +62,9 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
         out = sdpa(q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
+    blocks = _blocks(program, x)
+    if blocks is not None:  # causal attention within blocks (S2-Attn's groups): fused calls per block
+        return _in_blocks(x, blocks).transpose(1, 2)
     if x.q.shape[-2] == 1 and _steady(program, x, rotated):
         return _step(program, x, rotated).transpose(1, 2)
     if isinstance(program.frame, ConsistentFrame):
@@ -77,6 +85,70 @@ def _plain(program: Program, x: Inputs) -> bool:
     return (not program.rules and not program.head_rules and not program.biased and program.frame is None
             and x.pad is None and x.key_ok is None and x.given is None and x.head == 0 and (tq == tk or tq == 1)
             and x.prefix is None)
+
+
+def _blocks(program: Program, x: Inputs) -> tuple[tuple[int, int] | None, ...] | None:
+    """Each head's blocks (:meth:`Program.blocks`) when this call can run block by block: a whole
+    stream from its first token (no cache before it, no K/V prefix, no mask the caller built) and no
+    padding — a padding mask of ones is none (a value check, on a whole forward only). A left-padded
+    row would shift its blocks by its padding: such calls stay tiled."""
+    tq, tk = x.q.shape[-2], x.k.shape[-2]
+    if tq != tk or tq < 2 or x.head or x.start or x.given is not None or x.prefix is not None:
+        return None
+    blocks = program.blocks(x.q.shape[1])
+    if blocks is None or (x.pad is not None or x.key_ok is not None) and (
+            torch.compiler.is_exporting()  # the value check would be a data-dependent branch in the graph
+            or (x.pad is not None and bool(x.pad.any())) or (x.key_ok is not None and not bool(x.key_ok.all()))):
+        return None
+    return blocks
+
+
+def _in_blocks(x: Inputs, blocks: tuple[tuple[int, int] | None, ...]) -> torch.Tensor:
+    """[B, H, N, Dv]: each head causal within its blocks. The heads sharing a partition run together,
+    their KV heads expanded to them (a share of the heads need not align with grouped-query heads)."""
+    heads = x.q.shape[1]
+    groups = heads // x.k.shape[1]
+    by_partition: dict = {}
+    for h, partition in enumerate(blocks):
+        by_partition.setdefault(partition, []).append(h)
+    outs, order = [], []
+    for partition, members in by_partition.items():
+        index = torch.tensor(members, device=x.q.device)
+        q = x.q.index_select(1, index)
+        k, v = x.k.index_select(1, index // groups), x.v.index_select(1, index // groups)
+        size, shift = partition if partition is not None else (x.q.shape[-2], 0)
+        outs.append(_causal_blocks(q, k, v, size, shift, x.scaling, x.dropout))
+        order += members
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if order != list(range(heads)):
+        out = out.index_select(1, torch.tensor(order, device=out.device).argsort())
+    return out
+
+
+def _causal_blocks(q, k, v, size: int, shift: int, scaling: float, dropout: float) -> torch.Tensor:
+    """Causal attention within blocks ⌊(i + shift)/size⌋ of the stream ([B, h, N, D] each, as many KV
+    heads as query heads): the first block (size − shift tokens, when shift > 0) and the last (what
+    is left) each in one fused call, the whole blocks between them in one call as a batch of
+    B·(count) streams of `size` tokens. Memory O(N·size) forward and backward (autograd through sdpa),
+    never N × N. Nothing wraps around: a token only ever sees its own block's earlier tokens."""
+    n = q.shape[-2]
+    first = min((size - shift) % size, n)
+    count = (n - first) // size
+    cut = first + count * size
+    outs = []
+    if first:
+        outs.append(sdpa(q[..., :first, :], k[..., :first, :], v[..., :first, :], is_causal=True, scale=scaling,
+                         dropout_p=dropout))
+    if count:
+        def blocked(t):  # [B, h, count·size, D] → [B·count, h, size, D]
+            return t[..., first:cut, :].unflatten(2, (count, size)).transpose(1, 2).flatten(0, 1)
+
+        out = sdpa(blocked(q), blocked(k), blocked(v), is_causal=True, scale=scaling, dropout_p=dropout)
+        outs.append(out.unflatten(0, (q.shape[0], count)).transpose(1, 2).flatten(2, 3))
+    if cut < n:
+        outs.append(sdpa(q[..., cut:, :], k[..., cut:, :], v[..., cut:, :], is_causal=True, scale=scaling,
+                         dropout_p=dropout))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _steady(program: Program, x: Inputs, rotated) -> bool:

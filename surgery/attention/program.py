@@ -52,6 +52,12 @@ class MaskRule(Protocol):
         """How far back a query sees outside its sinks: key j needs i − j < reach (None: unbounded).
         The fast path visits only these keys (plus the frame's sinks)."""
 
+    # Optional: a rule may also say that it is block-diagonal, ``blocks() -> (size, shift) | None``:
+    # visible(i, j) ⇔ ⌊(i + shift)/size⌋ = ⌊(j + shift)/size⌋, the stream cut into contiguous blocks
+    # of `size` indices, the first one cut short by the shift. With causality, attention is then
+    # causal attention within each block, which the fast path runs as one fused call over the
+    # blocks (:meth:`Program.blocks`). A rule without the method is not taken to be block-diagonal.
+
 
 class ScoreBias(Protocol):
     """An additive term of the scores, per head."""
@@ -336,6 +342,32 @@ class Program:
             for h in rule.heads(heads) if reach is not None else ():
                 per_head[h] = reach if per_head[h] is None else min(per_head[h], reach)
         return None if None in per_head else max(per_head)
+
+    def blocks(self, heads: int) -> tuple[tuple[int, int] | None, ...] | None:
+        """Per head of `heads`, the (size, shift mod size) of the one block-diagonal rule on it (None:
+        no rule, causal attention over the whole stream), when that is all the program does: every
+        rule block-diagonal (see :class:`MaskRule`), at most one partition per head, and no score
+        bias, query scale, frame, cache policy or K/V prefix. None when the program is anything else.
+
+        Then head h's attention is, exactly, causal attention within each of its blocks: what the
+        fast path runs per block (:func:`surgery.attention.fast.attend`)."""
+        if (self.biased or self.frame is not None or self.cache is not None or self.prefix is not None
+                or any(s.scale for s in self.stages)):
+            return None
+
+        def partition(rule) -> tuple[int, int] | None:
+            blocks = getattr(rule, "blocks", None)
+            found = blocks() if blocks is not None else None
+            return None if found is None else (found[0], found[1] % found[0])
+
+        every = {partition(rule) for rule in self.rules}
+        per_head = [set(every) for _ in range(heads)]
+        for rule in self.head_rules:
+            for h in rule.heads(heads):
+                per_head[h].add(partition(rule.rule))
+        if any(None in found or len(found) > 1 for found in per_head):
+            return None  # a rule that is not block-diagonal, or two partitions ANDed on one head
+        return tuple(next(iter(found), None) for found in per_head)
 
     def visible(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Causality AND every rule on every head, on stream indices (broadcast)."""

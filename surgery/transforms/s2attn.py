@@ -17,8 +17,13 @@ multiple of g); the last group may be short.
 
 In eval mode (``model.eval()``, what ``generate()`` uses) the stage is inactive and attention is the
 model's own: S2-Attn is a training-time approximation; the fine-tuned model runs with full attention.
-It is a ``train_only`` stage of the attention program with two head rules; the fast path visits only
-the band of g keys before each tile, so training costs O(N·g) instead of O(N²).
+It is a ``train_only`` stage of the attention program with two head rules of :class:`GroupRule`, which
+says it is block-diagonal (``blocks()``): in training, on a whole unpadded stream, the fast path runs
+each half of the heads as causal attention within its groups — the plain half's N/g whole groups as a
+batch of [B·N/g, H/2, g, D] in one fused sdpa call (plus the short last group), the shifted half the
+same after its first g/2 tokens — with the backward from autograd through sdpa: O(N·g) time and memory,
+never N × N. Left-padded rows, a KV cache and stages that change scores run on the tiled path
+(each query tile against the band of g keys before it).
 
 Obligations (float32; training mode with dropout off):
 
@@ -30,7 +35,10 @@ Obligations (float32; training mode with dropout off):
   mode equals the untouched model (rel. 1e-5);
 * eval mode equals the untouched model (rel. 1e-5);
 * the program equals its dense reference in training mode (rel. 1e-5; tiles smaller than the
-  sequence, lengths that are not multiples of g, a left-padded row).
+  sequence, lengths that are not multiples of g; unpadded rows, which run per group, and a
+  left-padded row, which runs tiled).
+
+The leak, block-mask and long-group checks run unpadded, so on the per-group path.
 """
 
 from __future__ import annotations
@@ -68,6 +76,10 @@ class GroupRule:
 
     def reach(self) -> int:
         return self.size
+
+    def blocks(self) -> tuple[int, int]:
+        """Block-diagonal: causal attention within each group (the fast path's per-group calls)."""
+        return self.size, self.shift
 
 
 def s2attn_stage(group: int, span=None) -> Stage:

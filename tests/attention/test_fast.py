@@ -343,3 +343,49 @@ def test_consistent_frame_padding_decoding_and_a_window_rule():
     assert error(prog, inputs(prog, 3, 40, seed=4), tile=2) < 1e-5
     prog = prog.then(Stage("window(12)", rules=(WindowRule(12),)))
     assert error(prog, inputs(prog, 45, 45, seed=9), tile=8) < 1e-5
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (9, 3), (6, 6)])   # 9/3: the shifted half (5 heads) splits a KV group
+@pytest.mark.parametrize("g, n", [(6, 5), (6, 6), (6, 37), (7, 50), (8, 200)])
+def test_s2attn_per_group_path_equals_the_tiled_path_and_the_reference(g, n, heads, monkeypatch):
+    """Causal attention within groups, run per group (one fused call per partition's whole groups,
+    one for the short first and last): equals the dense reference and the tiled path, outputs and
+    gradients of q, k and v, on batch 2, lengths below, at and not at multiples of g, grouped-query heads."""
+    prog = Program((s2attn_stage(g),))
+    calls = []
+    real = fast._in_blocks
+    monkeypatch.setattr(fast, "_in_blocks", lambda *a: calls.append(1) or real(*a))
+
+    def run(execute):
+        x = inputs(prog, n, n, seed=n, heads=heads)
+        for t in (x.q, x.k, x.v):
+            t.requires_grad_(True)
+        out = execute(x)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return out.detach(), x.q.grad, x.k.grad, x.v.grad
+
+    blocked = run(lambda x: fast.attend(prog, x, tile=8))
+    assert calls == [1]
+    dense = run(lambda x: reference.attend(prog, x))
+    monkeypatch.setattr(fast, "_blocks", lambda program, x: None)
+    tiled = run(lambda x: fast.attend(prog, x, tile=8))
+    assert calls == [1]
+    for got, want, other in zip(blocked, dense, tiled):
+        assert (got - want).abs().max() < 1e-5 and (got - other).abs().max() < 1e-5
+
+
+def test_s2attn_per_group_path_only_for_a_whole_unpadded_stream(monkeypatch):
+    """Left padding, a decoding chunk after cached keys and a caller's 4D mask stay tiled; a padding
+    mask of ones (no padding) and a plain causal program without padding need no tiles either."""
+    calls = []
+    real = fast._in_blocks
+    monkeypatch.setattr(fast, "_in_blocks", lambda *a: calls.append(1) or real(*a))
+    prog = Program((s2attn_stage(6),))
+    assert error(prog, inputs(prog, 41, 41, pad=[5, 0], seed=3), tile=8) < 1e-5
+    assert error(prog, inputs(prog, 4, 23, seed=4), tile=2) < 1e-5
+    x = inputs(prog, 20, 20, seed=5)
+    x.given = torch.ones(1, 1, 20, 20, dtype=torch.bool)
+    assert error(prog, x, tile=8) < 1e-5
+    assert calls == []
+    assert error(prog, inputs(prog, 41, 41, pad=[0, 0], seed=6), tile=8) < 1e-5
+    assert calls == [1]

@@ -98,6 +98,27 @@ def test_head_rules_apply_to_their_share_of_heads_and_bound_the_reach():
     assert only_some.reach(4) is None                            # heads 2, 3 see everything
 
 
+def test_block_diagonal_rules_give_each_heads_blocks_and_nothing_else_does():
+    """S2-Attn on 9 heads: 4 in groups of 8, 5 in groups shifted by 4; a head rule on some heads only
+    leaves the others plain causal (None); a window, a bias, a scale, two partitions on one head, or
+    a rule that does not say it is block-diagonal make the program not blocked (None)."""
+    from fractions import Fraction
+
+    from surgery.attention.program import HeadRule
+    from surgery.transforms.alibi import AlibiBias
+    from surgery.transforms.logn import LogScale
+    from surgery.transforms.s2attn import GroupRule, s2attn_stage
+
+    groups = Program((s2attn_stage(8),))
+    assert groups.blocks(9) == ((8, 0),) * 4 + ((8, 4),) * 5
+    assert Program((Stage("g", rules=(GroupRule(5, 7),)),)).blocks(2) == ((5, 2), (5, 2))  # shift mod size
+    assert Program((Stage("g", rules=(HeadRule(GroupRule(6), Fraction(1, 2)),)),)).blocks(4) == (None, None, (6, 0), (6, 0))
+    for other in (Stage("window", rules=(WindowRule(16),)), Stage("alibi", bias=(AlibiBias(),)),
+                  Stage("logn", scale=(LogScale(8),)), Stage("again", rules=(GroupRule(6),)),
+                  Stage("local", rules=(HeadRule(lambda i, j: j <= i),))):
+        assert groups.then(other).blocks(9) is None, other.owner
+
+
 @pytest.mark.parametrize("other", ["alibi()", "logn(8)", "s2attn(group=4)", "prefix_tuning(2)"])
 def test_relative_frame_refuses_the_fields_its_executor_does_not_take(other):
     """ReRoPE's executor has no bias, scale, head-rule or prefix path: planning says so with the span."""

@@ -17,6 +17,7 @@ from surgery.verify import verify
 LEAK = "no information flows from a later token to an earlier one (training)"
 BLOCKS = "each head sees exactly its group (block mask, training; rel.)"
 EVAL = "eval mode equals the untouched model (rel.)"
+DENSE = "program equals its dense reference (training; rel.)"
 
 
 def _plan(text, model):
@@ -61,10 +62,24 @@ def _failures(text, arch="llama"):
     return {m.obligation for m in verify(_plan(text, model), model).failures}
 
 
-def test_attention_within_groups_in_both_directions_fails_the_leak_check(monkeypatch):
-    # a group mask without causality: what a roll-and-reshape without the causal mask would give
-    monkeypatch.setattr(Program, "visible", lambda self, i, j: torch.ones_like(j <= i))
+@pytest.mark.parametrize("path", ["tiled", "per_group"])
+def test_attention_within_groups_in_both_directions_fails_the_leak_check(monkeypatch, path):
+    # a group mask without causality: what a roll-and-reshape without the causal mask would give, on
+    # the tiled path (the per-group path off) and on the per-group path (its fused calls not causal)
+    if path == "tiled":
+        monkeypatch.setattr(Program, "visible", lambda self, i, j: torch.ones_like(j <= i))
+        monkeypatch.setattr(fast, "_blocks", lambda program, x: None)
+    else:
+        real = fast.sdpa
+        monkeypatch.setattr(fast, "sdpa", lambda *a, is_causal=False, **k: real(*a, is_causal=False, **k))
     assert LEAK in _failures("attn: s2attn(group=8)")
+
+
+def test_per_group_path_with_groups_shifted_by_one_fails_the_obligations(monkeypatch):
+    """The obligations run on the per-group path: its groups off by one token fail them."""
+    real = fast._causal_blocks
+    monkeypatch.setattr(fast, "_causal_blocks", lambda q, k, v, size, shift, *a: real(q, k, v, size, shift + 1, *a))
+    assert {BLOCKS, DENSE} <= _failures("attn: s2attn(group=8)")
 
 
 def test_shifting_every_head_fails_the_block_mask(monkeypatch):
@@ -106,6 +121,62 @@ def test_training_visits_a_band_of_g_keys(monkeypatch):
     model.train()
     model(input_ids=_ids(200), surgery_tile=16)
     assert seen and max(seen) <= 16 + 8
+
+
+def _sdpa_calls(monkeypatch) -> list:
+    """(query length, key length, is_causal, with a mask) of every fused call of the fast path."""
+    seen = []
+    real = fast.sdpa
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        seen.append((q.shape[-2], k.shape[-2], is_causal, attn_mask is not None))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(fast, "sdpa", spy)
+    return seen
+
+
+def test_training_runs_causal_attention_per_group(monkeypatch):
+    """203 tokens in groups of 8: per layer, the plain heads' 25 whole groups in one call and the 3
+    tokens left; the shifted heads' first 4, 24 whole groups, the 7 left. Each call causal, unmasked,
+    over one group's keys (N × g, never N × N); a tiled run would pass masks."""
+    seen = _sdpa_calls(monkeypatch)
+    model = tiny("llama")
+    apply_plan(_plan("attn: s2attn(group=8)", model), model)
+    model.train()
+    model(input_ids=_ids(203, batch=2), attention_mask=torch.ones(2, 203, dtype=torch.long))  # ones: no padding
+    assert seen == [(8, 8, True, False), (3, 3, True, False), (4, 4, True, False), (8, 8, True, False),
+                    (7, 7, True, False)] * 2
+
+
+def test_padding_a_cache_and_a_bias_stay_on_the_tiled_path(monkeypatch):
+    """Left padding shifts a row's groups, a cached prefix puts keys before the queries, and a score
+    bias changes scores: those calls run tiled (masked), and equal the dense reference."""
+    model = tiny("llama")
+    apply_plan(_plan("attn: s2attn(group=8)", model), model)
+    model.train()
+    ids, mask = _ids(30, batch=2), torch.ones(2, 30, dtype=torch.long)
+    mask[0, :3] = 0
+    seen = _sdpa_calls(monkeypatch)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+        assert seen and all(masked for *_, masked in seen)
+        want = model(input_ids=ids, attention_mask=mask, surgery_reference=True).logits
+        assert (got - want)[mask.bool()].abs().max() < 1e-5
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :20], cache=cache, use_cache=True)
+        seen.clear()
+        model(input_ids=ids[:, 20:], cache=cache, use_cache=True)
+        assert seen and all(masked for *_, masked in seen)
+    biased = tiny("llama")
+    apply_plan(_plan("attn: s2attn(group=8) + alibi()", biased), biased)
+    biased.train()
+    seen.clear()
+    with torch.no_grad():
+        biased(input_ids=ids)
+    assert seen and all(masked for *_, masked in seen)
 
 
 def test_eval_generation_is_the_untouched_model():
