@@ -33,3 +33,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_merged_inference.py
 	$(PY) benchmarks/bench_diff.py
 	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_startup.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_s2attn.py
