@@ -85,17 +85,27 @@ def _check_fixed(config: dict, fixed: dict, kind: str) -> None:
 def spec_from_peft(config: dict, model: nn.Module) -> str:
     """The spec equivalent to a PEFT ``adapter_config.json`` on `model`: the adapter's rules, then
     ``unfreeze`` on the modules PEFT's ``modules_to_save`` trains in full."""
-    for entry in config.get("modules_to_save") or ():
-        try:  # PEFT reads each entry as a name suffix, and as a regex to keep adapters out of it
-            re.compile(entry)
-        except (TypeError, re.error):
-            raise ModelError(f"the PEFT adapter's modules_to_save entry {entry!r} is not a module name") from None
+    _check_patterns(config)
     names = [name for name, _ in model.named_modules() if name]
     rules, adapted = _adapter_rules(config, model, names)
     saved = _saved_modules(config, model, adapted)
     if saved:
         rules.append(f"{', '.join(_selectors(saved, names))}: unfreeze")
     return "\n".join(rules)
+
+
+def _check_patterns(config: dict) -> None:
+    """PEFT reads these as regular expressions (a modules_to_save entry is also a name suffix, and a
+    regex that keeps adapters out of it): one that does not compile is refused with its field named."""
+    patterns = [("modules_to_save", entry) for entry in config.get("modules_to_save") or ()]
+    if isinstance(config.get("target_modules"), str):
+        patterns.append(("target_modules", config["target_modules"]))
+    patterns += [(field, key) for field in ("rank_pattern", "alpha_pattern") for key in config.get(field) or {}]
+    for field, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (TypeError, re.error):
+            raise ModelError(f"the PEFT adapter's {field} entry {pattern!r} is not a module name or pattern") from None
 
 
 def _adapter_rules(config: dict, model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:

@@ -102,6 +102,17 @@ def test_unsupported_fields_are_refused_by_name(field, value, needle):
         spec_from_peft(json.loads(json.dumps(config, default=list)), tiny("llama"))
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("target_modules", "q_proj(", "target_modules entry 'q_proj(' is not a module name or pattern"),
+    ("rank_pattern", {"q_proj[": 4}, "rank_pattern entry 'q_proj[' is not a module name or pattern"),
+    ("alpha_pattern", {"*proj": 4}, "alpha_pattern entry '*proj' is not a module name or pattern"),
+])
+def test_malformed_patterns_are_refused_by_field(field, value, needle):
+    config = {**CONFIGS["lora"]().to_dict(), field: value}
+    with pytest.raises(ModelError, match=re.escape(needle)):
+        spec_from_peft(json.loads(json.dumps(config, default=list)), tiny("llama"))
+
+
 @pytest.mark.parametrize("saved, tied, needle", [
     (["lm_haed"], False, "entry 'lm_haed' matches no module of this model (did you mean 'lm_head'?)"),
     (["lm_head("], False, "entry 'lm_head(' is not a module name"), ([3], False, "entry 3 is not a module name"),
