@@ -295,11 +295,11 @@ def gated_branches(plan: Plan) -> dict[int, Node]:
     return found
 
 
-def described(plan: Plan, step: Step, branches_of: Mapping[int, Node] | None = None) -> str:
-    """`step` as `plan` shows it: ``lora(r=8, …)``, inside ``gate(…)`` when a gate scales it, with the
+def described(step: Step, branches_of: Mapping[int, Node]) -> str:
+    """`step` as its plan shows it: ``lora(r=8, …)``, inside ``gate(…)`` when a gate scales it, with the
     other steps its gate holds (``gate(a + b)``: one gate over both) named by number:
-    ``gate(lora(r=2, …) + step 3)``. `branches_of`: :func:`gated_branches` of `plan`, if at hand."""
-    branch = (gated_branches(plan) if branches_of is None else branches_of).get(step.index)
+    ``gate(lora(r=2, …) + step 3)``. `branches_of`: :func:`gated_branches` of the plan."""
+    branch = branches_of.get(step.index)
     own = step.describe()
     if branch is None:
         return own

@@ -95,7 +95,7 @@ class Plan:
         """Each step as the plan applies it: its transform and parameters, inside ``gate(…)`` when a
         gate scales it (:func:`surgery.gating.described`)."""
         branches = gating.gated_branches(self)
-        return [gating.described(self, step, branches) for step in self.steps]
+        return [gating.described(step, branches) for step in self.steps]
 
     @property
     def linear(self) -> dict[str, Node]:
