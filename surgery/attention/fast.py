@@ -62,11 +62,11 @@ def attend(program: Program, x: Inputs, tile: int = TILE, rotated=None) -> torch
         out = sdpa(q, x.k, x.v, is_causal=tq > 1 and tq == tk, scale=x.scaling, dropout_p=x.dropout,
                    enable_gqa=x.q.shape[1] != x.k.shape[1])
         return out.transpose(1, 2)
+    if x.q.shape[-2] == 1 and _steady(program, x, rotated):  # decoding's hot path first (blocks need ≥ 2 queries)
+        return _step(program, x, rotated).transpose(1, 2)
     blocks = _blocks(program, x)
     if blocks is not None:  # causal attention within blocks (S2-Attn's groups): fused calls per block
         return _in_blocks(x, blocks).transpose(1, 2)
-    if x.q.shape[-2] == 1 and _steady(program, x, rotated):
-        return _step(program, x, rotated).transpose(1, 2)
     if isinstance(program.frame, ConsistentFrame):
         return _consistent(program, x, tile).transpose(1, 2)
     if isinstance(program.frame, RelativeFrame):
